@@ -1,0 +1,3 @@
+"""revseg: memory-efficient reversible networks for volumetric segmentation."""
+
+__version__ = "0.1.0"
