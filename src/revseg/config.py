@@ -1,0 +1,125 @@
+"""Config helpers: group options from the command line, early validation, names for reports.
+
+The config groups under ``configs/`` are the registry (``configs/model/<name>.yaml``); nothing
+here keeps a second list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from revseg.errors import ConfigError
+
+__all__ = ["CONFIG_DIR", "group_options", "check_group_overrides", "validate_config", "model_name"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
+    """The options of a config group: the ``.yaml`` files in ``configs/<group>/``."""
+    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+
+
+def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Check ``group=option`` command-line overrides against the config groups.
+
+    Hydra would report an unknown option over several lines; this gives one line naming the key
+    and the allowed values. Sweeps (``model=a,b``) check each value.
+
+    Raises:
+        ConfigError: an option that has no ``configs/<group>/<option>.yaml``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # noqa: BLE001 - hydra's parser raises its own error types
+        raise ConfigError(f"cannot parse command-line overrides: {err}".splitlines()[0]) from err
+    for override in parsed:
+        group = override.key_or_group
+        if override.is_delete() or override.package or not (config_dir / group).is_dir():
+            continue
+        if group.startswith("hydra"):
+            continue
+        values = (
+            list(override.sweep_string_iterator()) if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
+        options = group_options(group, config_dir)
+        for value in values:
+            if value == "null":
+                continue
+            if value not in options:
+                raise ConfigError(
+                    f"{group}={value}: no such option; choose one of: {', '.join(options)}"
+                )
+
+
+def _positive_int_list(cfg: DictConfig, key: str, length: int = 3) -> list[int] | None:
+    value = cfg.get(key.rsplit(".", 1)[-1])
+    if value is None:
+        return None
+    try:
+        values = [int(v) for v in value]
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{key} must be a list of {length} positive ints, got {value!r}") from err
+    if len(values) != length or any(v < 1 for v in values):
+        raise ConfigError(f"{key} must be a list of {length} positive ints, got {value!r}")
+    return values
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Fail early, before any data is read, on values that cannot work.
+
+    Raises:
+        ConfigError: naming the key and what it must be.
+    """
+    for section in ("model", "data", "trainer", "optimizer", "loss", "paths"):
+        if cfg.get(section) is None:
+            raise ConfigError(f"config section '{section}' is missing")
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required: give it on the command line ({missing[0]}=...)")
+    t = cfg.trainer
+    if not isinstance(t.max_epochs, int) or t.max_epochs < 1:
+        raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")
+    if not isinstance(t.val_every, int) or t.val_every < 1:
+        raise ConfigError(f"trainer.val_every must be a positive int, got {t.val_every!r}")
+    if t.monitor_mode not in ("max", "min"):
+        raise ConfigError(f"trainer.monitor_mode must be max or min, got {t.monitor_mode!r}")
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
+        raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")
+    channels = cfg.model.get("channels")
+    divisor = 2 ** (len(channels) - 1) if channels else 1
+    for key in ("crop_size", "patch_size"):
+        size = _positive_int_list(cfg.data, f"data.{key}")
+        if size and any(s % divisor for s in size):
+            raise ConfigError(
+                f"data.{key}={size}: every size must be divisible by {divisor} "
+                f"(the model's {len(channels) - 1} downsamplings)"
+            )
+
+
+def model_name(cfg: DictConfig) -> str:
+    """The model's config-group option (``prev_unet``) when run through Hydra, else its class."""
+    return _choice("model") or str(cfg.model._target_).rsplit(".", 1)[-1]
+
+
+def data_name(cfg: DictConfig) -> str:
+    """The data config-group option (``synthetic_brats``) when run through Hydra, else its class."""
+    return _choice("data") or str(cfg.data._target_).rsplit(".", 1)[-1]
+
+
+def _choice(group: str) -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)

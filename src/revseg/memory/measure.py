@@ -1,0 +1,341 @@
+"""Peak memory of a training step, measured on CUDA and on CPU in comparable terms.
+
+On CUDA the figure is ``torch.cuda.max_memory_allocated``: the high-water mark of the bytes held
+by live tensors (the caching allocator's reserve not included). On CPU there is no such counter,
+so :class:`PeakMemoryMeter` runs the block under a ``TorchDispatchMode`` that sees every aten op
+(forward, backward run by the autograd engine, custom ``autograd.Function`` bodies, the optimizer)
+and keeps a ledger of tensor storages: a storage is counted once, by ``nbytes()``, when an op
+first returns it (views and in-place ops add nothing, ``resize_`` is followed) and subtracted when
+it is freed, which a weak reference to the ``UntypedStorage`` object reports at once (PyTorch keeps
+one Python object per storage alive for as long as the C++ storage lives). The high-water mark of
+that ledger is the CPU analogue of ``max_memory_allocated``; both count everything live at the
+peak: parameters, gradients, optimizer state, the batch.
+
+What the CPU tracker cannot see: scratch buffers a kernel allocates internally and frees before
+returning (im2col / oneDNN workspaces; the CUDA figure does include cuDNN workspaces), allocator
+overhead and fragmentation, and memory that is not a tensor. :attr:`MemoryMeasurement.rss_peak_bytes`
+(Linux) is a coarser whole-process figure that sees all of it, and everything else too.
+
+:class:`SavedTensorsCounter` answers a narrower, deterministic question: how many bytes autograd
+keeps for backward (the quantity reversible networks remove; Gomez et al., 2017).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = [
+    "MemoryMeasurement",
+    "PeakMemoryMeter",
+    "SavedTensorsCounter",
+    "format_bytes",
+    "live_tensor_bytes",
+    "rss_peak_bytes",
+]
+
+_active_lock = threading.Lock()
+_active = False  # one measurement at a time per process: nesting would corrupt the peak
+# Ops whose *input* is a tensor just built outside the dispatcher (``torch.tensor([...])``).
+_LIFT_OPS = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
+
+
+def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Yield the tensors in ``obj``: a tensor, a mapping (its values) or any nested iterable."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for value in obj.values():
+            yield from _iter_tensors(value)
+    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
+        for item in obj:
+            yield from _iter_tensors(item)
+
+
+def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
+    """The storage of ``t``, or ``None`` for tensors without one (sparse, some subclasses)."""
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _unique_storages(tensors: Any) -> dict[int, torch.UntypedStorage]:
+    storages = (_storage(t) for t in _iter_tensors(tensors))
+    return {id(s): s for s in storages if s is not None}
+
+
+def live_tensor_bytes(tensors: Any) -> int:
+    """Bytes held by the unique storages behind ``tensors`` (views of one storage count once).
+
+    Args:
+        tensors: a tensor, an iterable of tensors (``model.parameters()``), a mapping
+            (``optimizer.state``) or any nesting of these; non-tensor leaves are ignored.
+    """
+    return sum(s.nbytes() for s in _unique_storages(tensors).values())
+
+
+def format_bytes(n: int | float) -> str:
+    """Human-readable binary size: ``format_bytes(12_897_484) == "12.3 MiB"``."""
+    sign, value = ("-" if n < 0 else ""), float(abs(n))
+    if value < 1024:
+        return f"{sign}{int(value)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{sign}{value:.1f} {unit}"
+
+
+def _reset_rss_peak() -> None:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0); silently a no-op elsewhere."""
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def rss_peak_bytes() -> int | None:
+    """The process's peak resident set size (``VmHWM``) in bytes; ``None`` off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class MemoryMeasurement:
+    """Result of one :meth:`PeakMemoryMeter.measure` block; filled in when the block exits.
+
+    Attributes:
+        method: ``"cuda_max_memory_allocated"`` or ``"cpu_tensor_tracker"``.
+        peak_bytes: peak bytes of live tensor memory during the block, all tensors included.
+        baseline_bytes: tensor bytes live at entry (CUDA: allocated; CPU: the ``static`` storages).
+        end_bytes: tensor bytes still live at exit (on CPU: baseline plus what the block kept).
+        rss_peak_bytes: peak resident set size of the whole process (Linux), else ``None``.
+    """
+
+    method: str
+    peak_bytes: int = 0
+    baseline_bytes: int = 0
+    end_bytes: int = 0
+    rss_peak_bytes: int | None = None
+
+
+class _TrackedRef(weakref.ref):
+    """Weak reference to a storage that remembers its ledger key and counted size."""
+
+    __slots__ = ("key", "nbytes")
+
+
+class _StorageTracker(TorchDispatchMode):
+    """Dispatch mode keeping the live-bytes ledger of storages on one device type.
+
+    A storage met as an op *input* that is not in the ledger existed before the block began, so
+    it was live all along: it is added to the live bytes and, retroactively, to the peak.
+    Weakref callbacks only append to a deque (they may fire on any thread, or inside the
+    bookkeeping itself); the deque is drained under the lock before each op is accounted.
+    """
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, _TrackedRef] = {}
+        self._freed: deque[_TrackedRef] = deque()
+        self._lock = threading.Lock()
+
+    def _drain(self) -> None:
+        while self._freed:
+            ref = self._freed.popleft()
+            self.live -= ref.nbytes
+            if self._refs.get(ref.key) is ref:
+                del self._refs[ref.key]
+
+    def _see(self, t: torch.Tensor, pre_existing: bool) -> None:
+        if t.device.type != self.device_type or (s := _storage(t)) is None:
+            return
+        key, nbytes = id(s), s.nbytes()
+        ref = self._refs.get(key)
+        if ref is not None and ref() is s:  # known storage: only a resize_ changes it
+            if nbytes != ref.nbytes:
+                self.live += nbytes - ref.nbytes
+                ref.nbytes = nbytes
+                self.peak = max(self.peak, self.live)
+            return
+        ref = _TrackedRef(s, self._freed.append)  # a dead entry under `key` is in the deque
+        ref.key, ref.nbytes = key, nbytes
+        self._refs[key] = ref
+        self.live += nbytes
+        self.peak = self.peak + nbytes if pre_existing else max(self.peak, self.live)
+
+    def add(self, tensors: Any) -> None:
+        """Count ``tensors`` as live since entry (the static baseline), once per storage."""
+        with self._lock:
+            for t in _iter_tensors(tensors):
+                self._see(t, pre_existing=True)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with self._lock:
+            self._drain()
+            fresh = func in _LIFT_OPS
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor):
+                    self._see(t, pre_existing=not fresh)
+        out = func(*args, **kwargs)
+        with self._lock:
+            self._drain()
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self._see(t, pre_existing=False)
+        return out
+
+    def close(self) -> tuple[int, int]:
+        """Account the last frees, drop every weak reference; return ``(peak, live)`` bytes."""
+        with self._lock:
+            self._drain()
+            self._refs.clear()
+            self._freed.clear()
+        return self.peak, self.live
+
+
+class PeakMemoryMeter:
+    """Measures the peak tensor memory of a block of code, typically one training step.
+
+    Example::
+
+        meter = PeakMemoryMeter(torch.device("cpu"))
+        with meter.measure(static=[model.parameters(), optimizer.state, batch]) as m:
+            loss = loss_fn(model(batch["image"]), batch["label"])
+            loss.backward()
+            optimizer.step()
+        print(meter.method, format_bytes(m.peak_bytes))
+
+    Args:
+        device: the device the step runs on. ``cuda`` uses the allocator's statistics; ``cpu``
+            uses a dispatch-mode storage tracker (Python work per aten op, none per element).
+
+    Raises:
+        ValueError: for a device type other than ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.method = "cuda_max_memory_allocated"
+        elif self.device.type == "cpu":
+            self.method = "cpu_tensor_tracker"
+        else:
+            raise ValueError(f"PeakMemoryMeter: unsupported device {str(self.device)!r}")
+
+    @contextlib.contextmanager
+    def measure(self, static: Iterable[Any] = ()) -> Iterator[MemoryMeasurement]:
+        """Context manager measuring the block; the yielded result is filled in on exit.
+
+        Args:
+            static: tensors live at entry that the step may not touch (parameters, existing
+                gradients, optimizer state, the batch): tensors, iterables or mappings of
+                tensors. Counted once per storage as the CPU baseline; ignored on CUDA, whose
+                allocator already counts them. Pre-existing storages an op does touch are found
+                and counted (since entry) on CPU even when not listed.
+
+        Raises:
+            RuntimeError: if a measurement is already active in this process (no nesting).
+        """
+        global _active
+        with _active_lock:
+            if _active:
+                raise RuntimeError("PeakMemoryMeter.measure() cannot be nested or run concurrently")
+            _active = True
+        result = MemoryMeasurement(self.method)
+        try:
+            if self.method == "cuda_max_memory_allocated":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                result.baseline_bytes = torch.cuda.memory_allocated(self.device)
+                _reset_rss_peak()
+                yield result
+                torch.cuda.synchronize(self.device)
+                result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+                result.end_bytes = torch.cuda.memory_allocated(self.device)
+            else:
+                tracker = _StorageTracker(self.device.type)
+                tracker.add(static)
+                result.baseline_bytes = tracker.live
+                _reset_rss_peak()
+                try:
+                    with tracker:
+                        yield result
+                finally:
+                    result.peak_bytes, result.end_bytes = tracker.close()
+            result.rss_peak_bytes = rss_peak_bytes()
+        finally:
+            with _active_lock:
+                _active = False
+
+
+class SavedTensorsCounter:
+    """Counts the bytes autograd saves for backward while the context is active.
+
+    Every tensor packed through ``torch.autograd.graph.saved_tensors_hooks`` is counted once per
+    storage, which includes ``ctx.save_for_backward`` in custom ``autograd.Function``s. Not seen:
+    tensors kept as plain ``ctx`` attributes, and what a non-reentrant ``torch.utils.checkpoint``
+    region saves (its own inner hooks take precedence; it keeps its inputs alive by reference).
+
+    Example::
+
+        with SavedTensorsCounter(exclude=model.parameters()) as c:
+            loss = model(x).sum()
+        print(c.count, format_bytes(c.bytes))
+
+    Args:
+        exclude: tensors whose storages are not counted, typically the model's parameters.
+
+    Attributes:
+        bytes: total ``nbytes()`` of the unique saved storages.
+        count: number of unique saved storages.
+    """
+
+    def __init__(self, exclude: Any = ()) -> None:
+        self._exclude = _unique_storages(exclude)  # strong refs: ids stay valid
+        self.bytes = 0
+        self.count = 0
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        s = _storage(t)
+        if s is None or id(s) in self._exclude:
+            return t
+        ref = self._seen.get(id(s))
+        if ref is None or ref() is not s:
+            self._seen[id(s)] = weakref.ref(s)
+            self.bytes += s.nbytes()
+            self.count += 1
+        return t
+
+    def __enter__(self) -> SavedTensorsCounter:
+        self.bytes, self.count = 0, 0
+        self._seen: dict[int, weakref.ref] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+        self._seen.clear()

@@ -1,0 +1,108 @@
+"""Non-reversible baseline of the partially reversible U-Net.
+
+Brügger et al. 2019, section 2.2: the No-New-Net U-Net (Isensee et al. 2018) with each reversible
+block replaced by GN-LeakyReLU-Conv-GN-LeakyReLU-Conv, channels [30, 60, 120, 240, 480] (half of
+the reversible net's, since the reversible blocks work on channel halves) and no 1x1x1 channel
+convolutions: the first convolution of a block changes the channels. As in the authors' code the
+bottom level is one block 240 -> 480 -> 240, the decoder blocks end in the next level's channels,
+upsampling is trilinear and skips are added. About 12.4M parameters, the same as the reversible
+net at depth 1/1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from revseg.nn.blocks import NormActConv
+
+__all__ = ["UNetBaseline", "ConvBlock"]
+
+
+class ConvBlock(nn.Sequential):
+    """``[GN-LReLU-]Conv(in -> mid) -> GN-LReLU-Conv(mid -> out)`` on ``(B, C, D, H, W)``.
+
+    Args:
+        in_channels, mid_channels, out_channels: channels before, between and after the convs.
+        norm_groups: GroupNorm groups (reduced to a divisor of the channels if needed).
+        negative_slope: LeakyReLU slope.
+        first_norm: ``False`` starts with the bare convolution (used on the raw input).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int,
+        out_channels: int,
+        norm_groups: int = 30,
+        negative_slope: float = 0.01,
+        first_norm: bool = True,
+    ) -> None:
+        super().__init__(
+            NormActConv(in_channels, mid_channels, norm_groups, negative_slope=negative_slope, norm=first_norm),
+            NormActConv(mid_channels, out_channels, norm_groups, negative_slope=negative_slope),
+        )
+
+
+class UNetBaseline(nn.Module):
+    """The non-reversible No-New-Net equivalent of :class:`PartiallyReversibleUNet`.
+
+    Args:
+        in_channels: input channels (4 MRI modalities).
+        out_channels: output logits (3 regions WT, TC, ET).
+        channels: channels per resolution level, top to bottom.
+        norm_groups: GroupNorm groups (30 as in the authors' code).
+        negative_slope: LeakyReLU slope.
+
+    Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
+    ``2 ** (len(channels) - 1)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        channels: Sequence[int] = (30, 60, 120, 240, 480),
+        norm_groups: int = 30,
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__()
+        c = [int(v) for v in channels]
+        if len(c) < 2:
+            raise ValueError(f"UNetBaseline needs at least 2 levels, got channels={c}")
+        self.channels = c
+        self.divisor = 2 ** (len(c) - 1)
+
+        def block(cin: int, cmid: int, cout: int, first_norm: bool = True) -> ConvBlock:
+            return ConvBlock(cin, cmid, cout, norm_groups, negative_slope, first_norm)
+
+        levels = len(c)
+        self.encoders = nn.ModuleList(
+            [block(in_channels, c[0], c[0], first_norm=False)]
+            + [block(c[i - 1], c[i], c[i]) for i in range(1, levels - 1)]
+        )
+        self.bottom = block(c[-2], c[-1], c[-2])
+        # decoders[i] works on level i and hands level i - 1 its channels (level 0 keeps c[0])
+        self.decoders = nn.ModuleList(
+            [block(c[0], c[0], c[0])] + [block(c[i], c[i], c[i - 1]) for i in range(1, levels - 1)]
+        )
+        self.head = nn.Conv3d(c[0], out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
+            raise ValueError(
+                f"UNetBaseline expects (B, C, D, H, W) with D, H, W divisible by "
+                f"{self.divisor}, got {tuple(x.shape)}"
+            )
+        skips = []
+        for i, encoder in enumerate(self.encoders):
+            x = encoder(F.max_pool3d(x, 2) if i > 0 else x)
+            skips.append(x)
+        x = self.bottom(F.max_pool3d(x, 2))
+        for i in range(len(self.decoders) - 1, -1, -1):
+            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False) + skips.pop()
+            x = self.decoders[i](x)
+        return self.head(x)

@@ -1,0 +1,53 @@
+"""Small 3D building blocks shared by the U-Nets (Hydra-free, explicit arguments)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["NormActConv", "group_count"]
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest group count <= ``groups`` that divides ``channels`` (GroupNorm's constraint)."""
+    return math.gcd(channels, groups)
+
+
+class NormActConv(nn.Module):
+    """Pre-activation unit ``GroupNorm -> LeakyReLU -> Conv3d`` on ``(B, C_in, D, H, W)``.
+
+    This is F (and G) of the partially reversible U-Net (Brügger et al. 2019) and half of a block
+    of its non-reversible baseline.
+
+    Args:
+        in_channels: channels of the input.
+        out_channels: channels of the output.
+        norm_groups: GroupNorm groups (reduced to a divisor of ``in_channels`` if needed).
+        kernel_size: convolution kernel size (``padding = kernel_size // 2``).
+        negative_slope: LeakyReLU slope.
+        norm: ``False`` skips GroupNorm and LeakyReLU (a plain convolution), used on raw inputs.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm_groups: int = 30,
+        kernel_size: int = 3,
+        negative_slope: float = 0.01,
+        norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(group_count(in_channels, norm_groups), in_channels) if norm else None
+        self.act = nn.LeakyReLU(negative_slope, inplace=True) if norm else None
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            # in place on the norm's output: GroupNorm's backward needs its input, not its output
+            x = self.act(self.norm(x))
+        return self.conv(x)

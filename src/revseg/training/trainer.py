@@ -1,0 +1,403 @@
+"""The training loop: ``train(cfg) -> dict`` builds everything from a composed config and runs it.
+
+Every run directory gets TensorBoard event files, ``checkpoints/last.pt`` and
+``checkpoints/best.pt`` (written atomically), and ``summary.json`` with the measured peak memory
+(DESIGN.md, contract 4). ``train.py`` is a thin Hydra wrapper over :func:`train`; tests call
+:func:`train` directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+import revseg
+from revseg.config import data_name, model_name, validate_config
+from revseg.errors import ConfigError
+from revseg.memory.measure import PeakMemoryMeter, format_bytes
+from revseg.training.callbacks import Callback
+from revseg.training.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    write_text_atomic,
+)
+from revseg.training.metrics import RegionMetrics
+from revseg.training.visualize import slice_panel
+
+__all__ = ["Trainer", "train", "resolve_device", "seed_everything"]
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available (use auto or cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"trainer.device={name!r}: expected auto, cpu or cuda[:N]") from err
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Runs epochs of training and validation, logs, checkpoints and measures memory.
+
+    Args:
+        cfg: the composed ``train`` config (resolved); stored in every checkpoint.
+        model: the network, ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)`` logits.
+        data: a data module with ``train_dataloader(seed)``, ``val_dataloader()``, ``input_shape``.
+        loss_fn: ``loss_fn(logits, target) -> scalar``.
+        optimizer: the optimizer over ``model.parameters()``.
+        scheduler: an epoch-wise LR scheduler or ``None``.
+        callbacks: :class:`Callback` objects keyed by name (the name keys their saved state).
+        writer: a TensorBoard ``SummaryWriter`` or ``None``.
+        output_dir: the run directory.
+        device: where to train.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: nn.Module,
+        data: Any,
+        loss_fn: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None,
+        callbacks: dict[str, Callback],
+        writer: Any | None,
+        output_dir: Path,
+        device: torch.device,
+    ) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.trainer
+        self.model = model
+        self.data = data
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.callbacks = callbacks
+        self.writer = writer
+        self.output_dir = output_dir
+        self.ckpt_dir = output_dir / "checkpoints"
+        self.device = device
+        self.meter = PeakMemoryMeter(device)
+        self.metrics = RegionMetrics(hd95=bool(self.tcfg.hd95))
+        # state that a resume restores
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.should_stop = False
+        self.best: dict[str, Any] = {"name": self.tcfg.monitor, "value": None, "epoch": None}
+        self.final_metrics: dict[str, float] = {}
+        self.history: list[dict[str, Any]] = []
+        self.peak_memory_bytes = 0
+        self.rss_peak_bytes: int | None = None
+        self.step_times: list[float] = []
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "best": dict(self.best),
+            "final_metrics": dict(self.final_metrics),
+            "history": list(self.history),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "step_times": list(self.step_times),
+            "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
+            "rng": rng_state(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            "revseg_version": revseg.__version__,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best = dict(state["best"])
+        self.final_metrics = dict(state["final_metrics"])
+        self.history = list(state["history"])
+        self.peak_memory_bytes = int(state["peak_memory_bytes"])
+        self.step_times = [float(t) for t in state["step_times"]]
+        for name, cb in self.callbacks.items():
+            if name in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][name])
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self, name: str) -> Path:
+        return save_atomic(self.state_dict(), self.ckpt_dir / name)
+
+    def resume(self, resume: bool | str) -> None:
+        """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file."""
+        path = self.ckpt_dir / "last.pt" if resume is True else Path(str(resume))
+        if not path.is_file():
+            raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
+        state = load_checkpoint(path, map_location=self.device)
+        self.load_state_dict(state)
+        log.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
+
+    # ---------------------------------------------------------------- steps
+    def _static_tensors(self, *batch: torch.Tensor) -> list[torch.Tensor]:
+        tensors = list(self.model.parameters()) + list(batch)
+        for state in self.optimizer.state.values():
+            tensors.extend(v for v in state.values() if torch.is_tensor(v))
+        return tensors
+
+    def training_step(self, image: torch.Tensor, label: torch.Tensor) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.meter.measure(static=self._static_tensors(image, label)) as m:
+            start = time.perf_counter()
+            loss = self.loss_fn(self.model(image), label)
+            loss.backward()
+            self.optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - start
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite training loss {value} at step {self.global_step}")
+        self.peak_memory_bytes = max(self.peak_memory_bytes, m.peak_bytes)
+        if m.rss_peak_bytes is not None:
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
+        self.step_times.append(seconds)
+        self.global_step += 1
+        if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
+            self.writer.add_scalar("train/loss_step", value, self.global_step)
+            self.writer.add_scalar("memory/peak_step_mib", m.peak_bytes / 2**20, self.global_step)
+            self.writer.add_scalar("time/step_s", seconds, self.global_step)
+        return value
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        loader = self.data.train_dataloader(seed=int(self.cfg.seed) + self.epoch)
+        limit = self.tcfg.limit_train_batches
+        total = min(len(loader), limit) if limit else len(loader)
+        bar = tqdm(
+            loader,
+            total=total,
+            desc=f"epoch {self.epoch + 1}/{self.tcfg.max_epochs}",
+            disable=not self.tcfg.progress_bar,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        losses = []
+        for index, batch in enumerate(bar):
+            if limit and index >= limit:
+                break
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            losses.append(self.training_step(image, label))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", peak=format_bytes(self.peak_memory_bytes))
+        bar.close()
+        return {"train/loss": sum(losses) / max(len(losses), 1)}
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        self.metrics.reset()
+        losses = []
+        limit = self.tcfg.limit_val_batches
+        for index, batch in enumerate(self.data.val_dataloader()):
+            if limit and index >= limit:
+                break
+            image = batch["image"].to(self.device)
+            label = batch["label"].to(self.device)
+            logits = self.model(image)
+            losses.append(float(self.loss_fn(logits, label)))
+            pred = self.metrics.update(logits, label)
+            if index == 0 and self.writer is not None and self.tcfg.log_images:
+                self.writer.add_image("val/slice_input_label_prediction",
+                                      slice_panel(image[0], label[0], pred[0]), self.epoch)
+        metrics = {f"val/{k}": v for k, v in self.metrics.compute().items()}
+        metrics["val/loss"] = sum(losses) / max(len(losses), 1)
+        return metrics
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        max_epochs = int(self.tcfg.max_epochs)
+        for cb in self.callbacks.values():
+            cb.on_train_start(self)
+        if self.epoch >= max_epochs:
+            log.info("nothing to do: %d epochs already completed", self.epoch)
+        while self.epoch < max_epochs and not self.should_stop:
+            logs = self.train_epoch()
+            self.epoch += 1
+            if self.scheduler is not None:
+                self.scheduler.step()
+            logs["lr"] = self.optimizer.param_groups[0]["lr"]
+            for cb in self.callbacks.values():
+                cb.on_train_epoch_end(self, logs)
+            improved = False
+            if self.epoch % self.tcfg.val_every == 0 or self.epoch == max_epochs:
+                metrics = self.validate()
+                logs.update(metrics)
+                self.final_metrics = metrics
+                improved = self._update_best(metrics)
+                for cb in self.callbacks.values():
+                    cb.on_validation_end(self, metrics)
+            self._log_epoch(logs)
+            self.history.append({"epoch": self.epoch, **logs})
+            self.save_checkpoint("last.pt")
+            if improved:
+                self.save_checkpoint("best.pt")
+            self.write_summary()
+        if not (self.ckpt_dir / "best.pt").exists() and (self.ckpt_dir / "last.pt").exists():
+            self.save_checkpoint("best.pt")  # no validation yet: best is the latest
+        summary = self.write_summary()
+        self._log_hparams(summary)
+        return summary
+
+    def _update_best(self, metrics: dict[str, float]) -> bool:
+        name = self.tcfg.monitor
+        if name not in metrics:
+            raise ConfigError(f"trainer.monitor={name!r} is not a validation metric: {sorted(metrics)}")
+        value = metrics[name]
+        sign = 1.0 if self.tcfg.monitor_mode == "max" else -1.0
+        if math.isfinite(value) and (self.best["value"] is None or sign * (value - self.best["value"]) > 0):
+            self.best = {"name": name, "value": float(value), "epoch": self.epoch}
+            return True
+        return False
+
+    def _log_epoch(self, logs: dict[str, float]) -> None:
+        parts = [f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float) and "/hd95_" not in k]
+        log.info("epoch %d/%d %s peak=%s", self.epoch, self.tcfg.max_epochs, " ".join(parts),
+                 format_bytes(self.peak_memory_bytes))
+        if self.writer is None:
+            return
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, self.epoch)
+        self.writer.add_scalar("memory/peak_mib", self.peak_memory_bytes / 2**20, self.epoch)
+        self.writer.flush()
+
+    def _log_hparams(self, summary: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        hparams = {
+            "model": summary["model"],
+            "memory_saving": bool(self.cfg.model.get("memory_saving", False)),
+            "encoder_depth": str(self.cfg.model.get("encoder_depth", "-")),
+            "decoder_depth": str(self.cfg.model.get("decoder_depth", "-")),
+            "lr": float(self.cfg.optimizer.lr),
+            "input_shape": "x".join(str(s) for s in self.data.input_shape),
+            "params": summary["params"],
+            "seed": int(self.cfg.seed),
+        }
+        metrics = {f"hparam/{k.split('/', 1)[-1]}": v for k, v in self.final_metrics.items()
+                   if isinstance(v, float) and math.isfinite(v)}
+        metrics["hparam/peak_memory_mib"] = summary["peak_memory_bytes"] / 2**20
+        metrics["hparam/step_time_s"] = summary["step_time_s"] or 0.0
+        self.writer.add_hparams(hparams, metrics, run_name=".")
+        self.writer.flush()
+
+    # ---------------------------------------------------------------- summary
+    def summary(self) -> dict[str, Any]:
+        shape = list(self.data.input_shape)
+        voxels = math.prod(shape)
+        batch = int(self.cfg.data.get("batch_size", 1))
+        times = self.step_times[1:] or self.step_times  # the first step warms up caches
+        return {
+            "model": model_name(self.cfg),
+            "data": data_name(self.cfg),
+            "epochs_completed": self.epoch,
+            "global_step": self.global_step,
+            "stopped_early": self.should_stop,
+            "best_metric": dict(self.best),
+            "final_metrics": dict(self.final_metrics),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory": format_bytes(self.peak_memory_bytes),
+            "memory_method": self.meter.method,
+            "rss_peak_bytes": self.rss_peak_bytes,
+            "step_time_s": statistics.median(times) if times else None,
+            "input_shape": shape,
+            "batch_size": batch,
+            "voxels_per_sample": voxels,
+            "bytes_per_voxel": self.peak_memory_bytes / (voxels * batch) if voxels else None,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device)
+            if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "revseg": revseg.__version__,
+            "output_dir": str(self.output_dir),
+        }
+
+    def write_summary(self) -> dict[str, Any]:
+        summary = self.summary()
+        text = json.dumps(summary, indent=2, allow_nan=True, default=str)
+        write_text_atomic(text + "\n", self.output_dir / "summary.json")
+        return summary
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the model the composed config describes; returns the run summary (``summary.json``).
+
+    Raises:
+        ConfigError / DataError: bad config values or data (one line naming the key or file).
+    """
+    validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = resolve_device(str(cfg.trainer.device))
+
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup()
+    model = instantiate(cfg.model, _convert_="all").to(device)
+    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.get("scheduler") else None
+    loss_fn = instantiate(cfg.loss)
+    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c}
+    writer = instantiate(cfg.logger, log_dir=str(output_dir)) if cfg.get("logger") else None
+
+    trainer = Trainer(cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device)
+    if cfg.trainer.resume:
+        trainer.resume(cfg.trainer.resume)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
+             model_name(cfg), n_params / 1e6, device, "x".join(map(str, data.input_shape)),
+             len(data.train_cases), len(data.val_cases), output_dir)
+    try:
+        summary = trainer.fit()
+    finally:
+        if writer is not None:
+            writer.close()
+    log.info("done: %d epochs, best %s = %s at epoch %s, peak memory %s (%s), median step %.3f s",
+             summary["epochs_completed"], summary["best_metric"]["name"], summary["best_metric"]["value"],
+             summary["best_metric"]["epoch"], summary["peak_memory"], summary["memory_method"],
+             summary["step_time_s"] or float("nan"))
+    return summary
