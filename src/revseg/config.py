@@ -8,12 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
-from revseg.errors import ConfigError
+from revseg.errors import ConfigError, RevsegError
 
-__all__ = ["CONFIG_DIR", "group_options", "check_group_overrides", "validate_config", "model_name"]
+__all__ = [
+    "CONFIG_DIR",
+    "build",
+    "group_options",
+    "check_group_overrides",
+    "validate_config",
+    "model_name",
+]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -46,7 +54,8 @@ def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) ->
         if group.startswith("hydra"):
             continue
         values = (
-            list(override.sweep_string_iterator()) if override.is_sweep_override()
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
             else [override.get_value_element_as_str()]
         )
         options = group_options(group, config_dir)
@@ -85,7 +94,9 @@ def validate_config(cfg: DictConfig) -> None:
 
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]} is required: give it on the command line ({missing[0]}=...)")
+        raise ConfigError(
+            f"{missing[0]} is required: give it on the command line ({missing[0]}=...)"
+        )
     t = cfg.trainer
     if not isinstance(t.max_epochs, int) or t.max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")
@@ -105,6 +116,26 @@ def validate_config(cfg: DictConfig) -> None:
                 f"data.{key}={size}: every size must be divisible by {divisor} "
                 f"(the model's {len(channels) - 1} downsamplings)"
             )
+
+
+def build(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` with errors a user can act on.
+
+    Hydra wraps whatever the target raises; a :class:`RevsegError` is unwrapped, and an unknown
+    or ill-typed argument becomes a :class:`ConfigError` naming the config key.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, RevsegError):
+            raise cause from None
+        if isinstance(cause, (TypeError, ValueError)):
+            raise ConfigError(f"{key}: {cause}".splitlines()[0]) from None
+        raise
 
 
 def model_name(cfg: DictConfig) -> str:

@@ -132,7 +132,9 @@ def test_backward_and_optimizer_memory_is_seen(meter):
     # Adam's state (two moments and a float32 step per parameter)
     assert fwd.end_bytes == base
     assert step.end_bytes == base + 3 * live_tensor_bytes(model.parameters()) + 4 * len(opt.state)
-    assert step.end_bytes == live_tensor_bytes([static, [p.grad for p in model.parameters()], opt.state])
+    assert step.end_bytes == live_tensor_bytes(
+        [static, [p.grad for p in model.parameters()], opt.state]
+    )
 
 
 class _SinhChainSaving(torch.autograd.Function):
@@ -248,7 +250,9 @@ def test_custom_function_save_for_backward_is_counted():
 
 def test_live_tensor_bytes_and_format_bytes():
     a = torch.zeros(N)
-    assert live_tensor_bytes([a, a[5:], {"m": [a.t()]}, torch.zeros(3, dtype=torch.int8)]) == 4 * N + 3
+    assert (
+        live_tensor_bytes([a, a[5:], {"m": [a.t()]}, torch.zeros(3, dtype=torch.int8)]) == 4 * N + 3
+    )
     assert live_tensor_bytes([]) == 0
     assert format_bytes(512) == "512 B"
     assert format_bytes(12_897_484) == "12.3 MiB"

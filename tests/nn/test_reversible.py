@@ -26,14 +26,21 @@ class CountingConv(nn.Module):
         return self.drop(self.conv(torch.nn.functional.leaky_relu(self.norm(x))))
 
 
-def make_sequence(depth: int, channels: int = 8, memory_saving: bool = True, **kwargs) -> ReversibleSequence:
+def make_sequence(
+    depth: int, channels: int = 8, memory_saving: bool = True, **kwargs
+) -> ReversibleSequence:
     half = channels // 2
     preserve = kwargs.pop("preserve_rng_state", True)
-    blocks = [AdditiveCoupling(CountingConv(half, **kwargs), CountingConv(half, **kwargs)) for _ in range(depth)]
+    blocks = [
+        AdditiveCoupling(CountingConv(half, **kwargs), CountingConv(half, **kwargs))
+        for _ in range(depth)
+    ]
     return ReversibleSequence(blocks, memory_saving=memory_saving, preserve_rng_state=preserve)
 
 
-def grads_of(seq: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+def grads_of(
+    seq: nn.Module, x: torch.Tensor, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
     x = x.clone().requires_grad_(True)
     seq.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
@@ -111,7 +118,11 @@ def test_batchnorm_running_stats_updated_once():
     # a second update during recomputation would move running stats by ~momentum * stats
     for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
-    assert all(int(m.norm.num_batches_tracked) == 1 for m in saving.modules() if isinstance(m, CountingConv))
+    assert all(
+        int(m.norm.num_batches_tracked) == 1
+        for m in saving.modules()
+        if isinstance(m, CountingConv)
+    )
 
 
 def test_exactly_one_extra_forward_of_f_and_g_per_block():
@@ -129,7 +140,9 @@ def test_parameter_gradients_arrive_through_autograd_accumulation():
     seq = make_sequence(2)
     fired: dict[int, int] = {}
     for p in seq.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1))
+        p.register_post_accumulate_grad_hook(
+            lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1)
+        )
     seq(torch.randn(1, 8, 4, 4, 4)).sum().backward()
     assert fired == {id(p): 1 for p in seq.parameters()}
 

@@ -42,8 +42,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Layout:
-    """A dataset layout: ``detect(root)`` says whether ``root`` looks like it; ``find(root)``
-    lists its cases as ``{"case", "image", "label"}`` dicts (raising :class:`DataError`)."""
+    """A dataset layout, e.g. BraTS 2021.
+
+    ``detect(root)`` says whether ``root`` looks like this layout; ``find(root, require_label)``
+    lists its cases as ``{"case", "image", "label"}`` dicts, raising :class:`DataError` for a
+    malformed case. A new layout is one more entry in :data:`LAYOUTS`.
+    """
 
     name: str
     detect: Callable[[Path], bool]
@@ -189,8 +193,8 @@ class BratsData:
     Args:
         root: dataset folder, BraTS 2021 layout.
         generate: if ``root`` is missing, generate the synthetic demo dataset there (demo only).
-        num_cases: number of generated cases (``generate`` only).
-        volume_shape: shape of the generated volumes (``generate`` only).
+        num_cases: number of generated cases (``generate`` only; may be None otherwise).
+        volume_shape: shape of the generated volumes (``generate`` only; may be None otherwise).
         crop_size: ``(D, H, W)`` fed to the network for validation, and in training when
             ``patch_size`` is None.
         patch_size: random training patch ``(D, H, W)``, each <= ``crop_size``; None: whole crop.
@@ -215,8 +219,8 @@ class BratsData:
         self,
         root: str | os.PathLike = "data/synthetic_brats",
         generate: bool = False,
-        num_cases: int = 16,
-        volume_shape: Sequence[int] = (48, 48, 48),
+        num_cases: int | None = 16,
+        volume_shape: Sequence[int] | None = (48, 48, 48),
         crop_size: Sequence[int] = (160, 192, 160),
         patch_size: Sequence[int] | None = None,
         val_fraction: float = 0.2,
@@ -232,9 +236,11 @@ class BratsData:
             raise ConfigError(f"data.root must be a path, got {root!r}")
         self.root = Path(root)
         self.generate = _bool(generate, "generate")
-        self.num_cases = _int(num_cases, "num_cases", 2)
-        self.volume_shape = _shape(volume_shape, "volume_shape")
-        if min(self.volume_shape) < 8:
+        if self.generate and (num_cases is None or volume_shape is None):
+            raise ConfigError("data.num_cases and data.volume_shape must be set when data.generate")
+        self.num_cases = None if num_cases is None else _int(num_cases, "num_cases", 2)
+        self.volume_shape = None if volume_shape is None else _shape(volume_shape, "volume_shape")
+        if self.volume_shape is not None and min(self.volume_shape) < 8:
             raise ConfigError(f"data.volume_shape must be >= 8 per axis, got {list(volume_shape)}")
         self.crop_size = _shape(crop_size, "crop_size")
         self.patch_size = None if patch_size is None else _shape(patch_size, "patch_size")

@@ -60,7 +60,7 @@ _SIGNATURES = np.array(
         [0.90, 0.85, 0.45, 0.55],
         [0.65, 0.62, 0.62, 0.68],
         [0.25, 0.25, 1.25, 0.20],
-        [0.55, 0.55, 1.00, 1.15],
+        [0.55, 0.55, 1.15, 1.20],
         [0.60, 1.40, 0.80, 0.95],
         [0.35, 0.30, 1.15, 0.80],
     ],
@@ -174,7 +174,7 @@ def synthesize_case(
     # intensities: per-case jittered signatures, oedema mixed with the tissue it infiltrates
     signatures = _SIGNATURES * rng.uniform(0.9, 1.1, _SIGNATURES.shape).astype(np.float32)
     clean = signatures[tissue]  # (X, Y, Z, 4)
-    clean[oedema] = 0.35 * clean[oedema] + 0.65 * signatures[_OEDEMA]
+    clean[oedema] = 0.25 * clean[oedema] + 0.75 * signatures[_OEDEMA]
     clean[label == 4] = signatures[_ENHANCING]
     clean[label == 1] = signatures[_NECROSIS]
     clean = np.moveaxis(clean, -1, 0)
@@ -317,7 +317,7 @@ def make_synthetic_brats(
             raise DataError(
                 f"{root}: {_describe(root)}, not num_cases={num_cases}, shape={list(shape)}, "
                 f"seed={seed}; delete it, choose another folder"
-                + ("" if read_manifest(root) is None else " or pass overwrite")
+                + ("" if read_manifest(root) is None else " or overwrite it (--overwrite)")
             )
 
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,13 @@ with an RAS affine, so the two give identical tensors.
 
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -36,12 +39,13 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple
 
-from revseg.errors import ConfigError, DataError
+from revseg.errors import ConfigError, DataError, RevsegError
 
 __all__ = [
     "READERS",
     "REGIONS",
     "LabelToRegionsd",
+    "CheckedNibabelReader",
     "SimpleITKReader",
     "build_transforms",
     "label_to_regions",
@@ -56,6 +60,75 @@ REGIONS = ("WT", "TC", "ET")
 """Output channels of :class:`LabelToRegionsd`: whole tumour, tumour core, enhancing tumour."""
 
 ArrayLike = np.ndarray | torch.Tensor
+PathOrPaths = Sequence[os.PathLike | str] | os.PathLike | str
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+
+
+def _check_nifti_complete(path: str) -> None:
+    """Raise :class:`DataError` if a NIfTI file holds fewer bytes than its header says.
+
+    SimpleITK (2.5) reads a truncated ``.nii`` or ``.nii.gz`` without an error, padding it. The
+    check reads the header and, for ``.nii.gz``, the gzip trailer (the uncompressed size); only
+    when that does not match does it decompress the whole file.
+    """
+    try:
+        header = nib.load(path).header
+        expected = int(header.get_data_offset()) + int(
+            np.prod(header.get_data_shape()) * header.get_data_dtype().itemsize
+        )
+        if not path.endswith(".gz"):
+            size = os.path.getsize(path)
+        else:
+            with open(path, "rb") as file:
+                file.seek(-4, os.SEEK_END)
+                if int.from_bytes(file.read(4), "little") == expected % 2**32:
+                    return
+            size = 0
+            with gzip.open(path, "rb") as file:
+                while chunk := file.read(1 << 22):
+                    size += len(chunk)
+    except _READ_ERRORS as error:
+        raise DataError(f"{path}: cannot read: {_one_line(error)}") from None
+    if size < expected:
+        raise DataError(f"{path}: truncated, {size} bytes of the {expected} its header needs")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _file_names(data: Any) -> tuple[str, ...]:
+    return tuple(os.fspath(name) for name in ensure_tuple(data))
+
+
+class CheckedNibabelReader(NibabelReader):
+    """MONAI's :class:`~monai.data.NibabelReader`, with unreadable files reported as one line.
+
+    Reading is deferred from ``read`` to ``get_data``: an error in ``read`` makes MONAI's
+    ``LoadImage`` silently try other readers, while an error in ``get_data`` reaches the user, as
+    a :class:`DataError` naming the file.
+    """
+
+    def read(self, data: PathOrPaths, **kwargs: Any) -> tuple[str, ...]:
+        """Return the file names; they are read by :meth:`get_data`."""
+        return _file_names(data)
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """Read the files and return ``(array, meta)`` as ``NibabelReader.get_data`` does.
+
+        Raises:
+            DataError: a file cannot be read (missing, not NIfTI, truncated).
+        """
+        names = _file_names(img)
+        try:
+            return super().get_data(super().read(names))
+        except _READ_ERRORS as error:
+            for name in names if len(names) > 1 else ():  # find the culprit (error path only)
+                try:
+                    np.asanyarray(nib.load(name).dataobj)
+                except _READ_ERRORS as culprit:
+                    raise DataError(f"{name}: cannot read: {_one_line(culprit)}") from None
+            raise DataError(f"{', '.join(names)}: cannot read: {_one_line(error)}") from None
 
 
 class SimpleITKReader(ImageReader):
@@ -81,20 +154,37 @@ class SimpleITKReader(ImageReader):
         """Whether every file of ``filename`` has a suffix SimpleITK reads (NIfTI, NRRD, MHA)."""
         return is_supported_format(filename, self.suffixes)
 
-    def read(self, data: Sequence[os.PathLike | str] | os.PathLike | str, **kwargs: Any) -> Any:
-        """Read one file or a list of files into ``sitk.Image`` objects."""
-        images = [sitk.ReadImage(os.fspath(name)) for name in ensure_tuple(data)]
-        return images if len(images) > 1 else images[0]
+    def read(self, data: PathOrPaths, **kwargs: Any) -> tuple[str, ...]:
+        """Return the file names; they are read by :meth:`get_data` (see
+        :class:`CheckedNibabelReader` for why)."""
+        return _file_names(data)
+
+    @staticmethod
+    def _read_file(name: str) -> sitk.Image:
+        if name.endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(name)
+        try:
+            return sitk.ReadImage(name)
+        except RuntimeError as error:  # SimpleITK's message: "... \nsitk::ERROR: <reason>"
+            reason = str(error).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+            raise DataError(f"{name}: cannot read: {reason}") from None
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         """Return ``(array, meta)``: ``(C, X, Y, Z)`` for a list, ``(X, Y, Z)`` for one scalar image.
 
+        Args:
+            img: file name(s) from :meth:`read`, or ``sitk.Image`` object(s).
+
         ``meta`` holds ``affine`` and ``original_affine`` (RAS), ``spatial_shape``, ``spacing``,
         ``space`` and ``original_channel_dim``.
+
+        Raises:
+            DataError: a file cannot be read, or a NIfTI file is truncated.
         """
         arrays: list[np.ndarray] = []
         meta: dict = {}
-        for image in ensure_tuple(img):
+        for item in img if isinstance(img, (list, tuple)) else [img]:
+            image = item if isinstance(item, sitk.Image) else self._read_file(os.fspath(item))
             array = sitk.GetArrayFromImage(image)  # (z, y, x) or (z, y, x, components)
             if image.GetNumberOfComponentsPerPixel() == 1:
                 array = array.T
@@ -134,7 +224,7 @@ def make_reader(name: str) -> ImageReader:
         ConfigError: unknown name.
     """
     if name == "nibabel":
-        return NibabelReader()
+        return CheckedNibabelReader()
     if name == "simpleitk":
         return SimpleITKReader()
     raise ConfigError(f"data.reader must be one of {', '.join(READERS)}, got {name!r}")
@@ -211,6 +301,22 @@ def regions_to_label(regions: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
     return label
 
 
+class _Pipeline(Compose):
+    """A MONAI ``Compose`` that lets a :class:`RevsegError` raised inside a transform through as
+    itself (one line for the user) instead of wrapped in MONAI's ``RuntimeError`` chain."""
+
+    def __call__(self, input_, start=0, end=None, threading=False, lazy=None):
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as error:
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, RevsegError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause.with_traceback(None) from None
+
+
 class LabelToRegionsd(MapTransform):
     """Dictionary transform: BraTS label map ``(1, D, H, W)`` -> regions ``(3, D, H, W)`` uint8.
 
@@ -280,7 +386,13 @@ def build_transforms(
     if with_label:
         steps.append(LabelToRegionsd("label", enhancing_label=enhancing_label))
     steps += [
-        CropForegroundd(keys, source_key="image", allow_smaller=True),
+        CropForegroundd(
+            keys,
+            source_key="image",
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        ),
         NormalizeIntensityd("image", nonzero=True, channel_wise=True),
         ResizeWithPadOrCropd(keys, spatial_size=tuple(crop_size)),
     ]
@@ -290,4 +402,4 @@ def build_transforms(
         if flip_prob > 0:
             steps += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=track_meta))
-    return Compose(steps)
+    return _Pipeline(steps)

@@ -11,10 +11,13 @@ one Python object per storage alive for as long as the C++ storage lives). The h
 that ledger is the CPU analogue of ``max_memory_allocated``; both count everything live at the
 peak: parameters, gradients, optimizer state, the batch.
 
-What the CPU tracker cannot see: scratch buffers a kernel allocates internally and frees before
-returning (im2col / oneDNN workspaces; the CUDA figure does include cuDNN workspaces), allocator
-overhead and fragmentation, and memory that is not a tensor. :attr:`MemoryMeasurement.rss_peak_bytes`
-(Linux) is a coarser whole-process figure that sees all of it, and everything else too.
+What the CPU tracker cannot see: scratch buffers a kernel allocates and frees internally (the
+im2col buffer of ``slow_conv3d``, ``C_in * k^3 * D * H * W`` floats, can exceed all activations;
+the CUDA figure does include cuDNN workspaces), allocator overhead, memory that is not a tensor,
+and ops run on threads other than the one that entered the block (on CPU the autograd engine runs
+backward on that thread). A storage created outside the dispatcher inside the block (e.g.
+``torch.from_numpy``) is taken for a pre-existing one and counted from entry.
+:attr:`MemoryMeasurement.rss_peak_bytes` (Linux) is a coarser whole-process figure that sees it all.
 
 :class:`SavedTensorsCounter` answers a narrower, deterministic question: how many bytes autograd
 keeps for backward (the quantity reversible networks remove; Gomez et al., 2017).
@@ -33,7 +36,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 __all__ = [
     "MemoryMeasurement",
@@ -60,6 +62,19 @@ def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
         for item in obj:
             yield from _iter_tensors(item)
+
+
+def _op_tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Append the tensors of aten arguments or results (tensors, nested lists and tuples) to out.
+
+    Much cheaper than ``torch.utils._pytree.tree_flatten``, which dominated the per-op cost.
+    """
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _op_tensors(item, out)
+    return out
 
 
 def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
@@ -193,18 +208,17 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        inputs = _op_tensors(args, _op_tensors(tuple(kwargs.values()), []))
         with self._lock:
             self._drain()
             fresh = func in _LIFT_OPS
-            for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, torch.Tensor):
-                    self._see(t, pre_existing=not fresh)
+            for t in inputs:
+                self._see(t, pre_existing=not fresh)
         out = func(*args, **kwargs)
         with self._lock:
             self._drain()
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    self._see(t, pre_existing=False)
+            for t in _op_tensors(out, []):
+                self._see(t, pre_existing=False)
         return out
 
     def close(self) -> tuple[int, int]:
@@ -296,8 +310,9 @@ class SavedTensorsCounter:
 
     Every tensor packed through ``torch.autograd.graph.saved_tensors_hooks`` is counted once per
     storage, which includes ``ctx.save_for_backward`` in custom ``autograd.Function``s. Not seen:
-    tensors kept as plain ``ctx`` attributes, and what a non-reentrant ``torch.utils.checkpoint``
-    region saves (its own inner hooks take precedence; it keeps its inputs alive by reference).
+    tensors kept as plain ``ctx`` attributes, and whatever is saved under inner
+    ``saved_tensors_hooks`` (they take precedence), e.g. in a non-reentrant
+    ``torch.utils.checkpoint`` region, which keeps its inputs alive by reference instead.
 
     Example::
 

@@ -46,7 +46,9 @@ def reversible_level(
         )
         for _ in range(depth)
     ]
-    return ReversibleSequence(blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state)
+    return ReversibleSequence(
+        blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state
+    )
 
 
 def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
@@ -110,7 +112,9 @@ class PartiallyReversibleUNet(nn.Module):
         )
         # decoders[i] works on level i; up[i] takes level i + 1 to level i
         self.decoders = nn.ModuleList(level(c, d) for c, d in zip(channels, dec))
-        self.up = nn.ModuleList(nn.Conv3d(channels[i + 1], channels[i], 1) for i in range(levels - 1))
+        self.up = nn.ModuleList(
+            nn.Conv3d(channels[i + 1], channels[i], 1) for i in range(levels - 1)
+        )
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
     @property
@@ -142,6 +146,8 @@ class PartiallyReversibleUNet(nn.Module):
         for i in range(len(self.decoders) - 1, -1, -1):
             x = self.decoders[i](x)
             if i > 0:
-                x = F.interpolate(self.up[i - 1](x), scale_factor=2, mode="trilinear", align_corners=False)
+                x = F.interpolate(
+                    self.up[i - 1](x), scale_factor=2, mode="trilinear", align_corners=False
+                )
                 x = x + skips.pop()
         return self.head(x)

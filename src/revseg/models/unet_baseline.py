@@ -42,7 +42,13 @@ class ConvBlock(nn.Sequential):
         first_norm: bool = True,
     ) -> None:
         super().__init__(
-            NormActConv(in_channels, mid_channels, norm_groups, negative_slope=negative_slope, norm=first_norm),
+            NormActConv(
+                in_channels,
+                mid_channels,
+                norm_groups,
+                negative_slope=negative_slope,
+                norm=first_norm,
+            ),
             NormActConv(mid_channels, out_channels, norm_groups, negative_slope=negative_slope),
         )
 
@@ -103,6 +109,9 @@ class UNetBaseline(nn.Module):
             skips.append(x)
         x = self.bottom(F.max_pool3d(x, 2))
         for i in range(len(self.decoders) - 1, -1, -1):
-            x = F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False) + skips.pop()
+            x = (
+                F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+                + skips.pop()
+            )
             x = self.decoders[i](x)
         return self.head(x)

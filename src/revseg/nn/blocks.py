@@ -40,7 +40,9 @@ class NormActConv(nn.Module):
         norm: bool = True,
     ) -> None:
         super().__init__()
-        self.norm = nn.GroupNorm(group_count(in_channels, norm_groups), in_channels) if norm else None
+        self.norm = (
+            nn.GroupNorm(group_count(in_channels, norm_groups), in_channels) if norm else None
+        )
         self.act = nn.LeakyReLU(negative_slope, inplace=True) if norm else None
         self.conv = nn.Conv3d(
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False

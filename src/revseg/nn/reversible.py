@@ -186,9 +186,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 y1 = y1.detach().requires_grad_(True)
                 with rng_g.restored() if rng_g is not None else contextlib.nullcontext():
                     g_out = block.g(y1)
-                grads = torch.autograd.grad(
-                    g_out, [y1, *g_params], dy2, allow_unused=True
-                )
+                grads = torch.autograd.grad(g_out, [y1, *g_params], dy2, allow_unused=True)
                 x2 = (y2 - g_out.detach()).detach()
                 del g_out
                 dy1 = dy1 + grads[0] if grads[0] is not None else dy1
@@ -198,9 +196,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 x2.requires_grad_(True)
                 with rng_f.restored() if rng_f is not None else contextlib.nullcontext():
                     f_out = block.f(x2)
-                grads = torch.autograd.grad(
-                    f_out, [x2, *f_params], dy1, allow_unused=True
-                )
+                grads = torch.autograd.grad(f_out, [x2, *f_params], dy1, allow_unused=True)
                 x1 = y1.detach() - f_out.detach()
                 del f_out
                 dx2 = dy2 + grads[0] if grads[0] is not None else dy2
@@ -231,7 +227,9 @@ def reversible_sequence_function(
     x: torch.Tensor, blocks: Sequence[AdditiveCoupling], preserve_rng_state: bool = True
 ) -> torch.Tensor:
     """Apply ``blocks`` to ``x`` keeping only the output for backward (see module docstring)."""
-    return _ReversibleFunction.apply(x, tuple(blocks), preserve_rng_state, *_trainable_params(blocks))
+    return _ReversibleFunction.apply(
+        x, tuple(blocks), preserve_rng_state, *_trainable_params(blocks)
+    )
 
 
 class ReversibleSequence(nn.Module):

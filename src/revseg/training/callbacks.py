@@ -90,7 +90,11 @@ class EarlyStopping(Callback):
         elif epoch - self.best_epoch >= self.patience:
             log.info(
                 "early stopping at epoch %d: %s moving average %.4f, best %.4f at epoch %d",
-                epoch, self.monitor, average, self.best_average, self.best_epoch,
+                epoch,
+                self.monitor,
+                average,
+                self.best_average,
+                self.best_epoch,
             )
             trainer.should_stop = True
 

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
 import revseg
-from revseg.config import data_name, model_name, validate_config
+from revseg.config import build, data_name, model_name, validate_config
 from revseg.errors import ConfigError
 from revseg.memory.measure import PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
@@ -62,7 +61,7 @@ def seed_everything(seed: int) -> None:
     import numpy as np
 
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global state libraries draw from
     torch.manual_seed(seed)
 
 
@@ -238,8 +237,11 @@ class Trainer:
             losses.append(float(self.loss_fn(logits, label)))
             pred = self.metrics.update(logits, label)
             if index == 0 and self.writer is not None and self.tcfg.log_images:
-                self.writer.add_image("val/slice_input_label_prediction",
-                                      slice_panel(image[0], label[0], pred[0]), self.epoch)
+                self.writer.add_image(
+                    "val/slice_input_label_prediction",
+                    slice_panel(image[0], label[0], pred[0]),
+                    self.epoch,
+                )
         metrics = {f"val/{k}": v for k, v in self.metrics.compute().items()}
         metrics["val/loss"] = sum(losses) / max(len(losses), 1)
         return metrics
@@ -282,18 +284,29 @@ class Trainer:
     def _update_best(self, metrics: dict[str, float]) -> bool:
         name = self.tcfg.monitor
         if name not in metrics:
-            raise ConfigError(f"trainer.monitor={name!r} is not a validation metric: {sorted(metrics)}")
+            raise ConfigError(
+                f"trainer.monitor={name!r} is not a validation metric: {sorted(metrics)}"
+            )
         value = metrics[name]
         sign = 1.0 if self.tcfg.monitor_mode == "max" else -1.0
-        if math.isfinite(value) and (self.best["value"] is None or sign * (value - self.best["value"]) > 0):
+        if math.isfinite(value) and (
+            self.best["value"] is None or sign * (value - self.best["value"]) > 0
+        ):
             self.best = {"name": name, "value": float(value), "epoch": self.epoch}
             return True
         return False
 
     def _log_epoch(self, logs: dict[str, float]) -> None:
-        parts = [f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float) and "/hd95_" not in k]
-        log.info("epoch %d/%d %s peak=%s", self.epoch, self.tcfg.max_epochs, " ".join(parts),
-                 format_bytes(self.peak_memory_bytes))
+        parts = [
+            f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float) and "/hd95_" not in k
+        ]
+        log.info(
+            "epoch %d/%d %s peak=%s",
+            self.epoch,
+            self.tcfg.max_epochs,
+            " ".join(parts),
+            format_bytes(self.peak_memory_bytes),
+        )
         if self.writer is None:
             return
         for key, value in logs.items():
@@ -315,8 +328,11 @@ class Trainer:
             "params": summary["params"],
             "seed": int(self.cfg.seed),
         }
-        metrics = {f"hparam/{k.split('/', 1)[-1]}": v for k, v in self.final_metrics.items()
-                   if isinstance(v, float) and math.isfinite(v)}
+        metrics = {
+            f"hparam/{k.split('/', 1)[-1]}": v
+            for k, v in self.final_metrics.items()
+            if isinstance(v, float) and math.isfinite(v)
+        }
         metrics["hparam/peak_memory_mib"] = summary["peak_memory_bytes"] / 2**20
         metrics["hparam/step_time_s"] = summary["step_time_s"] or 0.0
         self.writer.add_hparams(hparams, metrics, run_name=".")
@@ -348,7 +364,8 @@ class Trainer:
             "bytes_per_voxel": self.peak_memory_bytes / (voxels * batch) if voxels else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device)
-            if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            if self.device.type == "cuda"
+            else platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "revseg": revseg.__version__,
             "output_dir": str(self.output_dir),
@@ -375,29 +392,48 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = resolve_device(str(cfg.trainer.device))
 
-    data = instantiate(cfg.data, _convert_="all")
+    model = build(cfg.model, "model").to(device)
+    optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
+    scheduler = (
+        build(cfg.scheduler, "scheduler")(optimizer=optimizer) if cfg.get("scheduler") else None
+    )
+    loss_fn = build(cfg.loss, "loss")
+    callbacks = {
+        name: build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c
+    }
+    data = build(cfg.data, "data")
     data.setup()
-    model = instantiate(cfg.model, _convert_="all").to(device)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer) if cfg.get("scheduler") else None
-    loss_fn = instantiate(cfg.loss)
-    callbacks = {name: instantiate(c) for name, c in (cfg.get("callbacks") or {}).items() if c}
-    writer = instantiate(cfg.logger, log_dir=str(output_dir)) if cfg.get("logger") else None
+    writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if cfg.get("logger") else None
 
-    trainer = Trainer(cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device)
+    trainer = Trainer(
+        cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device
+    )
     if cfg.trainer.resume:
         trainer.resume(cfg.trainer.resume)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
-             model_name(cfg), n_params / 1e6, device, "x".join(map(str, data.input_shape)),
-             len(data.train_cases), len(data.val_cases), output_dir)
+    log.info(
+        "%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
+        model_name(cfg),
+        n_params / 1e6,
+        device,
+        "x".join(map(str, data.input_shape)),
+        len(data.train_cases),
+        len(data.val_cases),
+        output_dir,
+    )
     try:
         summary = trainer.fit()
     finally:
         if writer is not None:
             writer.close()
-    log.info("done: %d epochs, best %s = %s at epoch %s, peak memory %s (%s), median step %.3f s",
-             summary["epochs_completed"], summary["best_metric"]["name"], summary["best_metric"]["value"],
-             summary["best_metric"]["epoch"], summary["peak_memory"], summary["memory_method"],
-             summary["step_time_s"] or float("nan"))
+    log.info(
+        "done: %d epochs, best %s = %s at epoch %s, peak memory %s (%s), median step %.3f s",
+        summary["epochs_completed"],
+        summary["best_metric"]["name"],
+        summary["best_metric"]["value"],
+        summary["best_metric"]["epoch"],
+        summary["peak_memory"],
+        summary["memory_method"],
+        summary["step_time_s"] or float("nan"),
+    )
     return summary

@@ -12,7 +12,9 @@ def _regions_rgb(regions: torch.Tensor) -> torch.Tensor:
     return regions.float().clamp(0, 1)
 
 
-def slice_panel(image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, channel: int = -1) -> torch.Tensor:
+def slice_panel(
+    image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor, channel: int = -1
+) -> torch.Tensor:
     """One ``(3, H, 3 * W)`` RGB image in [0, 1]: input channel, label, prediction.
 
     Args:

@@ -1,0 +1,126 @@
+"""A shared tester that every model's test file subclasses with its config name.
+
+Checks the composed config instantiates to a module mapping ``(B, C_in, D, H, W)`` to
+``(B, C_out, D, H, W)`` logits, the parameter count of the paper's size and, for reversible
+models, exact inverses, gradients equal to plain autograd and saved memory flat in depth.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from revseg.memory.measure import SavedTensorsCounter
+from revseg.nn.reversible import ReversibleSequence
+
+from conftest import compose_train
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+class ModelTester:
+    """Subclass and set the class attributes; pytest collects the ``test_`` methods."""
+
+    config_name: str = ""
+    expected_params: float = 0.0  # of the default config, in parameters
+    tiny: tuple[str, ...] = ()  # overrides for a model that runs in milliseconds
+    tiny_shape: tuple[int, int, int] = (16, 16, 16)
+    in_channels: int = 4
+    out_channels: int = 3
+
+    def build(self, *overrides: str, tiny: bool = True) -> nn.Module:
+        cfg = compose_train(f"model={self.config_name}", *(self.tiny if tiny else ()), *overrides)
+        return instantiate(cfg.model, _convert_="all")
+
+    def test_default_config_has_the_papers_size(self):
+        model = self.build(tiny=False)
+        n = sum(p.numel() for p in model.parameters())
+        assert abs(n - self.expected_params) / self.expected_params < 0.005, n
+
+    def test_default_config_forward_shape(self):
+        model = self.build(tiny=False).eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, self.in_channels, 16, 16, 16))
+        assert out.shape == (1, self.out_channels, 16, 16, 16)
+
+    @pytest.mark.parametrize("shape", [(16, 16, 16), (32, 16, 48)])
+    def test_tiny_forward_backward_shapes(self, shape):
+        model = self.build()
+        x = torch.randn(2, self.in_channels, *shape, requires_grad=True)
+        out = model(x)
+        assert out.shape == (2, self.out_channels, *shape)
+        out.mean().backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert all(p.grad is not None for p in model.parameters())
+
+    def test_rejects_sizes_not_divisible_by_the_downsampling(self):
+        model = self.build()
+        with pytest.raises(ValueError, match="divisible"):
+            model(torch.randn(1, self.in_channels, 10, 16, 16))
+
+
+class ReversibleModelTester(ModelTester):
+    """Adds the checks of the reversible core on every reversible sequence of the model."""
+
+    def depth_overrides(self, depth: int) -> tuple[str, ...]:
+        return (f"model.encoder_depth={depth}", f"model.decoder_depth={depth}")
+
+    def test_memory_saving_is_a_config_key(self):
+        assert all(s.memory_saving for s in self.sequences(self.build()))
+        assert not any(
+            s.memory_saving for s in self.sequences(self.build("model.memory_saving=false"))
+        )
+
+    @staticmethod
+    def sequences(model: nn.Module) -> list[ReversibleSequence]:
+        seqs = [m for m in model.modules() if isinstance(m, ReversibleSequence)]
+        assert seqs, "a reversible model must contain reversible sequences"
+        return seqs
+
+    def test_every_sequence_inverts(self):
+        model = self.build(*self.depth_overrides(2)).double()
+        torch.manual_seed(0)
+        for seq in self.sequences(model):
+            channels = seq.blocks[0].f.conv.in_channels * 2
+            x = torch.randn(2, channels, 4, 4, 4, dtype=torch.float64)
+            with torch.no_grad():
+                assert rel_err(seq.inverse(seq(x)), x) < 1e-10
+
+    def test_gradients_equal_plain_autograd(self):
+        torch.manual_seed(0)
+        saving = self.build(*self.depth_overrides(2)).double()
+        plain = copy.deepcopy(saving)
+        for seq in self.sequences(plain):
+            seq.memory_saving = False
+        x = torch.randn(2, self.in_channels, *self.tiny_shape, dtype=torch.float64)
+        grads = []
+        for model in (saving, plain):
+            xi = x.clone().requires_grad_(True)
+            out = model(xi)
+            (out.pow(2).mean() + out.sigmoid().sum()).backward()
+            grads.append((out.detach(), xi.grad, [p.grad for p in model.parameters()]))
+        (o1, gx1, g1), (o2, gx2, g2) = grads
+        assert rel_err(o1, o2) < 1e-12
+        assert rel_err(gx1, gx2) < 1e-6
+        errors = [rel_err(a, b) for a, b in zip(g1, g2)]
+        assert max(errors) < 1e-6, max(errors)
+
+    def saved_bytes(self, depth: int, memory_saving: bool) -> int:
+        model = self.build(*self.depth_overrides(depth), f"model.memory_saving={memory_saving}")
+        x = torch.randn(1, self.in_channels, *self.tiny_shape, requires_grad=True)
+        with SavedTensorsCounter(exclude=model.parameters()) as counter:
+            model(x)
+        return counter.bytes
+
+    def test_saved_memory_does_not_grow_with_depth(self):
+        saving = [self.saved_bytes(d, True) for d in (1, 2, 4)]
+        assert saving[0] == saving[1] == saving[2], saving
+        plain = [self.saved_bytes(d, False) for d in (1, 2, 4)]
+        assert plain[0] < plain[1] < plain[2], plain
+        assert saving[0] < plain[0]

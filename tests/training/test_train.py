@@ -1,0 +1,120 @@
+"""End to end: the CLI trains, writes what contract 4 promises, resumes, and fails in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from revseg.training.checkpoint import load_checkpoint
+from revseg.training.trainer import train
+
+from conftest import REPO, TINY, compose_train
+
+SUMMARY_KEYS = {
+    "model",
+    "data",
+    "epochs_completed",
+    "best_metric",
+    "final_metrics",
+    "params",
+    "peak_memory_bytes",
+    "memory_method",
+    "step_time_s",
+    "voxels_per_sample",
+    "bytes_per_voxel",
+    "device",
+}
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.hd95=true", f"data.root={tiny_data_root}", f"hydra.run.dir={run}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["model"] == "prev_unet" and summary["data"] == "synthetic_brats"
+    assert summary["epochs_completed"] == 1
+    assert (
+        summary["best_metric"]["name"] == "val/dice_mean" and summary["best_metric"]["epoch"] == 1
+    )
+    assert 0.0 <= summary["final_metrics"]["val/dice_mean"] <= 1.0
+    assert "val/hd95_WT" in summary["final_metrics"]
+    # the peak includes parameters, gradients and Adam's two moments at least
+    assert summary["peak_memory_bytes"] > 4 * 4 * summary["params"]
+    assert summary["bytes_per_voxel"] == pytest.approx(summary["peak_memory_bytes"] / 16**3)
+    assert summary["memory_method"] == "cpu_tensor_tracker"
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    for name in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run / "checkpoints" / name)
+        assert ckpt["epoch"] == 1 and "encoder_depth: 1" in ckpt["config"]
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+    second = run_cli(*args, "trainer.max_epochs=2", "trainer.resume=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr + second.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2
+    assert summary["global_step"] == 2 * 3  # 3 training cases per epoch
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_resume_continues_exactly(tmp_path, tiny_data_root):
+    """1 epoch + resume for a 2nd gives the weights of 2 epochs in one go (CPU)."""
+    common = [*TINY, f"data.root={tiny_data_root}", "~logger", "trainer.max_epochs=2"]
+    straight = train(compose_train(*common, f"paths.output_dir={tmp_path / 'a'}"))
+    train(compose_train(*common, "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'b'}"))
+    resumed = train(
+        compose_train(*common, "trainer.resume=true", f"paths.output_dir={tmp_path / 'b'}")
+    )
+    assert resumed["epochs_completed"] == straight["epochs_completed"] == 2
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unknown_model_is_one_line():
+    proc = run_cli("model=no_such_model")
+    assert_one_line_error(proc, "model=no_such_model", "prev_unet", "unet_baseline")
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run_cli("data=brats", f"data.root={missing}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, str(missing))
+
+
+def test_required_data_root_is_one_line(tmp_path):
+    proc = run_cli("data=brats", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "data.root")
+
+
+def test_indivisible_crop_is_one_line(tmp_path):
+    proc = run_cli("data.crop_size=[30,32,32]", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "data.crop_size", "16")
