@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_train
 from hydra.utils import instantiate
 from torch import nn
 
 from revseg.config import CONFIG_DIR, group_options
+
+from conftest import compose_train
 
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
 
 
 def test_every_group_has_options():
-    assert {"model", "data", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger"} <= set(
-        GROUPS
-    )
+    assert {
+        "model",
+        "data",
+        "loss",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+    } <= set(GROUPS)
     assert all(group_options(g) for g in GROUPS)
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from revseg.config import group_options
 from revseg.training.checkpoint import load_checkpoint
 from revseg.training.trainer import train
 
@@ -59,7 +60,7 @@ def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
     assert summary["bytes_per_voxel"] == pytest.approx(summary["peak_memory_bytes"] / 16**3)
     assert summary["memory_method"] == "cpu_tensor_tracker"
     assert (run / ".hydra" / "config.yaml").is_file()
-    assert list(run.glob("events.out.tfevents.*"))
+    assert_tensorboard_run(run)
     for name in ("last.pt", "best.pt"):
         ckpt = load_checkpoint(run / "checkpoints" / name)
         assert ckpt["epoch"] == 1 and "encoder_depth: 1" in ckpt["config"]
@@ -88,6 +89,54 @@ def test_resume_continues_exactly(tmp_path, tiny_data_root):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def assert_tensorboard_run(run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: dict[str, list[str]] = {"scalars": [], "images": [], "hparams": []}
+    for path in run.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        tags["scalars"] += acc.Tags()["scalars"]
+        tags["images"] += acc.Tags()["images"]
+        try:
+            tags["hparams"] += list(acc.PluginTagToContent("hparams"))
+        except KeyError:  # this event file holds no hparams
+            pass
+    expected = {
+        "train/loss",
+        "train/loss_step",
+        "val/loss",
+        "val/dice_WT",
+        "val/dice_TC",
+        "val/dice_ET",
+        "val/dice_mean",
+        "val/hd95_WT",
+        "lr",
+        "memory/peak_mib",
+        "memory/peak_step_mib",
+        "time/step_s",
+        "hparam/dice_mean",
+    }
+    assert expected <= set(tags["scalars"]), expected - set(tags["scalars"])
+    assert tags["images"] == ["val/slice_input_label_prediction"]
+    assert "_hparams_/session_start_info" in tags["hparams"]
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_every_model_trains(tmp_path, tiny_data_root, model):
+    summary = train(
+        compose_train(
+            f"model={model}",
+            *TINY,
+            f"data.root={tiny_data_root}",
+            f"paths.output_dir={tmp_path}",
+            "~logger",
+        )
+    )
+    assert summary["epochs_completed"] == 1 and summary["peak_memory_bytes"] > 0
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
