@@ -22,8 +22,11 @@ class RegionDiceLoss(nn.Module):
         smooth_nr: smoothing added to the numerator (keeps empty-vs-empty at loss 0).
         smooth_dr: smoothing added to the denominator.
         reduction: ``"sum"`` over region channels (the paper) or ``"mean"``.
+        jaccard: compute the soft IoU (Jaccard) loss instead of Dice.
 
-    Shapes: ``input`` logits ``(B, C, D, H, W)``; ``target`` ``(B, C, D, H, W)`` in {0, 1}.
+    Shapes: ``input`` logits ``(B, C, D, H, W)``; ``target`` ``(B, C, D, H, W)`` in {0, 1};
+    optional ``mask`` broadcastable to the input (e.g. ``(B, 1, D, 1, 1)`` selecting annotated
+    frames of a video): voxels where it is 0 do not enter the loss (as MONAI's MaskedDiceLoss).
     Returns a scalar.
     """
 
@@ -34,20 +37,29 @@ class RegionDiceLoss(nn.Module):
         smooth_nr: float = 1e-5,
         smooth_dr: float = 1e-5,
         reduction: str = "sum",
+        jaccard: bool = False,
     ) -> None:
         super().__init__()
         if reduction not in ("sum", "mean"):
             raise ValueError(f"loss.reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
+        self.sigmoid = sigmoid
         self.dice = DiceLoss(
-            sigmoid=sigmoid,
+            sigmoid=False,
             squared_pred=squared_pred,
+            jaccard=jaccard,
             smooth_nr=smooth_nr,
             smooth_dr=smooth_dr,
             reduction="none",
         )
 
-    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        per_channel = self.dice(input, target).flatten(1)  # (B, C)
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        prob = torch.sigmoid(input) if self.sigmoid else input
+        if mask is not None:
+            mask = mask.to(prob.dtype)
+            prob, target = prob * mask, target * mask
+        per_channel = self.dice(prob, target).flatten(1)  # (B, C)
         per_sample = per_channel.sum(1) if self.reduction == "sum" else per_channel.mean(1)
         return per_sample.mean()

@@ -107,7 +107,13 @@ class Trainer:
         self.ckpt_dir = output_dir / "checkpoints"
         self.device = device
         self.meter = PeakMemoryMeter(device)
-        self.metrics = RegionMetrics(hd95=bool(self.tcfg.hd95))
+        build_metrics = getattr(data, "build_metrics", None)
+        self.metrics = (
+            build_metrics(hd95=bool(self.tcfg.hd95))
+            if build_metrics is not None
+            else RegionMetrics(hd95=bool(self.tcfg.hd95))
+        )
+        self.preview = getattr(data, "preview", slice_panel)
         # state that a resume restores
         self.epoch = 0  # epochs completed
         self.global_step = 0
@@ -140,6 +146,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if [id(p) for p in self.model.parameters()] != [
+            id(p) for g in self.optimizer.param_groups for p in g["params"]
+        ]:
+            self.sync_optimizer_params()  # the model changed shape on load (e.g. grown ranks)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -174,11 +184,36 @@ class Trainer:
             tensors.extend(v for v in state.values() if torch.is_tensor(v))
         return tensors
 
-    def training_step(self, image: torch.Tensor, label: torch.Tensor) -> float:
+    def compute_loss(
+        self, logits: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The loss, restricted to ``mask`` (a batch's ``loss_mask``) when the data gives one."""
+        if mask is None:
+            return self.loss_fn(logits, label)
+        return self.loss_fn(logits, label, mask=mask)
+
+    def sync_optimizer_params(self) -> None:
+        """Make the optimizer's parameters ``list(model.parameters())``, keeping existing state.
+
+        For models whose parameters change during training (block-rank growth): new parameters
+        join the (single) parameter group with fresh state, removed ones leave it.
+        """
+        if len(self.optimizer.param_groups) != 1:
+            raise RuntimeError("sync_optimizer_params supports one parameter group")
+        params = list(self.model.parameters())
+        keep = {id(p) for p in params}
+        for p in [p for p in self.optimizer.state if id(p) not in keep]:
+            del self.optimizer.state[p]
+        self.optimizer.param_groups[0]["params"] = params
+
+    def training_step(
+        self, image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        with self.meter.measure(static=self._static_tensors(image, label)) as m:
+        static = self._static_tensors(image, label, *([] if mask is None else [mask]))
+        with self.meter.measure(static=static) as m:
             start = time.perf_counter()
-            loss = self.loss_fn(self.model(image), label)
+            loss = self.compute_loss(self.model(image), label, mask)
             loss.backward()
             self.optimizer.step()
             if self.device.type == "cuda":
@@ -217,7 +252,9 @@ class Trainer:
                 break
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
-            losses.append(self.training_step(image, label))
+            mask = batch.get("loss_mask")
+            mask = mask.to(self.device, non_blocking=True) if mask is not None else None
+            losses.append(self.training_step(image, label, mask))
             bar.set_postfix(loss=f"{losses[-1]:.4f}", peak=format_bytes(self.peak_memory_bytes))
         bar.close()
         return {"train/loss": sum(losses) / max(len(losses), 1)}
@@ -233,16 +270,27 @@ class Trainer:
                 break
             image = batch["image"].to(self.device)
             label = batch["label"].to(self.device)
+            mask = batch.get("loss_mask")
             logits = self.model(image)
-            losses.append(float(self.loss_fn(logits, label)))
+            losses.append(
+                float(
+                    self.compute_loss(
+                        logits, label, mask.to(self.device) if mask is not None else None
+                    )
+                )
+            )
             pred = self.metrics.update(logits, label)
             if index == 0 and self.writer is not None and self.tcfg.log_images:
                 self.writer.add_image(
                     "val/slice_input_label_prediction",
-                    slice_panel(image[0], label[0], pred[0]),
+                    self.preview(image[0], label[0], pred[0]),
                     self.epoch,
                 )
         metrics = {f"val/{k}": v for k, v in self.metrics.compute().items()}
+        figures = getattr(self.metrics, "figures", None)
+        if figures is not None and self.writer is not None and self.tcfg.log_images:
+            for name, image in figures().items():  # (3, H, W) images, e.g. IoU per frame
+                self.writer.add_image(f"val/{name}", image, self.epoch)
         metrics["val/loss"] = sum(losses) / max(len(losses), 1)
         return metrics
 
@@ -403,6 +451,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     data = build(cfg.data, "data")
     data.setup()
+    if hasattr(data, "write_split"):
+        data.write_split(output_dir)  # the cases used for training and validation
     writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if cfg.get("logger") else None
 
     trainer = Trainer(
