@@ -102,6 +102,20 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")
     if not isinstance(t.val_every, int) or t.val_every < 1:
         raise ConfigError(f"trainer.val_every must be a positive int, got {t.val_every!r}")
+    choices = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip")}
+    for key, allowed in choices.items():
+        if t.get(key) not in allowed:
+            raise ConfigError(
+                f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}"
+            )
+    every = t.get("checkpoint_every_n_steps")
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ConfigError(
+            f"trainer.checkpoint_every_n_steps must be a positive int or null, got {every!r}"
+        )
+    clip = t.get("grad_clip")
+    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
+        raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError(f"trainer.monitor_mode must be max or min, got {t.monitor_mode!r}")
     lr = cfg.optimizer.get("lr")

@@ -4,7 +4,7 @@ The CLI entry points catch :class:`RevsegError`, print ``error: <message>`` to s
 with status 2. Messages name the offending file or config key.
 """
 
-__all__ = ["RevsegError", "ConfigError", "DataError"]
+__all__ = ["RevsegError", "ConfigError", "DataError", "TrainingError"]
 
 
 class RevsegError(Exception):
@@ -17,3 +17,7 @@ class ConfigError(RevsegError):
 
 class DataError(RevsegError):
     """A dataset file or folder is missing or malformed; the message names the path."""
+
+
+class TrainingError(RevsegError):
+    """Training cannot go on (e.g. a non-finite loss); the message names the step and the case."""

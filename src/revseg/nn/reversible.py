@@ -22,6 +22,9 @@ Parameter gradients leave the Function as outputs of its ``backward`` (the param
 Function inputs), so autograd accumulates them and DistributedDataParallel's hooks fire as usual;
 nothing calls ``.backward()`` inside a backward pass.
 
+Under autocast (mixed precision) the states between blocks are kept in float32 while F and G run
+in low precision, so reconstruction stays as exact as in float32.
+
 Recomputation sees the forward's random numbers (the RNG state before each F and G call is
 stored and restored) and the forward's autocast state, and BatchNorm running statistics are not
 updated a second time.
@@ -262,6 +265,10 @@ class ReversibleSequence(nn.Module):
         self.preserve_rng_state = preserve_rng_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            # mixed precision: F and G compute in low precision, but the states they are added to
+            # stay float32, so the additive inverse loses nothing to low-precision rounding
+            x = x.float()
         if self.memory_saving and torch.is_grad_enabled():
             return reversible_sequence_function(x, list(self.blocks), self.preserve_rng_state)
         for block in self.blocks:

@@ -8,6 +8,7 @@ Every run directory gets TensorBoard event files, ``checkpoints/last.pt`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 import revseg
 from revseg.config import build, data_name, model_name, validate_config
-from revseg.errors import ConfigError
+from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
@@ -124,6 +125,11 @@ class Trainer:
         self.peak_memory_bytes = 0
         self.rss_peak_bytes: int | None = None
         self.step_times: list[float] = []
+        self.batch_in_epoch = 0  # batches of the current epoch already trained on
+        self.epoch_losses: list[float] = []
+        self.skipped_steps = 0
+        self.precision = str(self.tcfg.precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -138,6 +144,10 @@ class Trainer:
             "history": list(self.history),
             "peak_memory_bytes": self.peak_memory_bytes,
             "step_times": list(self.step_times),
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_losses": list(self.epoch_losses),
+            "skipped_steps": self.skipped_steps,
+            "scaler": self.scaler.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
             "rng": rng_state(),
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
@@ -160,6 +170,11 @@ class Trainer:
         self.history = list(state["history"])
         self.peak_memory_bytes = int(state["peak_memory_bytes"])
         self.step_times = [float(t) for t in state["step_times"]]
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.epoch_losses = [float(v) for v in state["epoch_losses"]]
+        self.skipped_steps = int(state["skipped_steps"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
         for name, cb in self.callbacks.items():
             if name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][name])
@@ -206,22 +221,61 @@ class Trainer:
             del self.optimizer.state[p]
         self.optimizer.param_groups[0]["params"] = params
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _non_finite(self, what: str, value: float, cases: list[str]) -> None:
+        """Stop (default) or skip the step after a NaN/Inf, naming the step and the case."""
+        where = f"epoch {self.epoch + 1}, step {self.global_step + 1}"
+        case = f", case {', '.join(map(str, cases))}" if cases else ""
+        if self.tcfg.nan_policy == "skip":
+            self.skipped_steps += 1
+            log.warning("non-finite %s (%s) at %s%s: step skipped", what, value, where, case)
+            return
+        last = self.ckpt_dir / "last.pt"
+        kept = f"; the last good checkpoint is {last}" if last.exists() else ""
+        raise TrainingError(f"non-finite {what} ({value}) at {where}{case}{kept}")
+
     def training_step(
-        self, image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> float:
+        self,
+        image: torch.Tensor,
+        label: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cases: list[str] | None = None,
+    ) -> float | None:
+        """One optimisation step, measured. Returns the loss, or ``None`` for a skipped step."""
         self.optimizer.zero_grad(set_to_none=True)
         static = self._static_tensors(image, label, *([] if mask is None else [mask]))
         with self.meter.measure(static=static) as m:
             start = time.perf_counter()
-            loss = self.compute_loss(self.model(image), label, mask)
-            loss.backward()
-            self.optimizer.step()
+            with self._autocast():
+                loss = self.compute_loss(self.model(image), label, mask)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                self._non_finite("loss", value, cases or [])
+                return None
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            if self.tcfg.grad_clip:
+                norm = float(
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+                )
+            else:
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            if not math.isfinite(norm) and not self.scaler.is_enabled():
+                # with fp16 the GradScaler skips overflowing steps itself
+                self.optimizer.zero_grad(set_to_none=True)
+                self._non_finite("gradient norm", norm, cases or [])
+                return None
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"non-finite training loss {value} at step {self.global_step}")
         self.peak_memory_bytes = max(self.peak_memory_bytes, m.peak_bytes)
         if m.rss_peak_bytes is not None:
             self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
@@ -229,15 +283,22 @@ class Trainer:
         self.global_step += 1
         if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
             self.writer.add_scalar("train/loss_step", value, self.global_step)
+            self.writer.add_scalar("train/grad_norm", norm, self.global_step)
             self.writer.add_scalar("memory/peak_step_mib", m.peak_bytes / 2**20, self.global_step)
             self.writer.add_scalar("time/step_s", seconds, self.global_step)
         return value
 
     def train_epoch(self) -> dict[str, float]:
+        """Train one epoch; a run resumed mid-epoch skips the batches it already trained on.
+
+        The data order of epoch ``e`` depends only on ``seed + e``, so skipping the first
+        ``batch_in_epoch`` batches of the same loader reproduces the uninterrupted run.
+        """
         self.model.train()
         loader = self.data.train_dataloader(seed=int(self.cfg.seed) + self.epoch)
         limit = self.tcfg.limit_train_batches
         total = min(len(loader), limit) if limit else len(loader)
+        every = self.tcfg.checkpoint_every_n_steps
         bar = tqdm(
             loader,
             total=total,
@@ -246,17 +307,24 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
-        losses = []
         for index, batch in enumerate(bar):
             if limit and index >= limit:
                 break
+            if index < self.batch_in_epoch:
+                continue  # trained before the interruption
             image = batch["image"].to(self.device, non_blocking=True)
             label = batch["label"].to(self.device, non_blocking=True)
             mask = batch.get("loss_mask")
             mask = mask.to(self.device, non_blocking=True) if mask is not None else None
-            losses.append(self.training_step(image, label, mask))
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", peak=format_bytes(self.peak_memory_bytes))
+            loss = self.training_step(image, label, mask, list(batch.get("case", [])))
+            if loss is not None:
+                self.epoch_losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", peak=format_bytes(self.peak_memory_bytes))
+            self.batch_in_epoch = index + 1
+            if every and self.global_step % every == 0 and self.batch_in_epoch < total:
+                self.save_checkpoint("last.pt")
         bar.close()
+        losses, self.epoch_losses, self.batch_in_epoch = self.epoch_losses, [], 0
         return {"train/loss": sum(losses) / max(len(losses), 1)}
 
     @torch.no_grad()
@@ -271,7 +339,8 @@ class Trainer:
             image = batch["image"].to(self.device)
             label = batch["label"].to(self.device)
             mask = batch.get("loss_mask")
-            logits = self.model(image)
+            with self._autocast():
+                logits = self.model(image).float()
             losses.append(
                 float(
                     self.compute_loss(
@@ -398,6 +467,8 @@ class Trainer:
             "epochs_completed": self.epoch,
             "global_step": self.global_step,
             "stopped_early": self.should_stop,
+            "skipped_steps": self.skipped_steps,
+            "precision": self.precision,
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "params": sum(p.numel() for p in self.model.parameters()),
