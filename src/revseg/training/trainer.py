@@ -276,6 +276,7 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
+        self.last_measurement = m
         self.peak_memory_bytes = max(self.peak_memory_bytes, m.peak_bytes)
         if m.rss_peak_bytes is not None:
             self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
@@ -526,6 +527,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         data.write_split(output_dir)  # the cases used for training and validation
     writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if cfg.get("logger") else None
 
+    for stale in [
+        *output_dir.glob(".summary.json.*.tmp"),
+        *(output_dir / "checkpoints").glob(".*.tmp"),
+    ]:
+        stale.unlink()  # left by a process killed while writing; the real files are intact
     trainer = Trainer(
         cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device
     )
