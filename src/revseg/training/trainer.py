@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import revseg
@@ -34,6 +35,14 @@ from revseg.training.checkpoint import (
     save_atomic,
     set_rng_state,
     write_text_atomic,
+)
+from revseg.training.distributed import (
+    DistInfo,
+    all_ranks_agree,
+    broadcast_object,
+    init_distributed,
+    max_over_ranks,
+    shard_loader,
 )
 from revseg.training.metrics import RegionMetrics
 from revseg.training.visualize import slice_panel
@@ -94,10 +103,19 @@ class Trainer:
         writer: Any | None,
         output_dir: Path,
         device: torch.device,
+        dist_info: DistInfo | None = None,
     ) -> None:
         self.cfg = cfg
         self.tcfg = cfg.trainer
-        self.model = model
+        self.dist = dist_info or DistInfo()
+        self.module = model  # the network itself (state dicts, parameters)
+        self.model = model  # what is called in training: DDP-wrapped when distributed
+        if self.dist.enabled:
+            self.model = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.trainer.get("find_unused_parameters", False)),
+            )
         self.data = data
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -134,7 +152,7 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch,
@@ -155,8 +173,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if [id(p) for p in self.model.parameters()] != [
+        self.module.load_state_dict(state["model"])
+        if [id(p) for p in self.module.parameters()] != [
             id(p) for g in self.optimizer.param_groups for p in g["params"]
         ]:
             self.sync_optimizer_params()  # the model changed shape on load (e.g. grown ranks)
@@ -181,7 +199,10 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save_checkpoint(self, name: str) -> Path:
-        return save_atomic(self.state_dict(), self.ckpt_dir / name)
+        path = self.ckpt_dir / name
+        if self.dist.is_main:  # one writer; every rank reads the same file on resume
+            save_atomic(self.state_dict(), path)
+        return path
 
     def resume(self, resume: bool | str) -> None:
         """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file."""
@@ -215,7 +236,7 @@ class Trainer:
         """
         if len(self.optimizer.param_groups) != 1:
             raise RuntimeError("sync_optimizer_params supports one parameter group")
-        params = list(self.model.parameters())
+        params = list(self.module.parameters())
         keep = {id(p) for p in params}
         for p in [p for p in self.optimizer.state if id(p) not in keep]:
             del self.optimizer.state[p]
@@ -254,7 +275,7 @@ class Trainer:
             with self._autocast():
                 loss = self.compute_loss(self.model(image), label, mask)
             value = float(loss.detach())
-            if not math.isfinite(value):
+            if not all_ranks_agree(math.isfinite(value), self.dist, self.device):
                 self._non_finite("loss", value, cases or [])
                 return None
             self.scaler.scale(loss).backward()
@@ -297,6 +318,8 @@ class Trainer:
         """
         self.model.train()
         loader = self.data.train_dataloader(seed=int(self.cfg.seed) + self.epoch)
+        if self.dist.enabled:
+            loader = shard_loader(loader, self.dist, int(self.cfg.seed), self.epoch, shuffle=True)
         limit = self.tcfg.limit_train_batches
         total = min(len(loader), limit) if limit else len(loader)
         every = self.tcfg.checkpoint_every_n_steps
@@ -304,7 +327,7 @@ class Trainer:
             loader,
             total=total,
             desc=f"epoch {self.epoch + 1}/{self.tcfg.max_epochs}",
-            disable=not self.tcfg.progress_bar,
+            disable=not (self.tcfg.progress_bar and self.dist.is_main),
             leave=False,
             dynamic_ncols=True,
         )
@@ -330,10 +353,13 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.model.eval()
+        self.module.eval()
         self.metrics.reset()
         losses = []
         limit = self.tcfg.limit_val_batches
+        # every rank validates every case with the bare module (no DDP collectives), so all ranks
+        # hold the same metrics and take the same early-stopping and checkpoint decisions
+        # (MONAI's metrics gather across ranks; the repeated cases leave the means unchanged)
         for index, batch in enumerate(self.data.val_dataloader()):
             if limit and index >= limit:
                 break
@@ -341,7 +367,7 @@ class Trainer:
             label = batch["label"].to(self.device)
             mask = batch.get("loss_mask")
             with self._autocast():
-                logits = self.model(image).float()
+                logits = self.module(image).float()
             losses.append(
                 float(
                     self.compute_loss(
@@ -472,7 +498,8 @@ class Trainer:
             "precision": self.precision,
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
-            "params": sum(p.numel() for p in self.model.parameters()),
+            "params": sum(p.numel() for p in self.module.parameters()),
+            "world_size": self.dist.world_size,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": format_bytes(self.peak_memory_bytes),
             "memory_method": self.meter.method,
@@ -493,6 +520,8 @@ class Trainer:
 
     def write_summary(self) -> dict[str, Any]:
         summary = self.summary()
+        if not self.dist.is_main:
+            return summary
         text = json.dumps(summary, indent=2, allow_nan=True, default=str)
         write_text_atomic(text + "\n", self.output_dir / "summary.json")
         return summary
@@ -505,12 +534,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ConfigError / DataError: bad config values or data (one line naming the key or file).
     """
     validate_config(cfg)
-    output_dir = Path(cfg.paths.output_dir)
+    device = resolve_device(str(cfg.trainer.device))
+    info = init_distributed(
+        str(cfg.trainer.get("strategy", "single")),
+        str(cfg.trainer.get("ddp_backend", "auto")),
+        device.type,
+    )
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    # every rank uses rank 0's run directory (Hydra names one per process)
+    output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = resolve_device(str(cfg.trainer.device))
 
     model = build(cfg.model, "model").to(device)
     optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
@@ -525,7 +562,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data.setup()
     if hasattr(data, "write_split"):
         data.write_split(output_dir)  # the cases used for training and validation
-    writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if cfg.get("logger") else None
+    logging_here = cfg.get("logger") and info.is_main
+    writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if logging_here else None
 
     for stale in [
         *output_dir.glob(".summary.json.*.tmp"),
@@ -533,7 +571,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ]:
         stale.unlink()  # left by a process killed while writing; the real files are intact
     trainer = Trainer(
-        cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device
+        cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device, info
     )
     if cfg.trainer.resume:
         trainer.resume(cfg.trainer.resume)
@@ -550,9 +588,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     try:
         summary = trainer.fit()
+        if info.enabled:  # the peak of the busiest rank
+            trainer.peak_memory_bytes = max_over_ranks(trainer.peak_memory_bytes, info, device)
+            summary = trainer.write_summary()
     finally:
         if writer is not None:
             writer.close()
+        if info.enabled:
+            torch.distributed.destroy_process_group()
     log.info(
         "done: %d epochs, best %s = %s at epoch %s, peak memory %s (%s), median step %.3f s",
         summary["epochs_completed"],

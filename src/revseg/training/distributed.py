@@ -1,0 +1,117 @@
+"""DistributedDataParallel plumbing for ``torchrun --nproc_per_node=N train.py trainer=ddp``.
+
+torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous variables; each process
+trains on its shard of the data (``DistributedSampler``), DDP averages the gradients, every rank validates (so all
+ranks take the same decisions), and only rank 0 logs and writes files.
+NCCL is the backend on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from revseg.errors import ConfigError
+
+__all__ = ["DistInfo", "init_distributed", "shard_loader", "all_ranks_agree"]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: ``rank`` of ``world_size`` processes, GPU ``local_rank``."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(strategy: str, backend: str = "auto", device_type: str = "cpu") -> DistInfo:
+    """Join the process group torchrun prepared (``strategy="ddp"``), or run alone.
+
+    Raises:
+        ConfigError: ``trainer.strategy=ddp`` without torchrun's environment, or an unknown
+            strategy or backend.
+    """
+    if strategy == "single":
+        return DistInfo()
+    if strategy != "ddp":
+        raise ConfigError(f"trainer.strategy must be single or ddp, got {strategy!r}")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ConfigError(
+            "trainer.strategy=ddp needs torchrun: torchrun --nproc_per_node=N train.py trainer=ddp ..."
+        )
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ConfigError(f"trainer.ddp_backend must be auto, nccl or gloo, got {backend!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+
+
+def shard_loader(
+    loader: DataLoader, info: DistInfo, seed: int, epoch: int, shuffle: bool
+) -> DataLoader:
+    """The same loader over this rank's shard: a ``DistributedSampler`` reshuffled per epoch
+    (it repeats a few samples so that every rank takes as many steps)."""
+    sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=info.world_size,
+        rank=info.rank,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=False,
+    )
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+    )
+
+
+def all_ranks_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """``True`` only if ``flag`` holds on every rank (so that all ranks take the same branch)."""
+    if not info.enabled:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def broadcast_object(obj: Any, info: DistInfo) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
