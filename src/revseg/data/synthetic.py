@@ -13,10 +13,14 @@ signatures (FLAIR bright in oedema and tumour, T1ce bright on the enhancing rim,
 oedema, necrosis and CSF, T1 darker in the tumour) plus a bias field and Gaussian noise: a network
 learns the regions, but no single-modality threshold gives all three.
 
-The files follow the BraTS 2021 layout exactly::
+The files follow the BraTS 2021 layout exactly by default::
 
     root/dataset.json
     root/BraTS2021_00000/BraTS2021_00000_{flair,t1,t1ce,t2,seg}.nii.gz
+
+and any other published layout on request (``layout=``: BraTS 2018/2019 ``HGG/``+``LGG/``,
+2020, 2023+ with labels 0/1/2/3, the Decathlon's 4D Task01 with its own labels), so that every
+layout can be tested and tried without the real data.
 
 with int16 images, a uint8 label map and an RAS affine of 1 mm spacing. Case ``i`` depends only on
 ``(seed, i, shape)``, not on ``num_cases``.
@@ -40,6 +44,8 @@ from revseg.errors import DataError
 __all__ = [
     "GENERATOR",
     "GENERATOR_VERSION",
+    "LAYOUTS",
+    "case_files",
     "make_synthetic_brats",
     "read_manifest",
     "synthesize_case",
@@ -49,7 +55,6 @@ GENERATOR = "revseg.data.synthetic"
 GENERATOR_VERSION = 1
 
 _MODALITIES = ("t1", "t1ce", "t2", "flair")  # row order of _SIGNATURES
-_FILE_SUFFIXES = ("flair", "t1", "t1ce", "t2", "seg")
 
 # Mean intensity of each tissue class per modality (t1, t1ce, t2, flair), before the per-case
 # jitter, bias field and noise. Rows: white matter, grey matter, CSF, oedema, enhancing tumour,
@@ -210,6 +215,55 @@ def _case_id(index: int) -> str:
     return f"BraTS2021_{index:05d}"
 
 
+LAYOUTS = ("brats2018", "brats2019", "brats2020", "brats2021", "brats2023", "msd")
+"""Layouts :func:`make_synthetic_brats` writes (see :mod:`revseg.data.layouts`)."""
+
+MISNAMED_SEG_2020 = "W39_1998.09.19_Segm.nii"
+"""The name of the one misnamed segmentation of the published BraTS 2020 training set; the
+``brats2020`` layout gives it to its last case (when there are at least two)."""
+
+_NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
+_LABELS_2023 = {4: 3}  # 0/1/2/4 -> 0/1/2/3
+_LABELS_MSD = {1: 2, 2: 1, 4: 3}  # 1 oedema, 2 non-enhancing, 3 enhancing
+_MSD_ORDER = ("flair", "t1", "t1ce", "t2")  # volumes of the 4D image: FLAIR, T1w, T1gd, T2w
+
+
+def case_files(layout: str, index: int, num_cases: int) -> dict[str, str]:
+    """Relative paths of case ``index``'s files in ``layout``: modality (or ``image`` for the 4D
+    MSD file) and ``seg`` -> path."""
+    if layout == "msd":
+        name = f"BRATS_{index + 1:03d}.nii.gz"
+        return {"image": f"imagesTr/{name}", "seg": f"labelsTr/{name}"}
+    keys = (*_MODALITIES, "seg")
+    if layout == "brats2023":
+        case = f"BraTS-GLI-{index:05d}-000"
+        return {k: f"{case}/{case}-{_NAMES_2023[k]}.nii.gz" for k in keys}
+    if layout in ("brats2018", "brats2019"):
+        grade = "LGG" if index % 3 == 2 else "HGG"
+        if layout == "brats2018":
+            case, suffix = f"Brats18_TCIA{index % 10:02d}_{index:03d}_1", ".nii"
+        else:
+            case, suffix = f"BraTS19_TCIA{index % 10:02d}_{index:03d}_1", ".nii.gz"
+        return {k: f"{grade}/{case}/{case}_{k}{suffix}" for k in keys}
+    if layout == "brats2020":
+        case = f"BraTS20_Training_{index + 1:03d}"
+        files = {k: f"{case}/{case}_{k}.nii" for k in keys}
+        if num_cases >= 2 and index == num_cases - 1:
+            files["seg"] = f"{case}/{MISNAMED_SEG_2020}"
+        return files
+    if layout == "brats2021":
+        case = _case_id(index)
+        return {k: f"{case}/{case}_{k}.nii.gz" for k in keys}
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def _relabel(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = label.copy()
+    for source, target in mapping.items():
+        out[label == source] = target
+    return out
+
+
 def read_manifest(root: str | os.PathLike) -> dict | None:
     """The ``dataset.json`` of a dataset written by :func:`make_synthetic_brats`, else None."""
     try:
@@ -221,20 +275,23 @@ def read_manifest(root: str | os.PathLike) -> dict | None:
     )
 
 
-def _is_complete(root: Path, num_cases: int, shape: tuple[int, ...], seed: int) -> bool:
+def _is_complete(
+    root: Path, num_cases: int, shape: tuple[int, ...], seed: int, layout: str = "brats2021"
+) -> bool:
     manifest = read_manifest(root)
     if manifest is None:
         return False
-    if (manifest.get("num_cases"), manifest.get("shape"), manifest.get("seed")) != (
-        num_cases,
-        list(shape),
-        seed,
-    ):
+    if (
+        manifest.get("num_cases"),
+        manifest.get("shape"),
+        manifest.get("seed"),
+        manifest.get("layout", "brats2021"),
+    ) != (num_cases, list(shape), seed, layout):
         return False
     return all(
-        (root / _case_id(i) / f"{_case_id(i)}_{suffix}.nii.gz").is_file()
+        (root / path).is_file()
         for i in range(num_cases)
-        for suffix in _FILE_SUFFIXES
+        for path in case_files(layout, i, num_cases).values()
     )
 
 
@@ -248,26 +305,57 @@ def _describe(root: Path) -> str:
     )
 
 
-def _write_dataset(folder: Path, num_cases: int, shape: tuple[int, ...], seed: int) -> None:
+def _write_dataset(
+    folder: Path, num_cases: int, shape: tuple[int, ...], seed: int, layout: str = "brats2021"
+) -> None:
     affine = _affine(shape)
     for index in range(num_cases):
-        case = _case_id(index)
-        case_dir = folder / case
-        case_dir.mkdir()
+        files = case_files(layout, index, num_cases)
+        for path in files.values():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
         image, label = synthesize_case(seed, index, shape)
+        if layout == "msd":
+            volumes = [image[_MODALITIES.index(m)] for m in _MSD_ORDER]
+            _save_nifti(np.stack(volumes, axis=-1), affine, folder / files["image"])
+            _save_nifti(_relabel(label, _LABELS_MSD), affine, folder / files["seg"])
+            continue
         for channel, modality in enumerate(_MODALITIES):
-            _save_nifti(image[channel], affine, case_dir / f"{case}_{modality}.nii.gz")
-        _save_nifti(label, affine, case_dir / f"{case}_seg.nii.gz")
+            _save_nifti(image[channel], affine, folder / files[modality])
+        if layout == "brats2023":
+            label = _relabel(label, _LABELS_2023)
+        _save_nifti(label, affine, folder / files["seg"])
+    labels = {"0": "background", "1": "necrotic core", "2": "oedema", "4": "enhancing"}
+    if layout == "brats2023":
+        labels = {"0": "background", "1": "necrotic core", "2": "oedema", "3": "enhancing"}
     manifest = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
         "seed": seed,
         "num_cases": num_cases,
         "shape": list(shape),
-        "layout": "brats2021",
+        "layout": layout,
         "modalities": list(_MODALITIES),
-        "labels": {"0": "background", "1": "necrotic core", "2": "oedema", "4": "enhancing"},
+        "labels": labels,
     }
+    if layout == "msd":  # the Decathlon's own dataset.json keys, plus ours
+        manifest.update(
+            {
+                "name": "BRATS",
+                "tensorImageSize": "4D",
+                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+                "labels": {
+                    "0": "background",
+                    "1": "edema",
+                    "2": "non-enhancing tumor",
+                    "3": "enhancing tumour",
+                },
+                "numTraining": num_cases,
+                "training": [
+                    {"image": f"./{f['image']}", "label": f"./{f['seg']}"}
+                    for f in (case_files(layout, i, num_cases) for i in range(num_cases))
+                ],
+            }
+        )
     # written last: its presence marks a complete dataset
     (folder / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -278,8 +366,9 @@ def make_synthetic_brats(
     shape: Sequence[int] = (48, 48, 48),
     seed: int = 0,
     overwrite: bool = False,
+    layout: str = "brats2021",
 ) -> Path:
-    """Write a BraTS-2021-like synthetic dataset at ``root`` and return its path.
+    """Write a BraTS-like synthetic dataset at ``root`` in a published layout; return its path.
 
     The dataset is built in a temporary sibling folder and renamed into place, so an interrupted
     run never leaves a half-written ``root``. Generating 16 cases of 48^3 takes about a second.
@@ -291,6 +380,12 @@ def make_synthetic_brats(
         seed: generator seed; the same seed gives identical files' contents.
         overwrite: replace an existing dataset written by this generator with other settings.
             A folder not written by the generator is never replaced.
+        layout: one of :data:`LAYOUTS`: ``brats2021`` (default, the demo),
+            ``brats2018`` / ``brats2019`` (``HGG/`` and ``LGG/``; ``.nii`` / ``.nii.gz``),
+            ``brats2020`` (``.nii``, with the published set's one misnamed segmentation),
+            ``brats2023`` (``-t1n`` ... names, labels 0/1/2/3) or ``msd`` (Decathlon Task01: 4D
+            images FLAIR, T1w, T1gd, T2w in ``imagesTr/``, labels 1 oedema, 2 non-enhancing,
+            3 enhancing in ``labelsTr/``). Case ``i`` has the same content in every layout.
 
     Returns:
         ``root`` as a :class:`pathlib.Path`.
@@ -307,11 +402,13 @@ def make_synthetic_brats(
         raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: exists and is not a directory")
     if root.is_dir() and any(root.iterdir()):
-        if _is_complete(root, num_cases, shape, seed):
+        if _is_complete(root, num_cases, shape, seed, layout):
             return root
         if not overwrite or read_manifest(root) is None:
             raise DataError(
@@ -326,15 +423,17 @@ def make_synthetic_brats(
     old = root.parent / f".{root.name}.old-{token}"
     tmp.mkdir()
     try:
-        _write_dataset(tmp, num_cases, shape, seed)
-        if _is_complete(root, num_cases, shape, seed):  # another process (DDP rank) was faster
+        _write_dataset(tmp, num_cases, shape, seed, layout)
+        if _is_complete(
+            root, num_cases, shape, seed, layout
+        ):  # another process (DDP rank) was faster
             return root
         if root.is_dir():  # empty, or a generated dataset being overwritten
             root.rename(old)
         try:
             tmp.rename(root)
         except OSError:
-            if _is_complete(root, num_cases, shape, seed):
+            if _is_complete(root, num_cases, shape, seed, layout):
                 return root
             if old.is_dir() and not root.exists():
                 old.rename(root)

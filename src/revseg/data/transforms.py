@@ -4,7 +4,9 @@ The pipeline of :func:`build_transforms` follows Brügger et al. (2019), "A part
 U-Net for memory-efficient volumetric image segmentation": four modalities stacked channel-first,
 z-score per channel over the non-zero (brain) voxels, the brain's bounding box centre-cropped or
 padded to a fixed size (the full field of view, 160x192x160 on BraTS), optional random patches and
-random flips for training, and the label turned into the overlapping regions WT, TC, ET.
+the paper's in-plane augmentation for training (rotation, scaling, elastic deformation, flips,
+intensity shift), and the label turned into the overlapping regions WT, TC, ET in the label
+convention of each dataset.
 
 Both readers, nibabel and SimpleITK, return arrays indexed ``(x, y, z)`` in the file's voxel order
 with an RAS affine, so the two give identical tensors.
@@ -13,6 +15,7 @@ with an RAS affine, so the two give identical tensors.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Hashable, Mapping, Sequence
@@ -23,17 +26,23 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
-from monai.data import ImageReader, NibabelReader
+from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.data.image_reader import _copy_compatible_dict, _stack_images
 from monai.data.utils import is_supported_format, orientation_ras_lps
 from monai.transforms import (
+    CastToTyped,
     Compose,
+    CopyItemsd,
     CropForegroundd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
+    Rand2DElasticd,
     RandFlipd,
+    Randomizable,
+    RandomizableTransform,
+    RandShiftIntensityd,
     RandSpatialCropd,
     ResizeWithPadOrCropd,
 )
@@ -44,10 +53,14 @@ from revseg.errors import ConfigError, DataError, RevsegError
 __all__ = [
     "READERS",
     "REGIONS",
-    "LabelToRegionsd",
+    "CheckImaged",
     "CheckedNibabelReader",
+    "LabelToRegionsd",
+    "RandInPlaneDeformd",
+    "ReorderChannelsd",
     "SimpleITKReader",
     "build_transforms",
+    "split_pipeline",
     "label_to_regions",
     "make_reader",
     "regions_to_label",
@@ -235,15 +248,22 @@ def _label_source(label: ArrayLike) -> str:
     return str(meta.get("filename_or_obj", "label"))
 
 
-def label_to_regions(label: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
+def label_to_regions(
+    label: ArrayLike, enhancing_label: int = 4, necrotic_label: int = 1, oedema_label: int = 2
+) -> ArrayLike:
     """Turn a BraTS label map into the three overlapping regions.
 
-    WT = ``label != 0``, TC = ``label in {1, enhancing_label}``, ET = ``label == enhancing_label``.
+    WT = ``label != 0``, TC = ``label in {necrotic_label, enhancing_label}``,
+    ET = ``label == enhancing_label``. The defaults are BraTS 2018-2021 (0/1/2/4); BraTS 2023+
+    has ``enhancing_label=3``; the Decathlon (MSD) ``necrotic_label=2, oedema_label=1,
+    enhancing_label=3`` (see :mod:`revseg.data.layouts`).
 
     Args:
         label: ``(1, D, H, W)`` or ``(D, H, W)`` label map, numpy or torch, values in
-            ``{0, 1, 2, enhancing_label}``.
-        enhancing_label: label of the enhancing tumour: 4 for BraTS 2018-2021, 3 from 2023.
+            ``{0, necrotic_label, oedema_label, enhancing_label}``.
+        enhancing_label: label of the enhancing tumour.
+        necrotic_label: label of the necrotic / non-enhancing tumour core.
+        oedema_label: label of the oedema.
 
     Returns:
         ``(3, D, H, W)`` uint8 regions in the order WT, TC, ET, of the input's type (a MONAI
@@ -256,7 +276,8 @@ def label_to_regions(label: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
         label = label[0]
     if label.ndim != 3:
         raise ValueError(f"label must be (1, D, H, W) or (D, H, W), got shape {tuple(label.shape)}")
-    background, necrotic, oedema, enhancing = (label == v for v in (0, 1, 2, enhancing_label))
+    codes = (0, necrotic_label, oedema_label, enhancing_label)
+    background, necrotic, oedema, enhancing = (label == v for v in codes)
     known = background | necrotic | oedema | enhancing
     if not bool(known.all()):
         values = label[~known]
@@ -264,9 +285,10 @@ def label_to_regions(label: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
             {float(v) for v in (values.unique() if torch.is_tensor(values) else np.unique(values))}
         )
         shown = ", ".join(f"{v:g}" for v in unique[:5])
+        allowed = "/".join(str(v) for v in sorted(codes))
         raise DataError(
-            f"{_label_source(label)}: label values {shown} not in 0/1/2/{enhancing_label} "
-            f"(data.enhancing_label={enhancing_label}; 4 for BraTS 2018-2021, 3 from 2023)"
+            f"{_label_source(label)}: label values {shown} not in {allowed} (the convention of "
+            f"data.layout; BraTS 2018-2021: 0/1/2/4, 2023+: 0/1/2/3, MSD: 0/1/2/3 with 1 = oedema)"
         )
     regions = [~background, necrotic | enhancing, enhancing]
     if torch.is_tensor(label):
@@ -274,16 +296,21 @@ def label_to_regions(label: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
     return np.stack(regions).astype(np.uint8)
 
 
-def regions_to_label(regions: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
-    """Inverse of :func:`label_to_regions`: regions to a BraTS label map.
+def regions_to_label(
+    regions: ArrayLike, enhancing_label: int = 4, necrotic_label: int = 1, oedema_label: int = 2
+) -> ArrayLike:
+    """Inverse of :func:`label_to_regions`: regions to a label map in a dataset's convention.
 
-    ET -> ``enhancing_label``, TC \\ ET -> 1, WT \\ TC -> 2, elsewhere 0. A voxel in an inner
-    region but not in the outer one (e.g. ET outside WT in a prediction) takes the inner label.
+    ET -> ``enhancing_label``, TC \\ ET -> ``necrotic_label``, WT \\ TC -> ``oedema_label``,
+    elsewhere 0. A voxel in an inner region but not in the outer one (e.g. ET outside WT in a
+    prediction) takes the inner label.
 
     Args:
         regions: ``(3, D, H, W)`` in the order WT, TC, ET; bool, or numbers where non-zero means
             inside (threshold probabilities first). Numpy or torch.
-        enhancing_label: label written for ET: 4 for BraTS 2018-2021, 3 from 2023.
+        enhancing_label: label written for ET (4 for BraTS 2018-2021, 3 from 2023 and in MSD).
+        necrotic_label: label written for TC \\ ET (1; 2 in MSD).
+        oedema_label: label written for WT \\ TC (2; 1 in MSD).
 
     Returns:
         ``(D, H, W)`` uint8 label map of the input's type.
@@ -295,8 +322,8 @@ def regions_to_label(regions: ArrayLike, enhancing_label: int = 4) -> ArrayLike:
         label = torch.zeros(wt.shape, dtype=torch.uint8, device=regions.device)
     else:
         label = np.zeros(wt.shape, dtype=np.uint8)
-    label[wt] = 2
-    label[tc] = 1
+    label[wt] = oedema_label
+    label[tc] = necrotic_label
     label[et] = enhancing_label
     return label
 
@@ -318,34 +345,176 @@ class _Pipeline(Compose):
 
 
 class LabelToRegionsd(MapTransform):
-    """Dictionary transform: BraTS label map ``(1, D, H, W)`` -> regions ``(3, D, H, W)`` uint8.
+    """Dictionary transform: label map ``(1, D, H, W)`` -> regions ``(3, D, H, W)`` uint8.
 
     Channels in the order WT, TC, ET (see :func:`label_to_regions`). Unlike MONAI's
-    ``ConvertToMultiChannelBasedOnBratsClassesd`` (TC, WT, ET), WT is every non-zero label and
-    the enhancing label is configurable (4 for BraTS 2018-2021, 3 from 2023).
+    ``ConvertToMultiChannelBasedOnBratsClassesd`` (TC, WT, ET, labels fixed to 1/2/4), WT is every
+    non-zero label and the label values are those of the dataset's convention.
 
     Args:
         keys: keys of the label maps.
         enhancing_label: label of the enhancing tumour.
+        necrotic_label: label of the necrotic / non-enhancing core.
+        oedema_label: label of the oedema.
         allow_missing_keys: don't raise if a key is missing.
     """
 
     def __init__(
-        self, keys: KeysCollection, enhancing_label: int = 4, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        enhancing_label: int = 4,
+        allow_missing_keys: bool = False,
+        necrotic_label: int = 1,
+        oedema_label: int = 2,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.enhancing_label = enhancing_label
+        self.codes = (enhancing_label, necrotic_label, oedema_label)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = label_to_regions(d[key], self.enhancing_label)
+            d[key] = label_to_regions(d[key], *self.codes)
         return d
+
+
+class CheckImaged(MapTransform):
+    """Dictionary transform: stop on an image volume with NaN/Inf voxels or no non-zero voxel.
+
+    The message names the file: ``d[files_key]`` holds the image's file names as given to
+    ``LoadImaged`` (one per channel, or one 4D file); the key is removed.
+
+    Raises:
+        DataError: ``<file>: N NaN/Inf voxels`` or ``<file>: empty volume (all voxels are 0)``.
+    """
+
+    def __init__(self, keys: KeysCollection, files_key: str = "image_files") -> None:
+        super().__init__(keys)
+        self.files_key = files_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        names = _file_names(d.pop(self.files_key, ()))
+        for key in self.key_iterator(d):
+            image = d[key].as_tensor() if isinstance(d[key], MetaTensor) else d[key]
+            image = torch.as_tensor(image)
+            for channel in range(image.shape[0]):
+                if len(names) == image.shape[0]:
+                    source = names[channel]
+                elif names:
+                    source = f"{names[0]} (volume {channel})"
+                else:
+                    source = f"{key} channel {channel}"
+                finite = torch.isfinite(image[channel])
+                if not bool(finite.all()):
+                    raise DataError(f"{source}: {int((~finite).sum())} NaN/Inf voxels")
+                if not bool(image[channel].any()):
+                    raise DataError(f"{source}: empty volume (all voxels are 0)")
+        return d
+
+
+class ReorderChannelsd(MapTransform):
+    """Dictionary transform: ``d[key] = d[key][order]`` along the channel axis.
+
+    Used for 4D images whose volumes are not in the order t1, t1ce, t2, flair (MSD: FLAIR, T1w,
+    T1gd, T2w).
+    """
+
+    def __init__(self, keys: KeysCollection, order: Sequence[int]) -> None:
+        super().__init__(keys)
+        self.order = list(order)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if d[key].shape[0] != len(self.order):
+                raise DataError(
+                    f"{_label_source(d[key])}: {d[key].shape[0]} volumes, expected "
+                    f"{len(self.order)} (one per modality)"
+                )
+            d[key] = d[key][self.order]
+        return d
+
+
+class RandInPlaneDeformd(RandomizableTransform, MapTransform):
+    """In-plane rotation, scaling and elastic deformation, the same for every z slice.
+
+    Brügger et al. augment "only on the planes that are perpendicular to the z-axis" because the
+    z-axis of BraTS is interpolated. The volumes ``(C, X, Y, Z)`` are viewed as ``C * Z`` images
+    of ``(X, Y)`` and deformed together by MONAI's :class:`~monai.transforms.Rand2DElasticd`
+    (one resampling for rotation, scaling and the elastic field; nearest neighbour for labels).
+
+    Args:
+        keys: the volumes, e.g. ``("image", "label")``; all get the same deformation.
+        prob: probability of deforming a sample.
+        rotate_deg: rotation about z, uniform in ``[-rotate_deg, rotate_deg]`` degrees.
+        scale_max: scaling per in-plane axis, uniform in ``[1 / scale_max, scale_max]``.
+        elastic_magnitude: maximum control-point offset in voxels (0: no elastic field).
+        elastic_spacing: distance between the elastic control points in voxels.
+        mode: interpolation per key (``"bilinear"`` for images, ``"nearest"`` for labels).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 1.0,
+        rotate_deg: float = 20.0,
+        scale_max: float = 1.1,
+        elastic_magnitude: float = 3.0,
+        elastic_spacing: int = 40,
+        mode: Sequence[str] | str = "bilinear",
+    ) -> None:
+        RandomizableTransform.__init__(self, prob)
+        MapTransform.__init__(self, keys)
+        angle = math.radians(rotate_deg)
+        low, high = 1.0 / scale_max - 1.0, scale_max - 1.0
+        self.deform = Rand2DElasticd(
+            keys,
+            spacing=(elastic_spacing, elastic_spacing),
+            magnitude_range=(0.0, float(elastic_magnitude)),
+            prob=1.0,
+            rotate_range=(angle,) if angle else None,
+            scale_range=((low, high), (low, high)) if scale_max != 1.0 else None,
+            mode=mode,
+            padding_mode="zeros",
+        )
+
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandInPlaneDeformd:
+        super().set_random_state(seed, state)
+        self.deform.set_random_state(state=self.R)  # one stream for both
+        return self
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        shapes, flat = {}, {}
+        for key in self.key_iterator(d):
+            volume = torch.as_tensor(d[key])
+            shapes[key] = volume.shape  # (C, X, Y, Z) -> (C * Z, X, Y)
+            c, x, y, z = volume.shape
+            flat[key] = volume.permute(0, 3, 1, 2).reshape(c * z, x, y)
+        out = self.deform(flat)
+        for key, (c, x, y, z) in shapes.items():
+            d[key] = torch.as_tensor(out[key]).reshape(c, z, x, y).permute(0, 2, 3, 1)
+        return d
+
+
+def split_pipeline(pipeline: Compose) -> tuple[Compose, Compose]:
+    """Split a pipeline before its first random transform: ``(deterministic, random)``.
+
+    The deterministic part is what a cache may keep (as MONAI's ``CacheDataset`` does).
+    """
+    steps = list(pipeline.transforms)
+    first = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
+    return _Pipeline(steps[:first]), _Pipeline(steps[first:])
 
 
 def build_transforms(
     train: bool,
-    crop_size: Sequence[int] = (160, 192, 160),
+    crop_size: Sequence[int] | None = (160, 192, 160),
     patch_size: Sequence[int] | None = None,
     flip_prob: float = 0.5,
     enhancing_label: int = 4,
@@ -353,27 +522,52 @@ def build_transforms(
     *,
     with_label: bool = True,
     track_meta: bool = False,
+    necrotic_label: int = 1,
+    oedema_label: int = 2,
+    channel_order: Sequence[int] | None = None,
+    rotate_deg: float = 0.0,
+    scale_max: float = 1.0,
+    elastic_magnitude: float = 0.0,
+    elastic_spacing: int = 40,
+    deform_prob: float = 1.0,
+    intensity_shift: float = 0.0,
+    cache_dtype: torch.dtype | None = None,
 ) -> Compose:
-    """Build the BraTS pipeline for dicts ``{"image": [4 paths], "label": path, ...}``.
+    """Build the BraTS pipeline for dicts ``{"image": [4 paths] or 4D path, "label": path, ...}``.
 
-    Steps: load the modality files as one ``(4, X, Y, Z)`` float32 image and the label as
-    ``(1, X, Y, Z)``; label -> ``(3, X, Y, Z)`` regions WT, TC, ET; crop to the bounding box of
-    the brain (non-zero voxels of any channel); z-score each channel over its non-zero voxels
-    (background stays 0); centre-crop or zero-pad to ``crop_size``. For training only: a random
-    ``patch_size`` patch, and a flip with probability ``flip_prob`` along each spatial axis.
-    Last, both are cast to float32. Everything before the first random step is deterministic,
-    so a MONAI ``CacheDataset`` caches it.
+    Steps: load the modality files as one ``(4, X, Y, Z)`` float32 image (a 4D file's volumes
+    reordered by ``channel_order``) and the label as ``(1, X, Y, Z)``; stop on NaN/Inf voxels or an
+    empty volume; label -> ``(3, X, Y, Z)`` regions WT, TC, ET; crop to the bounding box of the
+    brain (non-zero voxels of any channel); z-score each channel over its non-zero voxels
+    (background stays 0); centre-crop or zero-pad to ``crop_size``. For training only, in this
+    order and each only when enabled: in-plane rotation / scaling / elastic deformation
+    (:class:`RandInPlaneDeformd`), a random ``patch_size`` patch, a flip with probability
+    ``flip_prob`` along each spatial axis, a per-channel intensity shift. Last, both are cast to
+    float32. Everything before the first random step is deterministic, so a cache keeps it
+    (:func:`split_pipeline`).
 
     Args:
-        train: add the random patch and flips.
-        crop_size: fixed ``(D, H, W)`` after the foreground crop.
+        train: add the random steps.
+        crop_size: fixed ``(D, H, W)`` after the foreground crop; None: keep the brain's bounding
+            box (sliding-window inference).
         patch_size: training patch ``(D, H, W)`` <= ``crop_size``; None: the whole crop.
         flip_prob: flip probability per axis in training; 0 disables flips.
-        enhancing_label: label of the enhancing tumour (4 for BraTS 2018-2021, 3 from 2023).
+        enhancing_label: label of the enhancing tumour (4 for BraTS 2018-2021, 3 from 2023, MSD).
         reader: ``"nibabel"`` or ``"simpleitk"``.
         with_label: whether the dicts have a ``"label"`` (False for inference).
-        track_meta: return MONAI ``MetaTensor`` s (with the applied operations, for
-            ``Invertd``) instead of plain tensors.
+        track_meta: return MONAI ``MetaTensor`` s (with the applied operations, so that
+            ``pipeline.inverse`` maps a prediction back to the file's grid) instead of tensors.
+        necrotic_label: label of the necrotic / non-enhancing core (2 in MSD).
+        oedema_label: label of the oedema (1 in MSD).
+        channel_order: for a 4D image, the volume index of t1, t1ce, t2, flair.
+        rotate_deg: in-plane rotation range in degrees (Brügger et al.: 20); 0 disables it.
+        scale_max: in-plane scaling in ``[1 / scale_max, scale_max]`` (paper: 1.1); 1 disables.
+        elastic_magnitude: elastic control-point offsets up to this many voxels; 0 disables.
+        elastic_spacing: elastic control-point spacing in voxels.
+        deform_prob: probability of the in-plane deformation per sample.
+        intensity_shift: per-channel intensity shift in ``[-s, s]`` (z-score units; paper 0.1).
+        cache_dtype: cast the image to this dtype at the end of the deterministic part (e.g.
+            float16 for the disk cache); the label is kept as uint8.
 
     Returns:
         A :class:`monai.transforms.Compose`.
@@ -382,9 +576,22 @@ def build_transforms(
         ConfigError: unknown ``reader``.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    steps: list = [LoadImaged(keys, reader=make_reader(reader), ensure_channel_first=True)]
+    steps: list = [
+        CopyItemsd("image", names="image_files"),
+        LoadImaged(keys, reader=make_reader(reader), ensure_channel_first=True),
+        CheckImaged("image"),
+    ]
+    if channel_order is not None:
+        steps.append(ReorderChannelsd("image", channel_order))
     if with_label:
-        steps.append(LabelToRegionsd("label", enhancing_label=enhancing_label))
+        steps.append(
+            LabelToRegionsd(
+                "label",
+                enhancing_label=enhancing_label,
+                necrotic_label=necrotic_label,
+                oedema_label=oedema_label,
+            )
+        )
     steps += [
         CropForegroundd(
             keys,
@@ -394,12 +601,31 @@ def build_transforms(
             end_coord_key=None,
         ),
         NormalizeIntensityd("image", nonzero=True, channel_wise=True),
-        ResizeWithPadOrCropd(keys, spatial_size=tuple(crop_size)),
     ]
+    if crop_size is not None:
+        steps.append(ResizeWithPadOrCropd(keys, spatial_size=tuple(crop_size)))
+    if cache_dtype is not None:
+        steps.append(CastToTyped("image", dtype=cache_dtype))
     if train:
-        if patch_size is not None and tuple(patch_size) != tuple(crop_size):
+        if rotate_deg or scale_max != 1.0 or elastic_magnitude:
+            steps.append(
+                RandInPlaneDeformd(
+                    keys,
+                    prob=deform_prob,
+                    rotate_deg=rotate_deg,
+                    scale_max=scale_max,
+                    elastic_magnitude=elastic_magnitude,
+                    elastic_spacing=elastic_spacing,
+                    mode=["bilinear", "nearest"][: len(keys)],
+                )
+            )
+        if patch_size is not None and tuple(patch_size) != tuple(crop_size or ()):
             steps.append(RandSpatialCropd(keys, roi_size=tuple(patch_size), random_size=False))
         if flip_prob > 0:
             steps += [RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)]
+        if intensity_shift:
+            steps.append(
+                RandShiftIntensityd("image", offsets=intensity_shift, prob=1.0, channel_wise=True)
+            )
     steps.append(EnsureTyped(keys, dtype=torch.float32, track_meta=track_meta))
     return _Pipeline(steps)
