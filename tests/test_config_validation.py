@@ -1,0 +1,62 @@
+"""Impossible config values fail before any data is read, naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from revseg.config import check_group_overrides, validate_config
+from revseg.errors import ConfigError
+
+from conftest import compose_train
+
+BAD = [
+    ("optimizer.lr=-0.1", "optimizer.lr"),
+    ("optimizer.lr=abc", "optimizer.lr"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("trainer.val_every=-1", "trainer.val_every"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("trainer.nan_policy=ignore", "trainer.nan_policy"),
+    ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip"),
+    ("trainer.monitor_mode=up", "trainer.monitor_mode"),
+    ("data.crop_size=[30,32,32]", "data.crop_size"),
+    ("data.patch_size=[24,24,24]", "data.patch_size"),
+    ("data.crop_size=[32,32]", "data.crop_size"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD, ids=[b[0] for b in BAD])
+def test_bad_value_names_the_key(override, key, tmp_path):
+    cfg = compose_train(override, f"paths.output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
+        validate_config(cfg)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_good_config_passes(tmp_path):
+    validate_config(compose_train(f"paths.output_dir={tmp_path}"))
+    validate_config(compose_train("model=unet_baseline", f"paths.output_dir={tmp_path}"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["model=no_such_model"], ["-m", "model=prev_unet,nope"], ["scheduler=exponential"]],
+)
+def test_unknown_group_option(args):
+    with pytest.raises(ConfigError, match="no such option; choose one of"):
+        check_group_overrides(args)
+
+
+def test_known_options_and_plain_keys_pass():
+    check_group_overrides(
+        [
+            "model=unet_baseline",
+            "trainer=ddp",
+            "model.encoder_depth=3",
+            "~logger",
+            "seed=1",
+            "hydra.run.dir=x",
+            "experiment=demo_deep",
+        ]
+    )
