@@ -29,6 +29,10 @@ class Callback:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
+    def summary(self) -> dict[str, Any]:
+        """Entries this callback adds to ``summary.json``."""
+        return {}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 

@@ -42,6 +42,7 @@ from revseg.training.distributed import (
     broadcast_object,
     init_distributed,
     max_over_ranks,
+    mean_over_ranks,
     shard_loader,
 )
 from revseg.training.metrics import RegionMetrics
@@ -241,6 +242,12 @@ class Trainer:
         for p in [p for p in self.optimizer.state if id(p) not in keep]:
             del self.optimizer.state[p]
         self.optimizer.param_groups[0]["params"] = params
+        if self.dist.enabled:  # DDP's buckets are built for a fixed set of parameters
+            self.model = DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+            )
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -349,7 +356,10 @@ class Trainer:
                 self.save_checkpoint("last.pt")
         bar.close()
         losses, self.epoch_losses, self.batch_in_epoch = self.epoch_losses, [], 0
-        return {"train/loss": sum(losses) / max(len(losses), 1)}
+        mean = sum(losses) / max(len(losses), 1)
+        if self.dist.enabled:  # the same number on every rank, so callbacks decide alike
+            mean = mean_over_ranks(mean, self.dist, self.device)
+        return {"train/loss": mean}
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -516,6 +526,7 @@ class Trainer:
             "torch": torch.__version__,
             "revseg": revseg.__version__,
             "output_dir": str(self.output_dir),
+            **{k: v for cb in self.callbacks.values() for k, v in cb.summary().items()},
         }
 
     def write_summary(self) -> dict[str, Any]:
