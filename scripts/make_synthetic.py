@@ -1,9 +1,9 @@
-"""Generate the synthetic BraTS-like demo dataset (BraTS 2021 layout) on disk.
+"""Generate the synthetic BraTS-like demo dataset on disk (BraTS 2021 layout, or any other).
 
 Usage::
 
     python scripts/make_synthetic.py --root data/synthetic_brats --num-cases 16 --shape 48 48 48 \
-        --seed 0 [--overwrite]
+        --seed 0 [--layout brats2021|brats2018|brats2019|brats2020|brats2023|msd] [--overwrite]
 
 An existing dataset with the same settings is kept as is. Exits with status 2 and one line on
 stderr when the folder holds something else.
@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from revseg.data.synthetic import make_synthetic_brats, read_manifest
+from revseg.data.synthetic import LAYOUTS, make_synthetic_brats, read_manifest
 from revseg.errors import RevsegError
 
 
@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument(
+        "--layout", choices=LAYOUTS, default="brats2021", help="the published layout to imitate"
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace a generated dataset with other settings"
     )
     args = parser.parse_args(argv)
@@ -36,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         root = make_synthetic_brats(
-            args.root, args.num_cases, args.shape, seed=args.seed, overwrite=args.overwrite
+            args.root,
+            args.num_cases,
+            args.shape,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            layout=args.layout,
         )
     except (RevsegError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
