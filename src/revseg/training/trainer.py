@@ -557,6 +557,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
     output_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
+    if cfg.trainer.precision == "bf16" and device.type == "cpu":
+        log.warning(
+            "trainer.precision=bf16 on CPU: torch's bf16 conv3d weight gradients are wrong on "
+            "2x2x2 inputs (docs/precision.md); prefer fp16 or fp32 on CPU"
+        )
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
