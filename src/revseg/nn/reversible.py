@@ -140,11 +140,46 @@ def _frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
 # the memory-saving autograd
 
 
+def _sole_owner(t: torch.Tensor) -> bool:
+    """``True`` when only ``t`` and the autograd node that saved it refer to its storage.
+
+    Then nothing can read the storage after this backward (a second backward through the node
+    fails on the saved tensor's version counter), so it may be overwritten. Uses the storage's
+    reference count (each tensor or view holds one, the saved tensor one, the storage's Python
+    object one); without that private counter, never claims ownership.
+    """
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:
+        return False
+    try:
+        return use_count(t.untyped_storage()._cdata) <= 3
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+def _unaliased(grads: Sequence[torch.Tensor | None], *buffers: torch.Tensor) -> list:
+    """``grads``, with a copy of any that shares storage with a buffer overwritten later."""
+    ptrs = {b.untyped_storage().data_ptr() for b in buffers}
+    return [
+        g.clone() if g is not None and g.untyped_storage().data_ptr() in ptrs else g for g in grads
+    ]
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Runs a chain of :class:`AdditiveCoupling` blocks keeping only the chain's output.
 
     Inputs: ``x``, the blocks, a flag for RNG preservation, then every trainable parameter of the
     blocks (so that their gradients are returned through autograd).
+
+    Memory (in states, one state = the size of ``x``): the forward writes both halves of every
+    block into one output buffer, so it holds the input, the output and one block's temporaries,
+    and ends without a concatenation. The backward reconstructs the inputs into one buffer (the
+    saved output's own storage when nothing else refers to it) and accumulates the input
+    gradient in one buffer that it returns as is; so it holds the incoming gradient, one
+    reconstruction buffer, one gradient buffer and one block's recomputation, whatever the depth
+    (about 6 states with the input, measured at 48^3, C = 60). When the output's storage is reused,
+    a second backward through the same graph (``retain_graph=True``) raises autograd's
+    "modified by an inplace operation" error instead of computing from overwritten values.
     """
 
     @staticmethod
@@ -155,29 +190,37 @@ class _ReversibleFunction(torch.autograd.Function):
         dim = blocks[0].split_dim
         ctx.split_dim = dim
         x1, x2 = blocks[0]._split(x)
-        for block in blocks:
+        y = torch.empty_like(x)
+        y1, y2 = torch.chunk(y, 2, dim=dim)
+        for index, block in enumerate(blocks):
             if preserve_rng_state:
                 ctx.rng_states.append(_RngState(x.device))
-            y1 = x1 + block.f(x2)
-            del x1
+            f_out = block.f(x2 if index == 0 else y2)
+            torch.add(x1 if index == 0 else y1, f_out, out=y1)
+            del f_out
             if preserve_rng_state:
                 ctx.rng_states.append(_RngState(x.device))
-            x2 = x2 + block.g(y1)  # y2: the next block's second half
-            x1 = y1
-            del y1
-        y = torch.cat((x1, x2), dim=dim)
-        del x1, x2
+            g_out = block.g(y1)
+            torch.add(x2 if index == 0 else y2, g_out, out=y2)
+            del g_out
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
+        y = ctx.saved_tensors[0].detach()
         blocks = ctx.blocks
         dim = ctx.split_dim
-        y1, y2 = torch.chunk(y.detach(), 2, dim=dim)
+        # the reconstructed inputs go into the output's storage if nothing else holds it
+        # (a second backward through the graph fails on the saved output's version counter)
+        buf = y if _sole_owner(y) else torch.empty_like(y)
+        buf1, buf2 = torch.chunk(buf, 2, dim=dim)
+        y1, y2 = torch.chunk(y, 2, dim=dim)
+        del y
+        grad = torch.empty_like(grad_y)  # dx, accumulated in place and returned
+        grad1, grad2 = torch.chunk(grad, 2, dim=dim)
         dy1, dy2 = torch.chunk(grad_y, 2, dim=dim)
-        param_grads: list[torch.Tensor | None] = []
+        param_grads: list[tuple[list, list]] = []
         for index in range(len(blocks) - 1, -1, -1):
             block = blocks[index]
             f_params = [p for p in block.f.parameters() if p.requires_grad]
@@ -186,30 +229,39 @@ class _ReversibleFunction(torch.autograd.Function):
             rng_g = ctx.rng_states[2 * index + 1] if ctx.rng_states is not None else None
             with torch.enable_grad(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
                 # G: reconstructs x2 = y2 - G(y1) and differentiates y2 = x2 + G(y1).
-                y1 = y1.detach().requires_grad_(True)
+                y1_leaf = y1.detach().requires_grad_(True)
                 with rng_g.restored() if rng_g is not None else contextlib.nullcontext():
-                    g_out = block.g(y1)
-                grads = torch.autograd.grad(g_out, [y1, *g_params], dy2, allow_unused=True)
-                x2 = (y2 - g_out.detach()).detach()
+                    g_out = block.g(y1_leaf)
+                grads = torch.autograd.grad(g_out, [y1_leaf, *g_params], dy2, allow_unused=True)
+                del y1_leaf  # the graph is gone: buffers may be overwritten from here on
+                torch.sub(y2, g_out.detach(), out=buf2)  # x2
                 del g_out
-                dy1 = dy1 + grads[0] if grads[0] is not None else dy1
-                g_grads = list(grads[1:])
+                if grads[0] is not None:
+                    torch.add(dy1, grads[0], out=grad1)  # dx1 = dy1 + dG/dy1^T dy2
+                elif dy1 is not grad1:
+                    grad1.copy_(dy1)
+                g_grads = _unaliased(grads[1:], grad, buf)
                 del grads
                 # F: reconstructs x1 = y1 - F(x2) and differentiates y1 = x1 + F(x2).
-                x2.requires_grad_(True)
+                x2_leaf = buf2.detach().requires_grad_(True)
                 with rng_f.restored() if rng_f is not None else contextlib.nullcontext():
-                    f_out = block.f(x2)
-                grads = torch.autograd.grad(f_out, [x2, *f_params], dy1, allow_unused=True)
-                x1 = y1.detach() - f_out.detach()
+                    f_out = block.f(x2_leaf)
+                grads = torch.autograd.grad(f_out, [x2_leaf, *f_params], grad1, allow_unused=True)
+                del x2_leaf
+                torch.sub(y1, f_out.detach(), out=buf1)  # x1
                 del f_out
-                dx2 = dy2 + grads[0] if grads[0] is not None else dy2
-                f_grads = list(grads[1:])
+                if grads[0] is not None:
+                    torch.add(dy2, grads[0], out=grad2)  # dx2 = dy2 + dF/dx2^T dx1
+                elif dy2 is not grad2:
+                    grad2.copy_(dy2)
+                f_grads = _unaliased(grads[1:], grad, buf)
                 del grads
             # gradients are collected per block in reverse, then reordered below
             param_grads.append((f_grads, g_grads))
-            y1, y2 = x1, x2.detach()
-            dy2 = dx2  # dx1 = dy1 (unchanged), dx2 as computed
-        grad_x = torch.cat((dy1, dy2), dim=dim) if ctx.needs_input_grad[0] else None
+            y1, y2, dy1, dy2 = buf1, buf2, grad1, grad2
+        del y1, y2, dy1, dy2, buf, buf1, buf2, grad1, grad2
+        grad_x = grad if ctx.needs_input_grad[0] else None
+        del grad
         ordered: list[torch.Tensor | None] = []
         for f_grads, g_grads in reversed(param_grads):
             ordered.extend(f_grads)
