@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 GENERATOR = "revseg.data.synthetic_video"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 VOID_INDEX = 255
 """Palette index of "void" pixels in DAVIS annotations (left out of the loss and the metrics)."""
 
@@ -153,7 +153,7 @@ def synthesize_video(
                 "angle": rng.uniform(0, np.pi),
                 "spin": rng.uniform(-1.5, 1.5),
                 "harmonics": rng.normal(0.0, 0.08, (3, 2)),  # boundary wobble, orders 2..4
-                "period": rng.uniform(4.0, 6.0) * small / 64,
+                "period": max(4.0, rng.uniform(4.0, 6.0) * small / 64),  # pixels per stripe
                 "stripe_angle": rng.uniform(0, np.pi),
                 # mean colour drawn from the background's own range: colour alone is ambiguous
                 "colour": np.clip(base + rng.normal(0.0, 0.1, 3), 0.2, 0.8).astype(np.float32),
@@ -227,6 +227,7 @@ def read_video_manifest(root: str | os.PathLike) -> dict | None:
 
 def _settings(sequence, frames, size, num_objects, void_width, seed) -> dict:
     return {
+        "version": GENERATOR_VERSION,
         "sequence": sequence,
         "frames": frames,
         "size": list(size),
@@ -272,7 +273,6 @@ def _write_video(folder: Path, settings: dict) -> None:
         save_palette_png(mask[t], masks_dir / f"{t:05d}.png")
     manifest = {
         "generator": GENERATOR,
-        "version": GENERATOR_VERSION,
         **settings,
         "layout": "davis",
         "labels": {
