@@ -35,35 +35,12 @@ def _split_args(argv: list[str]) -> tuple[list[str], dict[str, float]]:
     return overrides, own
 
 
-def compose_config(overrides: list[str]):
-    """The composed ``train`` config, as ``python train.py <overrides>`` would see it.
-
-    Raises:
-        ConfigError: an unknown group option or key, or a bad value (one line).
-    """
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from revseg.config import CONFIG_DIR, check_group_overrides
-
-    check_group_overrides(overrides, CONFIG_DIR)
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - Hydra's errors span several lines
-        raise ConfigError(str(err).strip().splitlines()[0]) from err
-    # the data location is not needed to plan memory
-    if OmegaConf.is_missing(cfg.data, "root"):
-        cfg.data.root = None
-    return cfg
-
-
 def main(argv: list[str]) -> None:
     from revseg.memory.measure import format_bytes
-    from revseg.memory.plan import fit_budget, plan_from_config
+    from revseg.memory.plan import compose_train_config, fit_budget, plan_from_config
 
     overrides, own = _split_args(argv)
-    cfg = compose_config(overrides)
+    cfg = compose_train_config(overrides)
     plan = plan_from_config(cfg)
     print(plan.table())
     if "budget_gb" not in own:

@@ -63,6 +63,7 @@ __all__ = [
     "plan_from_config",
     "fit_budget",
     "input_shape_from_config",
+    "compose_train_config",
     "model_divisor",
 ]
 
@@ -738,3 +739,26 @@ def _deepest(
         lo, hi = (mid, hi) if plan_at(mid).peak_bytes <= budget else (lo, mid)
     plans["encoder_depth"] = plan_at(lo)
     return lo, False
+
+
+def compose_train_config(overrides: Sequence[str]) -> DictConfig:
+    """The composed ``train`` config, as ``python train.py <overrides>`` would see it (with the
+    ``hydra`` node, whose ``runtime.choices`` name the model); ``data.root`` may stay unset.
+
+    Raises:
+        ConfigError: an unknown group option or key, or a bad value (one line).
+    """
+    from hydra import compose, initialize_config_dir
+
+    from revseg.config import CONFIG_DIR, check_group_overrides
+
+    check_group_overrides(overrides, CONFIG_DIR)
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    except Exception as err:  # noqa: BLE001 - Hydra's errors span several lines
+        raise ConfigError(str(err).strip().splitlines()[0]) from err
+    # the data location is not needed to plan memory
+    if OmegaConf.is_missing(cfg.data, "root"):
+        cfg.data.root = None
+    return cfg
