@@ -45,3 +45,12 @@ format: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+
+# peak memory and step time vs memcnn, revlib, checkpointing and plain autograd -> docs/benchmarks/
+# (make bench ARGS=--quick: tiny sizes, for CI). The peers are the `bench` extra; they are
+# installed without their dependencies so that memcnn's torchvision requirement cannot swap torch.
+.PHONY: bench
+bench: setup
+	$(BIN)/pip install --no-deps "memcnn>=1.5.2" "revlib>=1.7.2" pathlib2
+	$(BIN)/pip install "matplotlib>=3.7"
+	$(BIN)/python scripts/bench.py $(ARGS)
