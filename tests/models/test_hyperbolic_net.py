@@ -128,7 +128,7 @@ def test_gradients_with_two_coarsenings_and_grown_ranks_equal_plain_autograd(gro
 
 
 def test_last_two_states_reconstruct_the_first_at_table_1_depth():
-    model = HyperbolicNet(channels=6, layers=[3, 4, 4, 4, 4], rank=4).double()
+    model = HyperbolicNet(state_channels=6, layers=[3, 4, 4, 4, 4], rank=4).double()
     y0 = torch.randn(1, 6, 8, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         y_prev, y_first = model.stack.inverse(*model.stack.run(y0, y0))
@@ -179,7 +179,7 @@ def test_ranks_grow_train_and_reload_at_the_grown_ranks():
 def test_opening_conv_takes_any_number_of_input_channels():
     model = HyperbolicNet(in_channels=4, out_channels=3, layers=[1, 1, 1], opening="conv")
     assert model(torch.randn(1, 4, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
-    with pytest.raises(ValueError, match="opening='repeat' needs channels"):
+    with pytest.raises(ValueError, match="opening='repeat' needs state_channels"):
         HyperbolicNet(in_channels=4)
     with pytest.raises(ValueError, match=r"expected \(B, 3, D, H, W\)"):
         HyperbolicNet(layers=[1, 1, 1])(torch.randn(1, 4, 8, 8, 8))
@@ -221,3 +221,20 @@ def test_peak_memory_does_not_grow_with_depth():
     assert saving[0] < 12 * 6 * 16**3 * 4  # fewer than 12 full-resolution states
     assert plain[0] < plain[1] < plain[2], plain
     assert saving[2] < plain[2]
+
+
+def test_states_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    saving = HyperbolicNet(layers=[1, 1, 1])
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(1, 3, 8, 8, 8)
+    grads = []
+    for model in (saving, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = model.stack(model.open(x))
+        assert state.dtype == torch.float32
+        model.head(state).float().square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    # bf16 layer outputs: recomputation from reconstructed states agrees to bf16 precision
+    assert max(rel_err(a, b) for a, b in zip(*grads)) < 5e-2

@@ -109,6 +109,8 @@ def _leapfrog(force: torch.Tensor, y: torch.Tensor, other: torch.Tensor, h2: flo
     """``h^2 f(Y_j) + 2 Y_j - Y_other``, in place on ``force`` (forward: ``Y_other = Y_{j-1}``
     gives ``Y_{j+1}``; reverse: ``Y_other = Y_{j+1}`` gives ``Y_{j-1}``). One op order for every
     path, so plain autograd and the memory-saving Function give bit-identical outputs."""
+    if force.dtype != y.dtype:  # autocast: the layer ran in half precision, states stay in y's
+        force = force.to(y.dtype)
     return force.mul_(h2).add_(y, alpha=2).sub_(other)
 
 
@@ -259,7 +261,7 @@ class HyperbolicNet(nn.Module):
     Args:
         in_channels: input channels (3 for RGB video).
         out_channels: output logits (1 for binary segmentation, sigmoid).
-        channels: state channels at the input resolution (6 = RGB opened twice in the paper).
+        state_channels: state channels at the input resolution (6 = RGB opened twice in the paper).
         layers: leapfrog layers per level; an odd number of levels, ``len // 2`` coarsenings then
             as many refinements. Default: Table 1, ``[3, 4, 4, 4, 4, 4, 4]``.
         rank: block rank of the coarse levels (levels at input resolution stay ``n x n``), a list
@@ -267,7 +269,7 @@ class HyperbolicNet(nn.Module):
         h: leapfrog time step.
         kernel_size: kernel size of the block-low-rank layers.
         activation: ``"relu"`` (paper), ``"tanh"`` or ``"softplus"``.
-        opening: ``"repeat"`` tiles the input ``channels / in_channels`` times (the paper's
+        opening: ``"repeat"`` tiles the input ``state_channels / in_channels`` times (the paper's
             2 x RGB; parameter-free), ``"conv"`` a learned 1x1x1 convolution.
         memory_saving: ``True`` keeps only the last two states for backward; ``False`` is plain
             autograd (same outputs and gradients, memory growing with depth).
@@ -281,7 +283,7 @@ class HyperbolicNet(nn.Module):
         self,
         in_channels: int = 3,
         out_channels: int = 1,
-        channels: int = 6,
+        state_channels: int = 6,
         layers: Sequence[int] = (3, 4, 4, 4, 4, 4, 4),
         rank: Rank | Sequence[Rank] = 4,
         h: float = 0.1,
@@ -294,20 +296,20 @@ class HyperbolicNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         if opening == "repeat":
-            if channels % in_channels:
+            if state_channels % in_channels:
                 raise ValueError(
-                    f"opening='repeat' needs channels ({channels}) divisible by in_channels "
-                    f"({in_channels}); use opening='conv'"
+                    f"opening='repeat' needs state_channels ({state_channels}) divisible by "
+                    f"in_channels ({in_channels}); use opening='conv'"
                 )
             self.opening = None
         elif opening == "conv":
-            self.opening = nn.Conv3d(in_channels, channels, 1)
+            self.opening = nn.Conv3d(in_channels, state_channels, 1)
         else:
             raise ValueError(f"opening must be 'repeat' or 'conv', got {opening!r}")
         self.stack = LeapfrogStack(
-            channels, layers, rank, h, kernel_size, activation, memory_saving
+            state_channels, layers, rank, h, kernel_size, activation, memory_saving
         )
-        self.head = nn.Conv3d(channels, out_channels, 1)
+        self.head = nn.Conv3d(state_channels, out_channels, 1)
 
     @property
     def memory_saving(self) -> bool:
@@ -318,7 +320,7 @@ class HyperbolicNet(nn.Module):
         self.stack.memory_saving = value
 
     def open(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_channels, D, H, W) -> (B, channels, D, H, W)``: the first state ``Y_0``."""
+        """``(B, in_channels, D, H, W) -> (B, state_channels, D, H, W)``: the first state."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         if self.opening is not None:
@@ -412,7 +414,7 @@ def memory_report(
 
     Args:
         model_or_cfg: a :class:`HyperbolicNet` (its current ranks and parameter sizes are
-            counted) or a mapping with its constructor arguments (``channels``, ``layers``,
+            counted) or a mapping with its constructor arguments (``state_channels``, ``layers``,
             ``rank``, ``kernel_size``; defaults as in :class:`HyperbolicNet`) for configs too
             large to build, such as ``rank: null`` at Table 1 size (4.2 GB of kernels).
         spatial_shape: ``(D, H, W)`` of the input; the paper's 240 x 424 x 72 video is
@@ -430,7 +432,7 @@ def memory_report(
         channels = model_or_cfg.stack.channels
     else:
         cfg = model_or_cfg
-        channels = int(cfg.get("channels", 6))
+        channels = int(cfg.get("state_channels", 6))
         kernel_size = int(cfg.get("kernel_size", 3))
         counts = list(cfg.get("layers", (3, 4, 4, 4, 4, 4, 4)))
         plan = level_plan(counts, channels)
