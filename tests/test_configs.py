@@ -32,7 +32,7 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, tmp_path):
     overrides = [f"{group}={option}", f"paths.output_dir={tmp_path}"]
-    if group == "data" or option.startswith("brats"):  # data=brats needs a root
+    if group == "data" or option.startswith(("brats", "davis")):  # real data needs a root
         overrides.append(f"data.root={tmp_path / 'data'}")
     cfg = compose_train(*overrides)
     # the composed config always holds a complete model, data, loss and optimizer

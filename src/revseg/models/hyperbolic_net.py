@@ -357,6 +357,10 @@ class HyperbolicNet(nn.Module):
         """State channels per level, e.g. ``[6, 48, 384, 3072, 384, 48, 6]``."""
         return self.stack.level_channels()
 
+    def memory_report(self, spatial_shape: Sequence[int], batch_size: int = 1) -> MemoryReport:
+        """Conv-kernel and state memory of this model on ``(D, H, W)`` inputs (Table 2 terms)."""
+        return memory_report(self, spatial_shape, batch_size)
+
 
 # ------------------------------------------------------------------------------------------------
 # memory of kernels and states (Table 2)

@@ -526,8 +526,17 @@ class Trainer:
             "torch": torch.__version__,
             "revseg": revseg.__version__,
             "output_dir": str(self.output_dir),
+            **self.model_memory(),
             **{k: v for cb in self.callbacks.values() for k, v in cb.summary().items()},
         }
+
+    def model_memory(self) -> dict[str, Any]:
+        """The model's own memory report (e.g. Peters et al.'s Table 2 terms), if it has one."""
+        report = getattr(self.module, "memory_report", None)
+        if report is None:
+            return {}
+        batch = int(self.cfg.data.get("batch_size", 1))
+        return {"model_memory": report(tuple(self.data.input_shape), batch).megabytes()}
 
     def write_summary(self) -> dict[str, Any]:
         summary = self.summary()
@@ -602,6 +611,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         len(data.val_cases),
         output_dir,
     )
+    report = getattr(model, "memory_report", None)
+    if report is not None:
+        text = str(report(tuple(data.input_shape), int(cfg.data.get("batch_size", 1))))
+        log.info("model memory at %s: %s", "x".join(map(str, data.input_shape)), text)
+        if writer is not None:
+            writer.add_text("model/memory_report", text, 0)
     try:
         summary = trainer.fit()
         if info.enabled:  # the peak of the busiest rank
