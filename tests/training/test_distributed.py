@@ -115,3 +115,47 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.mark.slow
+def test_torchrun_hyperbolic_ranks_grow_together(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train.py",
+            "trainer=ddp",
+            "model=hyperbolic_blr",
+            "data=synthetic_video",
+            "data.frames=8",
+            "data.size=[16,16]",
+            "data.video_frames=8",
+            "data.video_size=[16,16]",
+            "data.steps_per_epoch=2",
+            "model.layers=[1,1,1]",
+            "callbacks=rank_growth",
+            "callbacks.rank_growth.patience=1",
+            "callbacks.rank_growth.threshold=0.5",
+            "trainer.max_epochs=3",
+            "trainer.progress_bar=false",
+            f"data.root={tmp_path / 'data'}",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # both ranks grew at the same epoch and training went on after re-wrapping DDP
+    grown = [
+        line for line in proc.stderr.splitlines() if "block rank [6, 4, 6] -> [6, 8, 6]" in line
+    ]
+    assert len(grown) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 3 and summary["ranks"]["current"] == [6, 8, 6]
