@@ -153,9 +153,8 @@ def test_torchrun_hyperbolic_ranks_grow_together(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both ranks grew at the same epoch and training went on after re-wrapping DDP
-    grown = [
-        line for line in proc.stderr.splitlines() if "block rank [6, 4, 6] -> [6, 8, 6]" in line
-    ]
+    output = (proc.stdout + proc.stderr).splitlines()
+    grown = [line for line in output if "block rank [6, 4, 6] -> [6, 8, 6]" in line]
     assert len(grown) == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 3 and summary["ranks"]["current"] == [6, 8, 6]
