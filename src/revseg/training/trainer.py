@@ -147,6 +147,7 @@ class Trainer:
         self.batch_in_epoch = 0  # batches of the current epoch already trained on
         self.epoch_losses: list[float] = []
         self.skipped_steps = 0
+        self.planned_peak_bytes: int | None = None
         self.precision = str(self.tcfg.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
@@ -512,6 +513,7 @@ class Trainer:
             "world_size": self.dist.world_size,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": format_bytes(self.peak_memory_bytes),
+            "planned_peak_bytes": self.planned_peak_bytes,
             "memory_method": self.meter.method,
             "rss_peak_bytes": self.rss_peak_bytes,
             "step_time_s": statistics.median(times) if times else None,
@@ -611,6 +613,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         len(data.val_cases),
         output_dir,
     )
+    if cfg.trainer.get("plan_memory", True) and info.is_main:
+        from revseg.memory.plan import plan_from_config
+
+        try:  # the planner's prediction, next to the measured peak in summary.json
+            plan = plan_from_config(cfg, model, spatial=tuple(data.input_shape), writer=writer)
+            trainer.planned_peak_bytes = int(plan.peak_bytes)
+            log.info("memory plan:\n%s", plan.table())
+        except Exception as err:  # noqa: BLE001 - a failed plan must not stop training
+            log.warning("memory plan failed (%s: %s); training goes on", type(err).__name__, err)
     report = getattr(model, "memory_report", None)
     if report is not None:
         text = str(report(tuple(data.input_shape), int(cfg.data.get("batch_size", 1))))
