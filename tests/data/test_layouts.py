@@ -270,8 +270,9 @@ def test_disk_cache_is_reused_and_follows_file_changes(roots, tmp_path):
     first = run()
     files = sorted(cache.glob("*.pt"))
     assert len(files) == 4
-    stored = torch.load(files[0], weights_only=True)
-    assert stored["image"].dtype == torch.float16 and stored["label"].dtype == torch.uint8
+    for path in files:  # training and validation cases alike
+        stored = torch.load(path, weights_only=True)
+        assert stored["image"].dtype == torch.float16 and stored["label"].dtype == torch.uint8
     mtimes = [f.stat().st_mtime_ns for f in files]
     second = run()
     assert [f.stat().st_mtime_ns for f in files] == mtimes  # read back, not rewritten

@@ -509,6 +509,10 @@ def split_pipeline(pipeline: Compose) -> tuple[Compose, Compose]:
     """
     steps = list(pipeline.transforms)
     first = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
+    # the final cast to float32 is never cached: a cache keeps the (smaller) cache dtype, and
+    # training and validation items then look alike in the cache, whatever their pipelines
+    if first == len(steps) and steps and isinstance(steps[-1], EnsureTyped):
+        first -= 1
     return _Pipeline(steps[:first]), _Pipeline(steps[first:])
 
 
