@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -264,15 +264,55 @@ def _relabel(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
-def read_manifest(root: str | os.PathLike) -> dict | None:
-    """The ``dataset.json`` of a dataset written by :func:`make_synthetic_brats`, else None."""
+def read_generator_manifest(root: str | os.PathLike, generator: str) -> dict | None:
+    """The ``dataset.json`` at ``root`` if ``generator`` wrote it, else None."""
     try:
         manifest = json.loads((Path(root) / "dataset.json").read_text())
     except (OSError, ValueError):
         return None
     return (
-        manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
+        manifest if isinstance(manifest, dict) and manifest.get("generator") == generator else None
     )
+
+
+def read_manifest(root: str | os.PathLike) -> dict | None:
+    """The ``dataset.json`` of a dataset written by :func:`make_synthetic_brats`, else None."""
+    return read_generator_manifest(root, GENERATOR)
+
+
+def publish_folder(
+    root: Path, write: Callable[[Path], None], is_complete: Callable[[], bool]
+) -> Path:
+    """Fill a temporary sibling folder with ``write`` and rename it into place as ``root``.
+
+    An interrupted run never leaves a half-written ``root``; an existing ``root`` (empty, or a
+    generated dataset being overwritten) is replaced only once the new one is complete. When
+    another process (a DDP rank) publishes the same dataset first, ``is_complete()`` says so and
+    its copy is kept.
+    """
+    root.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = root.parent / f".{root.name}.tmp-{token}"
+    old = root.parent / f".{root.name}.old-{token}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if is_complete():  # another process was faster
+            return root
+        if root.is_dir():
+            root.rename(old)
+        try:
+            tmp.rename(root)
+        except OSError:
+            if is_complete():
+                return root
+            if old.is_dir() and not root.exists():
+                old.rename(root)
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return root
 
 
 def _is_complete(
@@ -417,28 +457,8 @@ def make_synthetic_brats(
                 + ("" if read_manifest(root) is None else " or overwrite it (--overwrite)")
             )
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = root.parent / f".{root.name}.tmp-{token}"
-    old = root.parent / f".{root.name}.old-{token}"
-    tmp.mkdir()
-    try:
-        _write_dataset(tmp, num_cases, shape, seed, layout)
-        if _is_complete(
-            root, num_cases, shape, seed, layout
-        ):  # another process (DDP rank) was faster
-            return root
-        if root.is_dir():  # empty, or a generated dataset being overwritten
-            root.rename(old)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if _is_complete(root, num_cases, shape, seed, layout):
-                return root
-            if old.is_dir() and not root.exists():
-                old.rename(root)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return root
+    return publish_folder(
+        root,
+        lambda folder: _write_dataset(folder, num_cases, shape, seed, layout),
+        lambda: _is_complete(root, num_cases, shape, seed, layout),
+    )

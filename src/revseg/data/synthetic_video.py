@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from revseg.data.synthetic import publish_folder, read_generator_manifest
 from revseg.errors import DataError
 
 __all__ = [
@@ -216,13 +215,7 @@ def synthesize_video(
 
 def read_video_manifest(root: str | os.PathLike) -> dict | None:
     """The ``dataset.json`` of a video written by :func:`make_synthetic_video`, else None."""
-    try:
-        manifest = json.loads((Path(root) / "dataset.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return (
-        manifest if isinstance(manifest, dict) and manifest.get("generator") == GENERATOR else None
-    )
+    return read_generator_manifest(root, GENERATOR)
 
 
 def _settings(sequence, frames, size, num_objects, void_width, seed) -> dict:
@@ -350,26 +343,6 @@ def make_synthetic_video(
                 + ("" if manifest is None else " or overwrite it (--overwrite)")
             )
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = root.parent / f".{root.name}.tmp-{token}"
-    old = root.parent / f".{root.name}.old-{token}"
-    tmp.mkdir()
-    try:
-        _write_video(tmp, settings)
-        if _is_complete(root, settings):  # another process (DDP rank) was faster
-            return root
-        if root.is_dir():  # empty, or a generated video being overwritten
-            root.rename(old)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if _is_complete(root, settings):
-                return root
-            if old.is_dir() and not root.exists():
-                old.rename(root)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return root
+    return publish_folder(
+        root, lambda folder: _write_video(folder, settings), lambda: _is_complete(root, settings)
+    )
