@@ -24,6 +24,19 @@ TINY = (
     "optimizer.lr=1e-3",
 )
 
+# with model=hyperbolic_blr: a tiny network with its adaptive rank, on a tiny generated video
+TINY_VIDEO = (
+    "data=synthetic_video",
+    "data.frames=8",
+    "data.size=[16,16]",
+    "data.video_frames=8",
+    "data.video_size=[16,16]",
+    "data.steps_per_epoch=2",
+    "model.layers=[1,1,1]",
+    "callbacks=rank_growth",
+    "callbacks.rank_growth.patience=1",
+)
+
 
 def compose_train(*overrides: str):
     """The composed ``train`` config, as ``python train.py <overrides>`` would see it."""

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from revseg.models.prev_unet import PartiallyReversibleUNet
 from revseg.training.losses import RegionDiceLoss
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, TINY_VIDEO
 
 STEPS = 3
 
@@ -68,29 +68,20 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
     assert not torch.equal(make_model().state_dict()["stem.weight"], ddp_state["stem.weight"])
 
 
+def run_torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 train.py trainer=ddp <args>``."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", "trainer=ddp", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_torchrun_trains_end_to_end(tmp_path, tiny_data_root):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            "trainer=ddp",
-            *TINY,
-            f"data.root={tiny_data_root}",
-            f"hydra.run.dir={run}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_torchrun(*TINY, f"data.root={tiny_data_root}", f"hydra.run.dir={run}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 1
@@ -120,36 +111,14 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.slow
 def test_torchrun_hyperbolic_ranks_grow_together(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            "trainer=ddp",
-            "model=hyperbolic_blr",
-            "data=synthetic_video",
-            "data.frames=8",
-            "data.size=[16,16]",
-            "data.video_frames=8",
-            "data.video_size=[16,16]",
-            "data.steps_per_epoch=2",
-            "model.layers=[1,1,1]",
-            "callbacks=rank_growth",
-            "callbacks.rank_growth.patience=1",
-            "callbacks.rank_growth.threshold=0.5",
-            "trainer.max_epochs=3",
-            "trainer.progress_bar=false",
-            f"data.root={tmp_path / 'data'}",
-            f"hydra.run.dir={run}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    proc = run_torchrun(
+        "model=hyperbolic_blr",
+        *TINY_VIDEO,
+        "callbacks.rank_growth.threshold=0.5",
+        "trainer.max_epochs=3",
+        "trainer.progress_bar=false",
+        f"data.root={tmp_path / 'data'}",
+        f"hydra.run.dir={run}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both ranks grew at the same epoch and training went on after re-wrapping DDP

@@ -13,7 +13,7 @@ from revseg.config import group_options
 from revseg.training.checkpoint import load_checkpoint
 from revseg.training.trainer import train
 
-from conftest import REPO, TINY, compose_train
+from conftest import REPO, TINY, TINY_VIDEO, compose_train
 
 SUMMARY_KEYS = {
     "model",
@@ -127,19 +127,7 @@ def assert_tensorboard_run(run) -> None:
 
 
 # a tiny variant of each model, on data it takes (the U-Nets use TINY's BraTS-like volumes)
-TINY_MODEL = {
-    "hyperbolic_blr": (
-        "data=synthetic_video",
-        "data.frames=8",
-        "data.size=[16,16]",
-        "data.video_frames=8",
-        "data.video_size=[16,16]",
-        "data.steps_per_epoch=2",
-        "model.layers=[1,1,1]",
-        "callbacks=rank_growth",
-        "callbacks.rank_growth.patience=1",
-    ),
-}
+TINY_MODEL = {"hyperbolic_blr": TINY_VIDEO}
 
 
 @pytest.mark.parametrize("model", group_options("model"))

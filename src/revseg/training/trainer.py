@@ -110,13 +110,8 @@ class Trainer:
         self.tcfg = cfg.trainer
         self.dist = dist_info or DistInfo()
         self.module = model  # the network itself (state dicts, parameters)
-        self.model = model  # what is called in training: DDP-wrapped when distributed
-        if self.dist.enabled:
-            self.model = DistributedDataParallel(
-                model,
-                device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=bool(cfg.trainer.get("find_unused_parameters", False)),
-            )
+        self.device = device
+        self.model = self._wrap(model)  # what is called in training: DDP when distributed
         self.data = data
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -125,7 +120,6 @@ class Trainer:
         self.writer = writer
         self.output_dir = output_dir
         self.ckpt_dir = output_dir / "checkpoints"
-        self.device = device
         self.meter = PeakMemoryMeter(device)
         build_metrics = getattr(data, "build_metrics", None)
         self.metrics = (
@@ -230,6 +224,16 @@ class Trainer:
             return self.loss_fn(logits, label)
         return self.loss_fn(logits, label, mask=mask)
 
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel when distributed, else ``model`` itself."""
+        if not self.dist.enabled:
+            return model
+        return DistributedDataParallel(
+            model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+        )
+
     def sync_optimizer_params(self) -> None:
         """Make the optimizer's parameters ``list(model.parameters())``, keeping existing state.
 
@@ -243,12 +247,8 @@ class Trainer:
         for p in [p for p in self.optimizer.state if id(p) not in keep]:
             del self.optimizer.state[p]
         self.optimizer.param_groups[0]["params"] = params
-        if self.dist.enabled:  # DDP's buckets are built for a fixed set of parameters
-            self.model = DistributedDataParallel(
-                self.module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
-            )
+        # DDP's buckets are built for a fixed set of parameters
+        self.model = self._wrap(self.module)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
