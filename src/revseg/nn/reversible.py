@@ -165,6 +165,37 @@ def _unaliased(grads: Sequence[torch.Tensor | None], *buffers: torch.Tensor) -> 
     ]
 
 
+def _half_step(
+    fn: nn.Module,
+    rng: _RngState | None,
+    inp: torch.Tensor,
+    params: list[nn.Parameter],
+    upstream: torch.Tensor,
+    total: torch.Tensor,
+    rebuilt: torch.Tensor,
+    passthrough: torch.Tensor,
+    grad_out: torch.Tensor,
+) -> list[torch.Tensor | None]:
+    """One half of a coupling's backward, for ``total = rebuilt + fn(inp)``.
+
+    Evaluates ``fn(inp)`` once with grad (under the forward's RNG state), writes the
+    reconstructed ``rebuilt = total - fn(inp)`` in place, and ``grad_out = passthrough +
+    d fn/d inp^T upstream``. Returns the gradients of ``params``.
+    """
+    leaf = inp.detach().requires_grad_(True)
+    with rng.restored() if rng is not None else contextlib.nullcontext():
+        out = fn(leaf)
+    grads = torch.autograd.grad(out, [leaf, *params], upstream, allow_unused=True)
+    del leaf  # the graph is gone: buffers may be overwritten from here on
+    torch.sub(total, out.detach(), out=rebuilt)
+    del out
+    if grads[0] is not None:
+        torch.add(passthrough, grads[0], out=grad_out)
+    elif passthrough is not grad_out:
+        grad_out.copy_(passthrough)
+    return list(grads[1:])
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Runs a chain of :class:`AdditiveCoupling` blocks keeping only the chain's output.
 
@@ -228,34 +259,12 @@ class _ReversibleFunction(torch.autograd.Function):
             rng_f = ctx.rng_states[2 * index] if ctx.rng_states is not None else None
             rng_g = ctx.rng_states[2 * index + 1] if ctx.rng_states is not None else None
             with torch.enable_grad(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
-                # G: reconstructs x2 = y2 - G(y1) and differentiates y2 = x2 + G(y1).
-                y1_leaf = y1.detach().requires_grad_(True)
-                with rng_g.restored() if rng_g is not None else contextlib.nullcontext():
-                    g_out = block.g(y1_leaf)
-                grads = torch.autograd.grad(g_out, [y1_leaf, *g_params], dy2, allow_unused=True)
-                del y1_leaf  # the graph is gone: buffers may be overwritten from here on
-                torch.sub(y2, g_out.detach(), out=buf2)  # x2
-                del g_out
-                if grads[0] is not None:
-                    torch.add(dy1, grads[0], out=grad1)  # dx1 = dy1 + dG/dy1^T dy2
-                elif dy1 is not grad1:
-                    grad1.copy_(dy1)
-                g_grads = _unaliased(grads[1:], grad, buf)
-                del grads
-                # F: reconstructs x1 = y1 - F(x2) and differentiates y1 = x1 + F(x2).
-                x2_leaf = buf2.detach().requires_grad_(True)
-                with rng_f.restored() if rng_f is not None else contextlib.nullcontext():
-                    f_out = block.f(x2_leaf)
-                grads = torch.autograd.grad(f_out, [x2_leaf, *f_params], grad1, allow_unused=True)
-                del x2_leaf
-                torch.sub(y1, f_out.detach(), out=buf1)  # x1
-                del f_out
-                if grads[0] is not None:
-                    torch.add(dy2, grads[0], out=grad2)  # dx2 = dy2 + dF/dx2^T dx1
-                elif dy2 is not grad2:
-                    grad2.copy_(dy2)
-                f_grads = _unaliased(grads[1:], grad, buf)
-                del grads
+                # G: reconstructs x2 = y2 - G(y1) and differentiates y2 = x2 + G(y1)
+                g_grads = _half_step(block.g, rng_g, y1, g_params, dy2, y2, buf2, dy1, grad1)
+                g_grads = _unaliased(g_grads, grad, buf)  # before F overwrites those buffers
+                # F: reconstructs x1 = y1 - F(x2) and differentiates y1 = x1 + F(x2)
+                f_grads = _half_step(block.f, rng_f, buf2, f_params, grad1, y1, buf1, dy2, grad2)
+                f_grads = _unaliased(f_grads, grad, buf)
             # gradients are collected per block in reverse, then reordered below
             param_grads.append((f_grads, g_grads))
             y1, y2, dy1, dy2 = buf1, buf2, grad1, grad2
