@@ -458,6 +458,13 @@ def _ok(r: dict[str, Any]) -> bool:
     return "error" not in r and "skipped" not in r
 
 
+def _plan_error(res: dict[str, Any]) -> str:
+    """The planner's error against the measured peak, as a table cell."""
+    if not _ok(res) or not res.get("planned_peak_bytes"):
+        return "–"
+    return f"{100 * (res['planned_peak_bytes'] / res['peak_bytes'] - 1):+.2f}%"
+
+
 def _goal(rows: list[list[str]], name: str, target: str, value: float | None, ok: bool | None):
     verdict = "–" if ok is None else ("met" if ok else "**missed**")
     rows.append([name, target, _fmt(value, 3), verdict])
@@ -518,11 +525,6 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
         sizes = sorted({r["spec"]["size"][0] for r in by["a"]})
         for r in by["a"]:
             res = r["result"]
-            err = (
-                res["planned_peak_bytes"] / res["peak_bytes"] - 1
-                if _ok(res) and res.get("planned_peak_bytes")
-                else None
-            )
             rows.append(
                 [
                     "x".join(map(str, r["spec"]["size"])),
@@ -530,7 +532,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
                     f"{res['params']:,}" if _ok(res) else _status(res),
                     _mib(res.get("peak_bytes")),
                     _mib(res.get("planned_peak_bytes")),
-                    "–" if err is None else f"{100 * err:+.2f}%",
+                    _plan_error(res),
                     _fmt(res["peak_bytes"] / res["voxels"], 0) if _ok(res) else "–",
                     _fmt(res.get("step_time_s")),
                 ]
@@ -621,11 +623,6 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
             if _ok(res) and spec.get("depth") == 1:
                 first[key] = res["peak_bytes"]
             rel = res["peak_bytes"] / first[key] if _ok(res) and key in first else None
-            err = (
-                res["planned_peak_bytes"] / res["peak_bytes"] - 1
-                if _ok(res) and res.get("planned_peak_bytes")
-                else None
-            )
             rows.append(
                 [
                     spec["label"],
@@ -633,7 +630,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
                     _mib(res.get("peak_bytes")),
                     _fmt(rel, 3),
                     _mib(res.get("planned_peak_bytes")),
-                    "–" if err is None else f"{100 * err:+.2f}%",
+                    _plan_error(res),
                     _fmt(res.get("step_time_s")),
                 ]
             )
@@ -763,11 +760,6 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
         rows = []
         for r in by["d"]:
             res = r["result"]
-            err = (
-                res["planned_peak_bytes"] / res["peak_bytes"] - 1
-                if _ok(res) and res.get("planned_peak_bytes")
-                else None
-            )
             rows.append(
                 [
                     "x".join(map(str, r["spec"]["size"])),
@@ -775,7 +767,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
                     f"{res['params']:,}" if _ok(res) else _status(res),
                     _mib(res.get("peak_bytes")),
                     _mib(res.get("planned_peak_bytes")),
-                    "–" if err is None else f"{100 * err:+.2f}%",
+                    _plan_error(res),
                     _fmt(res["peak_bytes"] / res["voxels"], 0) if _ok(res) else "–",
                     _fmt(res.get("step_time_s")),
                 ]
