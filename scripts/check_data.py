@@ -17,22 +17,14 @@ import sys
 import time
 
 from revseg.cli import exit_on_error
-from revseg.config import CONFIG_DIR, build, check_group_overrides
+from revseg.config import build, compose_config
 from revseg.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
     quick = "--quick" in argv
     overrides = [a for a in argv if a != "--quick"]
-    check_group_overrides(overrides, CONFIG_DIR)
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, "paths.output_dir=."])
-    except HydraException as error:
-        raise ConfigError(str(error).splitlines()[0]) from None
+    cfg = compose_config("train", [*overrides, "paths.output_dir=."], require=False)
     if cfg.data.get("root") is None or str(cfg.data.root) == "???":
         raise ConfigError("data.root is required: give it on the command line (data.root=...)")
     data = build(cfg.data, "data")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from revseg.cli import exit_on_error
-from revseg.config import CONFIG_DIR
+from revseg.config import compose_config
 from revseg.errors import ConfigError, DataError
 
 
@@ -46,19 +46,10 @@ def _pairs(pred: Path, found, single: bool) -> list[tuple[str, Path, str]]:
 
 
 def main(argv: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from revseg.data.evaluation import evaluate_files, summarize, write_reports
     from revseg.data.prediction import resolve_input
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("evaluate", overrides=argv)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            f"{missing[0]} is required: give it on the command line ({missing[0]}=...)"
-        )
+    cfg = compose_config("evaluate", argv)
     found, single = resolve_input(cfg.truth, str(cfg.data.layout))
     convention = found.layout.convention
     per_case = {}

@@ -16,24 +16,13 @@ import logging
 import sys
 
 from revseg.cli import exit_on_error
-from revseg.config import CONFIG_DIR
+from revseg.config import compose_config
 
 
 def main(argv: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     from revseg.data.prediction import predict
 
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("predict", overrides=argv)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        from revseg.errors import ConfigError
-
-        raise ConfigError(
-            f"{missing[0]} is required: give it on the command line ({missing[0]}=...)"
-        )
+    cfg = compose_config("predict", argv)
     p = cfg.predict
     records = predict(
         cfg.run,

@@ -68,6 +68,45 @@ def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) ->
                 )
 
 
+def require_keys(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first mandatory key (``???``) left unset."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"{missing[0]} is required: give it on the command line ({missing[0]}=...)"
+        )
+
+
+def compose_config(
+    name: str,
+    overrides: Sequence[str],
+    require: bool = True,
+    return_hydra_config: bool = False,
+    config_dir: Path = CONFIG_DIR,
+) -> DictConfig:
+    """Compose ``configs/<name>.yaml`` with command-line ``overrides``, as the scripts do.
+
+    Raises:
+        ConfigError: an unknown group option, a composition error (its first line), or, with
+            ``require``, a mandatory key left unset.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_group_overrides(overrides, config_dir)
+    try:
+        with initialize_config_dir(str(config_dir), version_base="1.3"):
+            cfg = compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    if require:
+        require_keys(cfg)
+    return cfg
+
+
 def _positive_int_list(cfg: DictConfig, key: str, length: int = 3) -> list[int] | None:
     value = cfg.get(key.rsplit(".", 1)[-1])
     if value is None:
@@ -90,13 +129,7 @@ def validate_config(cfg: DictConfig) -> None:
     for section in ("model", "data", "trainer", "optimizer", "loss", "paths"):
         if cfg.get(section) is None:
             raise ConfigError(f"config section '{section}' is missing")
-    from omegaconf import OmegaConf
-
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(
-            f"{missing[0]} is required: give it on the command line ({missing[0]}=...)"
-        )
+    require_keys(cfg)
     t = cfg.trainer
     if not isinstance(t.max_epochs, int) or t.max_epochs < 1:
         raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")

@@ -748,16 +748,9 @@ def compose_train_config(overrides: Sequence[str]) -> DictConfig:
     Raises:
         ConfigError: an unknown group option or key, or a bad value (one line).
     """
-    from hydra import compose, initialize_config_dir
+    from revseg.config import compose_config
 
-    from revseg.config import CONFIG_DIR, check_group_overrides
-
-    check_group_overrides(overrides, CONFIG_DIR)
-    try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
-    except Exception as err:  # noqa: BLE001 - Hydra's errors span several lines
-        raise ConfigError(str(err).strip().splitlines()[0]) from err
+    cfg = compose_config("train", overrides, require=False, return_hydra_config=True)
     # the data location is not needed to plan memory
     if OmegaConf.is_missing(cfg.data, "root"):
         cfg.data.root = None
