@@ -180,6 +180,41 @@ def test_flips_are_seeded_and_consistent(davis_root):
     assert 0 < flipped < 8
 
 
+def test_rolls_shift_image_label_and_loss_mask_together(davis_root):
+    data = module(davis_root, steps_per_epoch=6, roll=True)
+    data.setup()
+    train = data._train_sample
+    first = list(data.train_dataloader(seed=5))
+    again = list(data.train_dataloader(seed=5))
+    moved_frames = set()
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a["image"], b["image"])  # seeded
+        image = a["image"][0]
+        # find the shift that was applied: some (t, h, w) roll of the original gives the batch
+        matches = [
+            (t, h, w)
+            for t in range(8)
+            for h in range(16)
+            for w in range(24)
+            if torch.equal(train["image"].roll((t, h, w), dims=(1, 2, 3)), image)
+        ]
+        assert len(matches) == 1
+        t, h, w = matches[0]
+        assert torch.equal(a["label"][0], train["label"].roll((t, h, w), dims=(1, 2, 3)))
+        assert torch.equal(a["loss_mask"][0], train["loss_mask"].roll(t, dims=1))
+        moved_frames.add(t)
+    assert len(moved_frames) > 1  # the supervised frames move: not tied to a frame index
+
+
+def test_roll_per_axis(davis_root):
+    data = module(davis_root, steps_per_epoch=4, roll=[True, False, False])
+    data.setup()
+    train = data._train_sample
+    for batch in data.train_dataloader(seed=1):
+        shifts = [t for t in range(8) if torch.equal(train["image"].roll(t, 1), batch["image"][0])]
+        assert len(shifts) == 1
+
+
 def test_preview_and_figures(davis_root):
     data = module(davis_root)
     val = next(iter(data.val_dataloader()))
@@ -262,6 +297,8 @@ def test_constructor_reads_no_files(tmp_path):
         ({"sequence": "../up"}, "data.sequence"),
         ({"steps_per_epoch": 0}, "data.steps_per_epoch"),
         ({"flip_prob": 2}, "data.flip_prob"),
+        ({"roll": [True, False]}, "data.roll"),
+        ({"roll": "yes"}, "data.roll"),
         ({"generate": True}, "data.video_frames"),
     ],
 )

@@ -304,26 +304,49 @@ def _size(value: Any, key: str) -> tuple[int, int]:
 
 
 class _VideoDataset(Dataset):
-    """The one video, ``length`` times; random horizontal flips when ``flip_prob`` > 0."""
+    """The one video, ``length`` times, with the training augmentations.
+
+    ``flip_prob`` > 0: random horizontal flips. ``roll``: per axis ``(T, H, W)``, a circular shift
+    by a uniform random offset (0 = that axis is not shifted), the same for image, label and loss
+    mask. With labels on a few frames only, shifts keep a network from tying its answer to the
+    absolute frame index or position (memorising the labelled frames) instead of to appearance and
+    motion.
+    """
 
     def __init__(
-        self, sample: dict, length: int, flip_prob: float = 0.0, seed: int | None = None
+        self,
+        sample: dict,
+        length: int,
+        flip_prob: float = 0.0,
+        seed: int | None = None,
+        roll: Sequence[bool] = (False, False, False),
     ) -> None:
         self.sample, self.length, self.flip_prob, self.seed = sample, length, flip_prob, seed
+        self.roll = tuple(bool(r) for r in roll)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.sample)
-        if self.flip_prob > 0:
-            generator = None
-            if self.seed is not None:
-                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-            if float(torch.rand((), generator=generator)) < self.flip_prob:
-                for key in ("image", "label", "loss_mask"):
-                    if sample[key].shape[-1] > 1:
-                        sample[key] = sample[key].flip(-1)
+        if self.flip_prob == 0 and not any(self.roll):
+            return sample
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        keys = ("image", "label", "loss_mask")
+        if self.flip_prob > 0 and float(torch.rand((), generator=generator)) < self.flip_prob:
+            for key in keys:
+                if sample[key].shape[-1] > 1:
+                    sample[key] = sample[key].flip(-1)
+        for axis, on in zip((-3, -2, -1), self.roll):
+            size = sample["image"].shape[axis]
+            if not on or size < 2:
+                continue
+            shift = int(torch.randint(size, (), generator=generator))
+            for key in keys:
+                if sample[key].shape[axis] > 1:  # a (1, T, 1, 1) loss mask is not rolled in H, W
+                    sample[key] = sample[key].roll(shift, dims=axis)
         return sample
 
 
@@ -347,6 +370,8 @@ class DavisData:
             per object of the sequence, by palette index).
         steps_per_epoch: how many times an epoch of training shows the video.
         flip_prob: probability of a random horizontal flip in training; 0 disables it.
+        roll: random circular shifts in training along ``(T, H, W)``: three booleans, or one for
+            all axes (labels on few frames are otherwise easily memorised by frame index).
         generate: if ``root`` is missing or empty, generate the synthetic demo video there.
         video_frames: frames of the generated video (``generate`` only).
         video_size: ``(H, W)`` of the generated video (``generate`` only).
@@ -368,6 +393,7 @@ class DavisData:
         objects: str = "binary",
         steps_per_epoch: int = 1,
         flip_prob: float = 0.0,
+        roll: bool | Sequence[bool] = False,
         generate: bool = False,
         video_frames: int | None = None,
         video_size: Sequence[int] | None = None,
@@ -420,6 +446,18 @@ class DavisData:
         ):
             raise ConfigError(f"data.flip_prob must be in [0, 1], got {flip_prob!r}")
         self.flip_prob = float(flip_prob)
+        rolls = (
+            [roll] * 3
+            if isinstance(roll, bool)
+            else list(roll)
+            if isinstance(roll, Sequence)
+            else []
+        )
+        if len(rolls) != 3 or not all(isinstance(r, bool) for r in rolls):
+            raise ConfigError(
+                f"data.roll must be true, false or three booleans for (T, H, W), got {roll!r}"
+            )
+        self.roll = tuple(rolls)
         if not isinstance(generate, bool):
             raise ConfigError(f"data.generate must be true or false, got {generate!r}")
         self.generate = generate
@@ -595,10 +633,12 @@ class DavisData:
         """``steps_per_epoch`` batches of the video with the sparse ``loss_mask``.
 
         Args:
-            seed: seeds the random flips (``flip_prob`` > 0); None uses torch's global RNG.
+            seed: seeds the random flips and shifts; None uses torch's global RNG.
         """
         self.setup()
-        dataset = _VideoDataset(self._train_sample, self.steps_per_epoch, self.flip_prob, seed)
+        dataset = _VideoDataset(
+            self._train_sample, self.steps_per_epoch, self.flip_prob, seed, self.roll
+        )
         return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:
