@@ -128,6 +128,8 @@ def assert_tensorboard_run(run) -> None:
 
 # a tiny variant of each model, on data it takes (the U-Nets use TINY's BraTS-like volumes)
 TINY_MODEL = {"hyperbolic_blr": TINY_VIDEO}
+# models on TINY's volumes whose channels follow another rule than TINY's [8, 16, 24]
+TINY_CHANNELS = {"hybrid_revnet": ("model.channels=[4,32,32]",)}
 
 
 @pytest.mark.parametrize("model", group_options("model"))
@@ -140,7 +142,7 @@ def test_every_model_trains(tmp_path, tiny_data_root, model):
             "trainer.progress_bar=false",
         ]
     else:
-        overrides = [*TINY, f"data.root={tiny_data_root}"]
+        overrides = [*TINY, *TINY_CHANNELS.get(model, ()), f"data.root={tiny_data_root}"]
     summary = train(
         compose_train(f"model={model}", *overrides, f"paths.output_dir={tmp_path}", "~logger")
     )

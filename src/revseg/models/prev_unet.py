@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import NormActConv
+from revseg.nn.blocks import NormActConv, per_level
 from revseg.nn.reversible import AdditiveCoupling, ReversibleSequence
 
 __all__ = ["PartiallyReversibleUNet", "reversible_level"]
@@ -49,15 +49,6 @@ def reversible_level(
     return ReversibleSequence(
         blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state
     )
-
-
-def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
-    depths = [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
-    if len(depths) != levels or any(d < 1 for d in depths):
-        raise ValueError(
-            f"{name} must be a positive int or a list of {levels} positive ints, got {value!r}"
-        )
-    return depths
 
 
 class PartiallyReversibleUNet(nn.Module):
@@ -95,8 +86,8 @@ class PartiallyReversibleUNet(nn.Module):
         super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels)
-        enc = _per_level(encoder_depth, levels, "encoder_depth")
-        dec = _per_level(decoder_depth, levels, "decoder_depth")
+        enc = per_level(encoder_depth, levels, "encoder_depth")
+        dec = per_level(decoder_depth, levels, "decoder_depth")
         self.channels = channels
         self.divisor = 2 ** (levels - 1)
 

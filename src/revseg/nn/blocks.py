@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["NormActConv", "group_count"]
+__all__ = ["NormActConv", "group_count", "per_level"]
+
+
+def per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
+    """Blocks per level from an int (every level) or a list with one entry per level.
+
+    Raises:
+        ValueError: a wrong length or a count below 1; the message names ``name``.
+    """
+    depths = [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
+    if len(depths) != levels or any(d < 1 for d in depths):
+        raise ValueError(
+            f"{name} must be a positive int or a list of {levels} positive ints, got {value!r}"
+        )
+    return depths
 
 
 def group_count(channels: int, groups: int) -> int:

@@ -1,0 +1,565 @@
+"""Layer-wise invertible layers: pooling, batch norm, LeakyReLU, convolution, and their chains.
+
+Hascoet, Febvre, Ariki, Takiguchi: "Reversible designs for extreme memory reduction of deep
+neural networks" (section 4.1). Every layer here has ``forward`` and ``inverse``, so the input of
+a layer can be recomputed from its output during backward instead of being kept:
+
+* :class:`ChannelPooling3d` (i-RevNet's invertible pooling, ``P_c``, eq. 33a-b) stacks the
+  eight voxels of each ``2 x 2 x 2`` cell along channels, :class:`BatchPooling3d` (``P_b``,
+  eq. 33c-d) along the batch, keeping the channel count (and so the weight memory) constant.
+  Both only move elements: their inverses are exact.
+* :class:`InvertibleBatchNorm3d` (eq. 27) normalises with the batch statistics, which it keeps
+  (``2C`` numbers) for the inverse of the same step; its scale is ``|gamma| + eps_i``.
+* :class:`InvertibleLeakyReLU` (eq. 28) is bijective for a positive slope.
+* :class:`InvertibleConv3d` (section 4.1.4) is the "minimal reversible block": an additive
+  coupling whose two modules are single convolutions.
+* :class:`LayerwiseInvertibleChain` composes such layers. With memory saving its
+  :class:`torch.autograd.Function` keeps only the chain's output and, in backward, walks the
+  layers from the end (:func:`walk_back`): a layer's inverse gives its input, one forward with
+  grad the local graph that :func:`torch.autograd.grad` differentiates. Parameters are Function
+  inputs; BatchNorm running statistics are frozen during recomputation.
+
+Reconstruction through BN and LeakyReLU amplifies noise. :func:`leaky_relu_alpha` (eq. 32c) and
+:func:`batch_norm_alpha` (eq. 26d) are the paper's closed forms of the factor ``alpha =
+snr_in / snr_out`` by which one inverse divides the signal-to-noise ratio (eq. 18).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from revseg.nn.reversible import AdditiveCoupling, _AutocastState, _frozen_batchnorm_stats
+
+__all__ = [
+    "BatchPooling3d",
+    "ChannelPooling3d",
+    "InvertibleBatchNorm3d",
+    "InvertibleConv3d",
+    "InvertibleLeakyReLU",
+    "InverseOf",
+    "LayerwiseInvertibleChain",
+    "batch_norm_alpha",
+    "float32_under_autocast",
+    "frozen_running_stats",
+    "invertible_sequence_function",
+    "layer_backward_step",
+    "leaky_relu_alpha",
+    "walk_back",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# invertible pooling (section 4.1.5)
+
+
+def _check_poolable(x: torch.Tensor, name: str) -> tuple[int, int, int, int, int]:
+    if x.ndim != 5:
+        raise ValueError(f"{name} expects (B, C, D, H, W), got shape {tuple(x.shape)}")
+    b, c, d, h, w = x.shape
+    if d % 2 or h % 2 or w % 2:
+        raise ValueError(f"{name} needs D, H, W divisible by 2, got {(d, h, w)}")
+    return b, c, d, h, w
+
+
+def _check_unpoolable(y: torch.Tensor, dim: int, name: str) -> tuple[int, int, int, int, int]:
+    if y.ndim != 5 or y.shape[dim] % 8:
+        what = "channels" if dim == 1 else "a batch"
+        raise ValueError(
+            f"{name} needs a 5D input with {what} divisible by 8, got {tuple(y.shape)}"
+        )
+    return y.shape
+
+
+class ChannelPooling3d(nn.Module):
+    """Invertible channel pooling ``P_c`` (i-RevNet): ``(B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2)``.
+
+    A 3D pixel-unshuffle: output channel ``8 c + 4 i + 2 j + k`` holds ``x[:, c, i::2, j::2,
+    k::2]`` (the order of :func:`torch.nn.functional.pixel_unshuffle`). Volume preserving;
+    ``inverse`` is exact.
+
+    Raises:
+        ValueError: at call time, if ``D``, ``H`` or ``W`` is not divisible by 2 (for
+            ``inverse``: if the channels are not divisible by 8).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = _check_poolable(x, "channel pooling")
+        x = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)
+        return x.reshape(b, 8 * c, d // 2, h // 2, w // 2)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, 8C, D, H, W) -> (B, C, 2D, 2H, 2W)``."""
+        b, c8, d, h, w = _check_unpoolable(y, 1, "channel unpooling")
+        y = y.reshape(b, c8 // 8, 2, 2, 2, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return y.reshape(b, c8 // 8, 2 * d, 2 * h, 2 * w)
+
+
+class BatchPooling3d(nn.Module):
+    """Invertible batch pooling ``P_b`` (Hascoet et al.): ``(B, C, D, H, W) -> (8B, C, D/2, ...)``.
+
+    Sample ``8 b + 4 i + 2 j + k`` of the output is ``x[b, :, i::2, j::2, k::2]``: the eight
+    sub-grids of each sample are consecutive along the batch. Volume preserving with the channel
+    count unchanged, so the convolutions after it keep their weight size; ``inverse`` is exact.
+
+    Raises:
+        ValueError: at call time, if ``D``, ``H`` or ``W`` is not divisible by 2 (for
+            ``inverse``: if the batch is not divisible by 8).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, d, h, w = _check_poolable(x, "batch pooling")
+        x = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2).permute(0, 3, 5, 7, 1, 2, 4, 6)
+        return x.reshape(8 * b, c, d // 2, h // 2, w // 2)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``(8B, C, D, H, W) -> (B, C, 2D, 2H, 2W)``."""
+        b8, c, d, h, w = _check_unpoolable(y, 0, "batch unpooling")
+        y = y.reshape(b8 // 8, 2, 2, 2, c, d, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+        return y.reshape(b8 // 8, c, 2 * d, 2 * h, 2 * w)
+
+
+class InverseOf(nn.Module):
+    """The inverse of an invertible module as a module: ``forward`` is ``module.inverse``.
+
+    Used for the up path of a V-shaped invertible network (``InverseOf(ChannelPooling3d())`` is
+    channel unpooling). Holds ``module``, so parameters, if any, are shared.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.inverse(x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.module(y)
+
+
+# --------------------------------------------------------------------------------------------
+# invertible batch norm and LeakyReLU (sections 4.1.2-4.1.3) and the closed forms of alpha
+
+
+class InvertibleBatchNorm3d(nn.Module):
+    """Batch norm with an inverse: ``y = s (x - mean) / sqrt(var + eps) + beta``, ``s = |gamma| +
+    scale_eps`` (Hascoet et al., eq. 27).
+
+    The paper writes ``|gamma + eps_i|``; its stated purpose, lower bounding the scale so the
+    inverse never divides by (almost) zero, is what ``|gamma| + eps_i`` does (``|gamma + eps_i|``
+    vanishes at ``gamma = -eps_i``). ``gamma`` starts at ``1 - scale_eps`` (``s = 1``). ``eps``
+    sits inside the square root as in :class:`torch.nn.BatchNorm3d` (the paper: ``sqrt(var) +
+    eps``), which keeps gradients finite on a constant channel.
+
+    Training mode: batch statistics (over ``B, D, H, W``), kept (``2C`` numbers) for
+    :meth:`inverse` in the same step; running statistics updated as torch does, except inside
+    :func:`frozen_running_stats` (entered by the memory-saving backward while it recomputes).
+    Eval mode: running statistics both ways.
+
+    Args:
+        num_features: channels ``C`` of the ``(B, C, D, H, W)`` input.
+        eps: added to the variance.
+        scale_eps: ``eps_i``, the lower bound of the scale (> 0).
+        momentum: running statistics momentum.
+        track_running_stats: ``False`` uses batch statistics in eval mode too.
+
+    Raises:
+        ValueError: if ``scale_eps <= 0``; at call time, for an input that is not
+            ``(B, num_features, D, H, W)``.
+        RuntimeError: from :meth:`inverse` in training mode before any forward.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        scale_eps: float = 0.1,
+        momentum: float = 0.1,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__()
+        if scale_eps <= 0:
+            raise ValueError(f"scale_eps must be > 0 (it bounds the scale), got {scale_eps}")
+        self.num_features = num_features
+        self.eps = eps
+        self.scale_eps = scale_eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.weight = nn.Parameter(torch.full((num_features,), abs(1.0 - scale_eps)))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var)
+        self.stats_frozen = False
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, scale_eps={self.scale_eps}"
+
+    def scale(self) -> torch.Tensor:
+        """The effective per-channel scale ``|gamma| + scale_eps``, shape ``(C,)``."""
+        return self.weight.abs() + self.scale_eps
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, var)`` the layer normalises with now: the last batch's in training mode."""
+        if not self._uses_batch_stats():
+            return self.running_mean, self.running_var
+        if self.batch_stats is None:
+            raise RuntimeError(
+                "InvertibleBatchNorm3d.inverse in training mode needs the batch statistics of a "
+                "forward pass first"
+            )
+        return self.batch_stats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W) -> (B, C, D, H, W)``."""
+        if x.ndim != 5 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"InvertibleBatchNorm3d expects (B, {self.num_features}, D, H, W), got shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # mixed precision: normalise (and so invert) in float32; the next layers see float32
+            x = x.float()
+        batch = self._uses_batch_stats()
+        if batch:
+            with torch.no_grad():  # kept for the inverse; the forward below uses the same values
+                var, mean = torch.var_mean(x, dim=(0, 2, 3, 4), unbiased=False)
+            self.batch_stats = (mean, var)
+        update = self.training and self.track_running_stats and not self.stats_frozen
+        if update:
+            self.num_batches_tracked.add_(1)
+        # torch's kernel: it keeps only the input and per-channel statistics for its backward
+        return F.batch_norm(
+            x,
+            self.running_mean if update or not batch else None,
+            self.running_var if update or not batch else None,
+            self.scale(),
+            self.bias,
+            training=batch,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """``x = (y - beta) sqrt(var + eps) / s + mean`` with the statistics of the forward."""
+        mean, var = self.statistics()
+        shape = (1, -1, 1, 1, 1)
+        factor = torch.sqrt(var + self.eps) / self.scale()
+        return (y - self.bias.view(shape)) * factor.view(shape) + mean.view(shape)
+
+    def snr_alpha(self) -> float:
+        """:func:`batch_norm_alpha` for the statistics and parameters this layer uses now."""
+        mean, var = self.statistics()
+        return batch_norm_alpha(mean, var, self.scale().detach(), self.bias.detach(), self.eps)
+
+
+class InvertibleLeakyReLU(nn.Module):
+    """LeakyReLU ``y = x (x >= 0), n x (x < 0)`` with its inverse ``x = y (y >= 0), y / n``.
+
+    Hascoet et al., eq. 28, write the negative branch ``x / n``; this is torch's convention
+    (``n`` multiplies). The SNR factor :func:`leaky_relu_alpha` is the same for ``n`` and
+    ``1 / n``.
+
+    Args:
+        negative_slope: ``n > 0`` (the paper's depth study, Figure 12, uses 0.2).
+
+    Raises:
+        ValueError: if ``negative_slope <= 0`` (not bijective).
+    """
+
+    def __init__(self, negative_slope: float = 0.2) -> None:
+        super().__init__()
+        if negative_slope <= 0:
+            raise ValueError(
+                f"an invertible LeakyReLU needs negative_slope > 0, got {negative_slope}"
+            )
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x, self.negative_slope)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(y >= 0, y, y / self.negative_slope)
+
+    def snr_alpha(self) -> float:
+        return leaky_relu_alpha(self.negative_slope)
+
+
+def leaky_relu_alpha(negative_slope: float) -> float:
+    """SNR reduction ``alpha = snr_in / snr_out = 4 / ((1 + 1/n^2)(1 + n^2))`` of the LeakyReLU
+    inverse (Hascoet et al., eq. 32c).
+
+    For zero-mean inputs symmetric about 0 and noise on the output much smaller than the signal
+    (no sign flips), half the signal and half the noise go through each branch. ``alpha <= 1``,
+    with equality at ``n = 1``; symmetric under ``n -> 1/n``.
+
+    Raises:
+        ValueError: if ``negative_slope <= 0``.
+    """
+    n = float(negative_slope)
+    if n <= 0:
+        raise ValueError(f"negative_slope must be > 0, got {negative_slope}")
+    return 4.0 / ((1.0 + 1.0 / n**2) * (1.0 + n**2))
+
+
+def batch_norm_alpha(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 0.0,
+) -> float:
+    """SNR reduction ``alpha = snr_in / snr_out`` of the batch-norm inverse (Hascoet et al., eq.
+    26d) for per-channel input statistics and parameters, all of shape ``(C,)``::
+
+        alpha = sum_i (mean_i^2 + var_i) / sum_i (s_i^2 var_i / (var_i + eps) + beta_i^2)
+                * C / sum_i ((var_i + eps) / s_i^2)
+
+    The first factor is ``|x|^2 / |y|^2`` (the output moments written exactly for ``eps`` in the
+    square root; the paper's ``gamma_i^2 + beta_i^2`` is the ``eps -> 0`` limit), the second
+    ``|eps_y|^2 / |eps_x|^2`` for output noise spread evenly over channels (eq. 25e-f: the inverse
+    scales channel ``i``'s noise by ``sqrt(var_i + eps) / s_i``; the squares, lost in the text of
+    eq. 25g, are needed to recover the two-channel example, eq. 23c). Channels are assumed to
+    hold equally many elements.
+    """
+    mean, var, scale, bias = (
+        torch.as_tensor(t, dtype=torch.float64) for t in (mean, var, scale, bias)
+    )
+    signal = (mean**2 + var).sum() / (scale**2 * var / (var + eps) + bias**2).sum()
+    noise = mean.numel() / ((var + eps) / scale**2).sum()
+    return float(signal * noise)
+
+
+# --------------------------------------------------------------------------------------------
+# invertible convolution (section 4.1.4)
+
+
+class InvertibleConv3d(AdditiveCoupling):
+    """Invertible convolution as a minimal reversible block (Hascoet et al., section 4.1.4).
+
+    ``y1 = x1 + conv_f(x2)``, ``y2 = x2 + conv_g(y1)`` on the two channel halves, each module
+    one ``k x k x k`` convolution (no bias: a batch norm follows). Its inverse is the additive
+    one, exact up to rounding. The memory-saving backward evaluates each convolution once per
+    step (:meth:`backward_step`): that evaluation reconstructs the half and builds the graph.
+
+    Args:
+        channels: channels ``C`` of the ``(B, C, D, H, W)`` input, even.
+        kernel_size: odd kernel size (``padding = kernel_size // 2``).
+
+    Raises:
+        ValueError: if ``channels`` is odd or ``kernel_size`` even.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        if channels % 2 or channels < 2:
+            raise ValueError(f"InvertibleConv3d needs an even channel count, got {channels}")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"InvertibleConv3d needs an odd kernel size, got {kernel_size}")
+        half = channels // 2
+
+        def conv() -> nn.Conv3d:
+            return nn.Conv3d(half, half, kernel_size, padding=kernel_size // 2, bias=False)
+
+        super().__init__(conv(), conv())
+
+    def backward_step(
+        self, y: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """``(x, dL/dx, parameter grads)`` from the output ``y`` and ``dL/dy``, one evaluation of
+        ``conv_g`` then of ``conv_f``; a known input ``x`` replaces the reconstruction."""
+        y1, y2 = self._split(y)
+        dy1, dy2 = self._split(grad_y)
+        rebuilt = torch.empty_like(y) if x is None else x  # written in place: no concatenation
+        grad_x = torch.empty_like(grad_y)
+        x1, x2 = self._split(rebuilt)
+        dx1, dx2 = self._split(grad_x)
+        g_params, f_params = _trainable(self.g), _trainable(self.f)
+        leaf = y1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.g(leaf)
+        g_grads = torch.autograd.grad(out, [leaf, *g_params], dy2, allow_unused=True)
+        if x is None:
+            torch.sub(y2, out.detach(), out=x2)
+        torch.add(dy1, g_grads[0], out=dx1)
+        leaf = x2.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = self.f(leaf)
+        f_grads = torch.autograd.grad(out, [leaf, *f_params], dx1, allow_unused=True)
+        if x is None:
+            torch.sub(y1, out.detach(), out=x1)
+        torch.add(dy2, f_grads[0], out=dx2)
+        return rebuilt, grad_x, [*f_grads[1:], *g_grads[1:]]
+
+
+# --------------------------------------------------------------------------------------------
+# the layer-wise invertible chain and its memory-saving autograd
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """No running-statistics update in any batch norm of ``modules`` (ours and torch's) while the
+    forward is recomputed; batch statistics are still used and, for :meth:`inverse`, kept."""
+    ours = [
+        m for module in modules for m in module.modules() if isinstance(m, InvertibleBatchNorm3d)
+    ]
+    previous = [m.stats_frozen for m in ours]
+    for m in ours:
+        m.stats_frozen = True
+    try:
+        with _frozen_batchnorm_stats(modules):
+            yield
+    finally:
+        for m, flag in zip(ours, previous):
+            m.stats_frozen = flag
+
+
+def layer_backward_step(
+    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One step of the layer-wise backward: ``(x, dL/dx, grads of the layer's parameters)``.
+
+    Uses ``layer.backward_step`` where the layer has one (a fused reconstruction and
+    differentiation); otherwise reconstructs ``x = layer.inverse(y)`` (unless ``x`` is given),
+    recomputes ``layer(x)`` with grad and differentiates it with :func:`torch.autograd.grad`.
+    Parameter gradients are in ``layer.parameters()`` order (trainable ones only).
+    """
+    step = getattr(layer, "backward_step", None)
+    if step is not None:
+        return step(y, grad_y, x)
+    params = _trainable(layer)
+    if x is None:
+        with torch.no_grad():
+            x = layer.inverse(y)
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = layer(leaf)
+    grads = torch.autograd.grad(out, [leaf, *params], grad_y, allow_unused=True)
+    grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    return x, grad_x, list(grads[1:])
+
+
+def walk_back(
+    layers: Sequence[nn.Module],
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """Backward through ``layers`` from their composite output ``y``, one layer at a time.
+
+    Each layer's input is reconstructed from its output (see :func:`layer_backward_step`), so only
+    one layer's local graph is alive at a time. ``x``, the composite input if known, is used for
+    the first layer instead of its reconstruction. Returns the (reconstructed) input, ``dL/dx``
+    and the parameter gradients of all layers in forward order.
+    """
+    per_layer: list[list[torch.Tensor | None]] = []
+    for index in range(len(layers) - 1, -1, -1):
+        known = x if index == 0 else None
+        y, grad_y, grads = layer_backward_step(layers[index], y, grad_y, known)
+        per_layer.append(grads)
+    return y, grad_y, [g for grads in reversed(per_layer) for g in grads]
+
+
+class _InvertibleFunction(torch.autograd.Function):
+    """Applies invertible modules in order keeping only the final output (see :func:`walk_back`).
+
+    Inputs: ``x``, the modules, then their trainable parameters in order (so autograd receives
+    their gradients from ``backward``; nothing calls ``.backward()`` inside backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, modules, *params):  # type: ignore[override]
+        ctx.modules = modules
+        ctx.autocast = _AutocastState(x.device.type)
+        for module in modules:
+            x = module(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        y = ctx.saved_tensors[0].detach()
+        with ctx.autocast.context(), frozen_running_stats(ctx.modules):
+            _, grad_x, grads = walk_back(ctx.modules, y, grad_y)
+        del y
+        return (grad_x if ctx.needs_input_grad[0] else None, None, *grads)
+
+
+def float32_under_autocast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half precision under autocast: states stay float32 while
+    convolutions compute in low precision (additive inverses stay exact to float32 rounding)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
+
+
+def invertible_sequence_function(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
+    """Apply ``modules`` (each with ``forward`` and ``inverse``, no random ops) to ``x`` keeping
+    only the output for backward; activation memory does not grow with the number of modules."""
+    modules = tuple(modules)
+    params = [p for module in modules for p in _trainable(module)]
+    return _InvertibleFunction.apply(x, modules, *params)
+
+
+class LayerwiseInvertibleChain(nn.Module):
+    """A chain of layer-wise invertible layers (Hascoet et al., section 4.1.6).
+
+    Args:
+        layers: modules with ``forward`` and ``inverse`` (e.g. :class:`InvertibleConv3d`,
+            :class:`InvertibleBatchNorm3d`, :class:`InvertibleLeakyReLU`, the poolings), applied
+            in order. Invertible layers hold no random ops, so no RNG state is kept.
+        memory_saving: ``True`` keeps only the chain's output for backward and recomputes each
+            layer's input with its inverse on the way back; ``False`` is plain autograd on the
+            same modules (same outputs and gradients, memory growing with the chain's length).
+
+    Raises:
+        ValueError: for an empty chain. TypeError: for a layer without ``inverse``.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], memory_saving: bool = True) -> None:
+        super().__init__()
+        if len(layers) == 0:
+            raise ValueError("LayerwiseInvertibleChain needs at least one layer")
+        for layer in layers:
+            if not callable(getattr(layer, "inverse", None)):
+                raise TypeError(f"{type(layer).__name__} has no inverse")
+        self.layers = nn.ModuleList(layers)
+        self.memory_saving = memory_saving
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain applied with plain autograd (what ``memory_saving=False`` does)."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = float32_under_autocast(x)
+        if self.memory_saving and torch.is_grad_enabled():
+            return invertible_sequence_function(x, self.layers)
+        return self.run(x)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The chain's input from its output, layer by layer."""
+        for layer in reversed(self.layers):
+            y = layer.inverse(y)
+        return y
+
+    def backward_step(
+        self, y: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+        """``(x, dL/dx, parameter grads)`` by :func:`walk_back` over the layers."""
+        return walk_back(self.layers, y, grad_y, x)
