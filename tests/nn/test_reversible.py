@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from revseg.nn.reversible import AdditiveCoupling, ReversibleSequence
+from revseg.nn.reversible import (
+    AdditiveCoupling,
+    InvertibleSequence,
+    ReversibleSequence,
+    is_recomputing,
+)
 
 
 class CountingConv(nn.Module):
@@ -189,3 +194,150 @@ def test_bad_input_is_reported():
         seq.blocks[0](torch.randn(1, 7, 4, 4, 4))
     with pytest.raises(ValueError, match="at least one block"):
         ReversibleSequence([])
+
+
+# --------------------------------------------------------------------------------------------
+# InvertibleSequence: any module with an inverse
+
+
+class ChannelAffine(nn.Module):
+    """Exactly invertible toy block ``y = x * exp(a) + b`` per channel, counting calls."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(0.3 * torch.randn(1, channels, 1, 1, 1))
+        self.shift = nn.Parameter(torch.randn(1, channels, 1, 1, 1))
+        self.calls: list[tuple[str, bool]] = []  # (method, is_recomputing())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("forward", is_recomputing()))
+        return x * self.log_scale.exp() + self.shift
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self.calls.append(("inverse", is_recomputing()))
+        return (y - self.shift) * (-self.log_scale).exp()
+
+
+def make_invertible(
+    depth: int,
+    channels: int = 8,
+    memory_saving: bool = True,
+    preserve_rng_state: bool = False,
+    **kw,
+) -> InvertibleSequence:
+    """Alternating additive couplings (convolutions, optional dropout / BatchNorm) and affines."""
+    blocks: list[nn.Module] = []
+    for _ in range(depth):
+        half = channels // 2
+        blocks.append(AdditiveCoupling(CountingConv(half, **kw), CountingConv(half, **kw)))
+        blocks.append(ChannelAffine(channels))
+    return InvertibleSequence(blocks, memory_saving, preserve_rng_state)
+
+
+def test_invertible_sequence_inverse_is_exact():
+    torch.manual_seed(0)
+    seq = make_invertible(3).double()
+    x = torch.randn(2, 8, 5, 4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        y = seq(x)
+        assert rel_err(y, x) > 0.1  # the blocks do change the input
+        assert rel_err(seq.inverse(y), x) < 1e-12
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_invertible_sequence_gradients_equal_plain_autograd(depth):
+    torch.manual_seed(0)
+    saving = make_invertible(depth).double()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(2, 8, 6, 5, 4, dtype=torch.float64)
+    y1, g1, gx1 = grads_of(saving, x)
+    y2, g2, gx2 = grads_of(plain, x)
+    assert torch.equal(y1, y2)
+    assert rel_err(gx1, gx2) < 1e-10
+    assert len(g1) == len(g2) == (8 + 2) * depth  # coupling: 2 x (norm + conv); affine: 2
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-10
+
+
+def test_invertible_sequence_keeps_only_its_output():
+    x = torch.randn(1, 8, 8, 8, 8, requires_grad=True)
+    saving = [saved_bytes(make_invertible(d), x) for d in (1, 2, 4, 8)]
+    assert saving == [x.nbytes] * 4
+    plain = [saved_bytes(make_invertible(d, memory_saving=False), x) for d in (1, 2, 4)]
+    assert plain[0] < plain[1] < plain[2]
+
+
+def test_invertible_backward_is_one_inverse_and_one_forward_per_block_under_recomputing():
+    seq = make_invertible(2)
+    seq(torch.randn(1, 8, 4, 4, 4, requires_grad=True)).sum().backward()
+    convs = [m for m in seq.modules() if isinstance(m, CountingConv)]
+    assert [m.calls for m in convs] == [3] * 4  # forward, inverse, recomputation
+    affines = [m for m in seq.modules() if isinstance(m, ChannelAffine)]
+    expected = [("forward", False), ("inverse", True), ("forward", True)]
+    assert all(m.calls == expected for m in affines)
+    assert not is_recomputing()
+
+
+def test_invertible_dropout_recomputation_sees_the_same_random_numbers():
+    torch.manual_seed(0)
+    saving = make_invertible(2, preserve_rng_state=True, dropout=0.5).double()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(1, 8, 4, 4, 4, dtype=torch.float64)
+    # dropout in G makes the coupling's inverse inexact: only F drops here
+    for block in saving.blocks[::2]:
+        block.g.drop = nn.Identity()
+    for block in plain.blocks[::2]:
+        block.g.drop = nn.Identity()
+    y1, g1, gx1 = grads_of(saving, x, seed=3)
+    y2, g2, gx2 = grads_of(plain, x, seed=3)
+    assert torch.equal(y1, y2)
+    assert rel_err(gx1, gx2) < 1e-10
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-10
+    careless = copy.deepcopy(saving)
+    careless.preserve_rng_state = False
+    _, g3, _ = grads_of(careless, x, seed=3)
+    assert max(rel_err(a, b) for a, b in zip(g3, g2)) > 1e-2
+
+
+def test_invertible_batchnorm_running_stats_updated_once():
+    torch.manual_seed(0)
+    saving = make_invertible(2, batchnorm=True).double()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
+    _, g1, _ = grads_of(saving, x)
+    _, g2, _ = grads_of(plain, x)
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-6
+    for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
+    bns = [m.norm for m in saving.modules() if isinstance(m, CountingConv)]
+    assert [int(bn.num_batches_tracked) for bn in bns] == [1] * 4
+
+
+def test_invertible_parameter_gradients_arrive_through_autograd_accumulation():
+    seq = make_invertible(2)
+    fired: dict[int, int] = {}
+    for p in seq.parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1)
+        )
+    seq(torch.randn(1, 8, 4, 4, 4)).sum().backward()
+    assert fired == {id(p): 1 for p in seq.parameters()}
+
+
+def test_invertible_frozen_parameters_no_grad_and_bad_blocks():
+    seq = make_invertible(2)
+    for p in seq.blocks[0].parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 8, 4, 4, 4, requires_grad=True)
+    seq(x).sum().backward()
+    assert all(p.grad is None for p in seq.blocks[0].parameters())
+    assert all(p.grad is not None for p in seq.blocks[1].parameters())
+    assert x.grad is not None
+    with torch.no_grad():
+        assert seq(x).shape == x.shape
+    with pytest.raises(ValueError, match="at least one block"):
+        InvertibleSequence([])
+    with pytest.raises(TypeError, match="Conv3d has none"):
+        InvertibleSequence([nn.Conv3d(2, 2, 1)])

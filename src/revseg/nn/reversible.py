@@ -33,13 +33,21 @@ updated a second time.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["AdditiveCoupling", "ReversibleSequence", "reversible_sequence_function"]
+__all__ = [
+    "AdditiveCoupling",
+    "InvertibleSequence",
+    "ReversibleSequence",
+    "is_recomputing",
+    "recomputing",
+    "reversible_sequence_function",
+]
 
 
 class AdditiveCoupling(nn.Module):
@@ -332,6 +340,158 @@ class ReversibleSequence(nn.Module):
             x = x.float()
         if self.memory_saving and torch.is_grad_enabled():
             return reversible_sequence_function(x, list(self.blocks), self.preserve_rng_state)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the sequence input from its output."""
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
+
+
+# --------------------------------------------------------------------------------------------
+# any invertible block: inverse, then one forward with grad
+
+
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "revseg_recomputing", default=False
+)
+
+
+def is_recomputing() -> bool:
+    """``True`` while a memory-saving backward reconstructs and recomputes blocks.
+
+    Modules that update state in a training forward (the power iteration of
+    :class:`~revseg.nn.lipschitz.SpectralNormConv3d`) check it, so that the recomputed forward
+    sees the forward's state instead of advancing it a second time.
+    """
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the enclosed calls as a recomputation (see :func:`is_recomputing`)."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _restored(rng: _RngState | None) -> contextlib.AbstractContextManager:
+    return rng.restored() if rng is not None else contextlib.nullcontext()
+
+
+class _InvertibleFunction(torch.autograd.Function):
+    """Runs a chain of invertible blocks keeping only the chain's output.
+
+    Inputs: ``x``, the blocks, a flag for RNG preservation, then every trainable parameter of the
+    blocks (block by block, so that their gradients are returned through autograd).
+
+    Backward walks the blocks from the end: ``x = block.inverse(y)`` without grad, then
+    ``block(x)`` once with grad, and :func:`torch.autograd.grad` gives the input gradient and the
+    block's parameter gradients. Both calls run under :func:`recomputing`, the forward's autocast
+    and RNG state, and with BatchNorm running statistics frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x, blocks, preserve_rng_state, *params):  # type: ignore[override]
+        ctx.blocks = blocks
+        ctx.autocast = _AutocastState(x.device.type)
+        ctx.rng_states = [] if preserve_rng_state else None
+        for block in blocks:
+            if preserve_rng_state:
+                ctx.rng_states.append(_RngState(x.device))
+            x = block(x)
+        ctx.save_for_backward(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        y = ctx.saved_tensors[0].detach()
+        grad = grad_y
+        param_grads: list[list[torch.Tensor | None]] = []  # per block, last block first
+        for index in range(len(ctx.blocks) - 1, -1, -1):
+            block = ctx.blocks[index]
+            params = [p for p in block.parameters() if p.requires_grad]
+            rng = ctx.rng_states[index] if ctx.rng_states is not None else None
+            with recomputing(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
+                with torch.no_grad(), _restored(rng):
+                    x = block.inverse(y)
+                leaf = x.detach().requires_grad_(True)
+                with torch.enable_grad(), _restored(rng):
+                    out = block(leaf)
+                # before the BatchNorm statistics are restored (the graph saved them)
+                grads = torch.autograd.grad(out, [leaf, *params], grad, allow_unused=True)
+            del out  # the block's graph: one block's recomputation at a time
+            grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
+            param_grads.append(list(grads[1:]))
+            y = leaf.detach()
+            del leaf, x
+        grad_x = grad if ctx.needs_input_grad[0] else None
+        ordered = [g for grads in reversed(param_grads) for g in grads]
+        return (grad_x, None, None, *ordered)
+
+
+class InvertibleSequence(nn.Module):
+    """A chain of invertible blocks whose activation memory does not grow with depth.
+
+    Any module with a ``forward`` and an ``inverse`` (``block.inverse(block(x)) ~ x``) can be
+    wrapped: additive couplings, invertible residual blocks ``y = x + g(x)`` with a fixed-point
+    inverse (:mod:`revseg.models.revup_unet`), exactly invertible layers. With
+    ``memory_saving=True`` one :class:`torch.autograd.Function` keeps only the sequence output;
+    backward reconstructs each block's input with ``block.inverse`` and recomputes the block once
+    with grad (one inverse and one forward per block: for couplings, :class:`ReversibleSequence`
+    is the faster path, whose backward needs one forward only). Gradients are exact up to the
+    inverse's error: rounding for exact inverses, the fixed-point residual for iterative ones.
+
+    Args:
+        blocks: the invertible modules, applied in order; each maps ``(B, C, *spatial)`` to the
+            same shape.
+        memory_saving: ``True`` keeps only the sequence output for backward; ``False`` is plain
+            autograd on the same modules (same parameters, outputs and, for exact inverses,
+            gradients), the reference in tests and benchmarks.
+        preserve_rng_state: store the RNG state before each block and restore it for the inverse
+            and the recomputation (needed for random ops such as dropout).
+
+    Raises:
+        ValueError: for an empty ``blocks``.
+        TypeError: for a block without a callable ``inverse``.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        memory_saving: bool = True,
+        preserve_rng_state: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(blocks) == 0:
+            raise ValueError("InvertibleSequence needs at least one block")
+        for block in blocks:
+            if not callable(getattr(block, "inverse", None)):
+                raise TypeError(
+                    f"InvertibleSequence blocks need an inverse method, {type(block).__name__} "
+                    "has none"
+                )
+        self.blocks = nn.ModuleList(blocks)
+        self.memory_saving = memory_saving
+        self.preserve_rng_state = preserve_rng_state
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters in the order the memory-saving backward returns their gradients."""
+        return [p for block in self.blocks for p in block.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *spatial) -> (B, C, *spatial)``."""
+        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # states between blocks stay float32 under mixed precision
+        if self.memory_saving and torch.is_grad_enabled():
+            return _InvertibleFunction.apply(
+                x, tuple(self.blocks), self.preserve_rng_state, *self.trainable_parameters()
+            )
         for block in self.blocks:
             x = block(x)
         return x

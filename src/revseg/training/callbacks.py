@@ -20,6 +20,10 @@ class Callback:
     def on_train_start(self, trainer: Trainer) -> None:
         """Called once before the first epoch (after a resume, too)."""
 
+    def on_train_batch_end(self, trainer: Trainer, batch: dict[str, Any], step: int) -> None:
+        """Called after each optimisation step that was not skipped, with the loader's batch
+        (``batch["image"]``, ...) and the step count ``trainer.global_step``."""
+
     def on_train_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
         """Called after each training epoch with ``{"train/loss": ...}``."""
 

@@ -352,6 +352,8 @@ class Trainer:
             if loss is not None:
                 self.epoch_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", peak=format_bytes(self.peak_memory_bytes))
+                for cb in self.callbacks.values():
+                    cb.on_train_batch_end(self, batch, self.global_step)
             self.batch_in_epoch = index + 1
             if every and self.global_step % every == 0 and self.batch_in_epoch < total:
                 self.save_checkpoint("last.pt")
