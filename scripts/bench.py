@@ -3,6 +3,7 @@
     python scripts/bench.py                  # the full benchmark -> docs/benchmarks/
     python scripts/bench.py --quick          # tiny sizes, a couple of minutes (CI) -> outputs/bench_quick/
     python scripts/bench.py --sections c --depths 1,2 --impls revseg,plain --quick
+    python scripts/bench.py --sections e     # the zoo only, merged into docs/benchmarks/
 
 Every configuration runs in a fresh process (this script with ``--child <json>``), so no
 allocator state, cache or leaked tensor of one configuration affects the next. Each process
@@ -20,7 +21,16 @@ c. one reversible sequence of PRevUNet blocks (F = G = GN-LReLU-Conv3d on C/2 ch
    and plain autograd; peak memory in states (one state = B*C*D*H*W*4 bytes) and time relative to
    plain. The peers come from the ``bench`` extra (``pip install -e ".[bench]"``); a missing one
    is skipped with a note;
-d. hyperbolic_blr, when ``configs/model/hyperbolic_blr.yaml`` exists.
+d. hyperbolic_blr, when ``configs/model/hyperbolic_blr.yaml`` exists;
+e. the zoo: every BraTS-like model config (the ``model`` config group, ``in_channels: 4``) at one
+   input, memory saving on and off (unet_baseline: checkpointing on and off), every
+   ``downsample`` kind, depth 1 and 4 where the config has ``encoder_depth`` /
+   ``decoder_depth``; peak, planned peak, step time and the ratios side by side. On the CPU
+   every design runs :data:`ZOO_SMALL` channels where it takes them (``--zoo-default-channels``:
+   the configs' own).
+
+A run of some sections keeps the other sections' results already in ``--out/results.json``
+(``--fresh`` drops them) and rewrites the report from both.
 
 Results: ``README.md`` (tables, goals), ``results.json`` and PNG plots (if matplotlib is
 installed) in ``--out``.
@@ -49,6 +59,15 @@ IMPLS = ("plain", "checkpoint", "memcnn", "revlib", "revseg")
 # --quick: tiny variants of the models (the same code paths, seconds per configuration)
 QUICK_UNET = ["model.channels=[8,16,24]", "model.norm_groups=2"]
 QUICK_HYP = ["model.layers=[1,2,1]"]
+# section e on the CPU: the zoo's default channels include revnet_unet with batch pooling, whose
+# every level holds the full volume at up to 480 channels (hours per step here), so every design
+# that accepts it runs this one smaller setting instead (a design whose channels follow another
+# rule keeps its defaults, with a note)
+ZOO_SMALL = ["model.channels=[16,32,64,128]", "model.norm_groups=4"]
+ZOO_DEPTHS = (1, 4)
+# the planner's categories that memory saving and depth act on (not parameters, gradients,
+# optimizer state, batch)
+ACTIVATIONS = ("reversible states", "non-reversible activations", "workspace")
 
 
 # ============================================================================================
@@ -84,8 +103,9 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from revseg.config import build
+    from revseg.errors import ConfigError
     from revseg.memory import PeakMemoryMeter
-    from revseg.memory.plan import compose_train_config, plan_from_config
+    from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
 
     size = list(spec["size"])
     if spec.get("video"):  # (T, H, W) of a video data config
@@ -96,7 +116,22 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
     device = _device()
     torch.manual_seed(0)
     model = build(cfg.model, "model")
-    planned = plan_from_config(cfg, model) if spec.get("plan", True) else None
+    planned, plan_failure, activation_peak = None, None, None
+    if spec.get("plan", True):
+        try:  # plan_from_config's plan, and from the same trace the activations' own peak
+            step_model = step_model_from_config(cfg, model)
+            if any(s % step_model.divisor for s in size):
+                raise ConfigError(
+                    f"input size {size}: every size must be divisible by {step_model.divisor} "
+                    "(the model's downsamplings)"
+                )
+            planned = step_model.plan(size)
+            live = step_model.live(math.prod(size))[[CATEGORIES.index(k) for k in ACTIVATIONS]]
+            activation_peak = int(round(live.sum(axis=0).max()))
+        except Exception as err:  # noqa: BLE001 - a planner failure is a note, not a lost run
+            if spec.get("plan_only"):
+                raise
+            plan_failure = f"{type(err).__name__}: {err}".splitlines()[0]
     if spec.get("plan_only"):
         return {
             "planned_peak_bytes": planned.peak_bytes,
@@ -130,6 +165,9 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": m.peak_bytes,
         "planned_peak_bytes": planned.peak_bytes if planned else None,
         "plan": planned.as_dict() if planned else None,
+        "planned_activation_peak_bytes": activation_peak,
+        "plan_failure": plan_failure,
+        "baseline_bytes": m.baseline_bytes,
         "memory_method": meter.method,
         "rss_peak_bytes": m.rss_peak_bytes,
         "params": sum(p.numel() for p in model.parameters()),
@@ -255,9 +293,13 @@ def _sizes(args, cuda: bool) -> dict[str, Any]:
             "d_ranks": ["4"],
             "unet": QUICK_UNET,
             "hyperbolic": QUICK_HYP,
+            "e": 16,
+            "e_setting": QUICK_UNET,
         }
     if cuda:
         return {
+            "e": 96,
+            "e_setting": [],
             "a": [96, 128],
             "b": 128,
             "c": 64,
@@ -267,6 +309,8 @@ def _sizes(args, cuda: bool) -> dict[str, Any]:
             "d_ranks": ["4", "8", "null"],
         }
     return {
+        "e": 32,
+        "e_setting": ZOO_SMALL,
         "a": [64, 96],
         "b": 64,
         "c": 48,
@@ -291,6 +335,10 @@ def make_specs(args, cuda: bool) -> list[dict[str, Any]]:
         sizes["d_ranks"] = args.ranks.split(",")
     if args.depths:
         sizes["depths"] = [int(d) for d in args.depths.split(",")]
+    if args.zoo_size:
+        sizes["e"] = args.zoo_size
+    if args.zoo_default_channels:
+        sizes["e_setting"] = []
     steps = args.steps
     unet, hyp = sizes.get("unet", []), sizes.get("hyperbolic", [])
     specs: list[dict[str, Any]] = []
@@ -380,7 +428,105 @@ def make_specs(args, cuda: bool) -> list[dict[str, Any]]:
         deep = [*base, "model.rank=4", f"model.layers={layers}"]
         net("d", "hyperbolic_blr rank 4, doubled depth", deep, 0, video=True, rank="4", layers=54)
         specs[-1]["size"] = list(sizes["d"][-1])
+    if "e" in args.sections and not args.predict_only:
+        models = args.models.split(",") if args.models else None
+        for design in zoo_designs(sizes["e_setting"], models):
+            for variant in design.pop("variants"):
+                net("e", variant.pop("label"), variant.pop("overrides"), sizes["e"], **variant)
+                specs[-1].update(design)
     return specs
+
+
+def _zoo_setting(name: str, setting: list[str]) -> tuple[list[str], str | None]:
+    """The overrides of ``setting`` that model ``name`` has keys for and builds with; a note when
+    it rejects them (it keeps its defaults)."""
+    from revseg.config import build
+    from revseg.memory.plan import compose_train_config
+
+    model = compose_train_config([f"model={name}"]).model
+    own = [o for o in setting if o.split("=", 1)[0].removeprefix("model.") in model]
+    if not own:
+        return [], None
+    try:
+        build(compose_train_config([f"model={name}", *own]).model, "model")
+    except Exception as err:  # noqa: BLE001 - any refusal: the design keeps its own channels
+        channels = list(model.channels) if "channels" in model else "?"
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return [], f"{name} keeps its default channels {channels} ({' '.join(own)}: {reason})"
+    return own, None
+
+
+def zoo_designs(setting: list[str], models: list[str] | None = None) -> list[dict[str, Any]]:
+    """Section e: every BraTS-like model config (``in_channels: 4``) and its variants.
+
+    The config group is the registry (:func:`revseg.config.group_options`); what varies comes from
+    each config's own keys: ``memory_saving`` (on, then off: the reference) or ``checkpointing``
+    (off: the reference, then on), every kind of a ``downsample`` key (the model module's
+    ``DOWNSAMPLE_KINDS``), and depths :data:`ZOO_DEPTHS` where ``encoder_depth`` /
+    ``decoder_depth`` exist (both set). Video models (``in_channels`` 3) are section d's.
+    """
+    import importlib
+
+    from revseg.config import group_options
+    from revseg.memory.plan import compose_train_config
+
+    options = group_options("model")
+    unknown = sorted(set(models or ()) - set(options))
+    if unknown:
+        raise SystemExit(
+            f"--models: unknown {', '.join(unknown)}; choose from {', '.join(options)}"
+        )
+    designs = []
+    for name in options:
+        model = compose_train_config([f"model={name}"]).model
+        if models and name not in models or model.get("in_channels") != 4:
+            continue
+        own, note = _zoo_setting(name, setting)
+        kinds: list[str | None] = [None]
+        if "downsample" in model:
+            module = importlib.import_module(str(model._target_).rsplit(".", 1)[0])
+            kinds = list(getattr(module, "DOWNSAMPLE_KINDS", [model.downsample]))
+        depth_keys = [k for k in ("encoder_depth", "decoder_depth") if k in model]
+        depths: list[int | None] = list(ZOO_DEPTHS) if depth_keys else [None]
+        switch = next((k for k in ("memory_saving", "checkpointing") if k in model), None)
+        savings: list[bool | None] = [True, False] if switch else [None]
+        variants = []
+        for kind in kinds:
+            for depth in depths:
+                for saving in savings:
+                    overrides = [f"model={name}", *own]
+                    label = name
+                    if kind is not None:
+                        overrides.append(f"model.downsample={kind}")
+                        label += f", {kind}"
+                    if depth is not None:
+                        overrides += [f"model.{k}={depth}" for k in depth_keys]
+                        label += f", depth {depth}"
+                    if switch:
+                        overrides.append(f"model.{switch}={str(saving).lower()}")
+                    if switch == "memory_saving" and not saving:
+                        label += " (memory saving off)"
+                    if switch == "checkpointing" and saving:
+                        label += " (checkpointing)"
+                    variants.append(
+                        {
+                            "label": label,
+                            "overrides": overrides,
+                            "setting": kind or "",
+                            "depth": depth,
+                            "saving": saving,
+                        }
+                    )
+        designs.append(
+            {
+                "design": name,
+                "switch": switch,
+                "zoo_setting": own,
+                "zoo_note": note,
+                "variants": variants,
+            }
+        )
+    return designs
 
 
 def run_spec(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -504,6 +650,15 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
     ]
     if meta.get("note"):
         lines.insert(-1, f"- note: {meta['note']}")
+    for run in meta.get("runs", []):
+        lines.insert(
+            -1,
+            f"- section {', '.join(run['sections'])} from a later run: `{run['command']}` on "
+            f"{run['date']} in {run.get('wall_s', 0):.0f} s, 1-minute load average "
+            f"{_fmt(run['load_start'])} at the start, {_fmt(run.get('load_end'))} at the end; "
+            f"device {run['device']}, {run['threads']} torch thread(s) per configuration"
+            + (f"; note: {run['note']}" if run.get("note") else ""),
+        )
     head = len(lines)
     goals: list[list[str]] = []
     values: dict[str, Any] = {}
@@ -791,6 +946,9 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
                 goals, "d. hyperbolic_blr peak, 54 / 27 layers", "flat (params only)", ratio, None
             )
 
+    if "e" in by:
+        lines += zoo_report(by["e"], values)
+
     if predicted:
         lines += [
             "## Predicted by the planner at sizes too large for this machine",
@@ -856,6 +1014,145 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines), values
+
+
+def _ratio(a: dict[str, Any] | None, b: dict[str, Any] | None, key: str) -> float | None:
+    x, y = (r.get(key) if r and _ok(r) else None for r in (a, b))
+    return x / y if x and y else None
+
+
+def _zoo_key(spec: dict[str, Any]) -> tuple:
+    return spec["design"], spec["setting"], spec["depth"], spec["saving"]
+
+
+def zoo_report(runs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
+    """Section e's Markdown: a line per design (the ratios side by side), then every
+    configuration; the ratios go into ``values``."""
+    size = "x".join(map(str, runs[0]["spec"]["size"]))
+    get = {_zoo_key(r["spec"]): r["result"] for r in runs}
+    depths = sorted({r["spec"]["depth"] for r in runs if r["spec"]["depth"] is not None})
+    lo, hi = (depths[0], depths[-1]) if depths else (None, None)
+    setting = next((r["spec"]["zoo_setting"] for r in runs if r["spec"]["zoo_setting"]), [])
+    lines = [
+        f"## e. The reversible zoo at {size}",
+        "",
+        "Every BraTS-like model config in `configs/model/` (`in_channels: 4`; the video model is "
+        "section d), one training step (Adam, Dice loss, batch 1) at the same input. "
+        + (
+            f"Channels: `{' '.join(setting)}` for every design that takes them (the default "
+            "channels include revnet_unet with batch pooling, whose every level holds the full "
+            "volume at up to 480 channels: far too slow on a CPU)"
+            if setting
+            else "Every design at its config's default channels"
+        )
+        + "; compare the parameter counts. `off` is the same model with `memory_saving=false` "
+        "(plain autograd on the same modules and parameters); for unet_baseline, saving is "
+        "`checkpointing=true` (torch.utils.checkpoint per block) and `off` is the plain "
+        f"baseline. Depth = `encoder_depth` = `decoder_depth` (blocks per sequence), {lo} and "
+        f"{hi}. `activations` = the peak over the step of the planner's activation categories alone "
+        "(reversible states, other activations, workspace; not parameters, gradients, optimizer "
+        "state, batch): the part memory saving and depth act on, while parameters, gradients "
+        "and Adam's moments grow with depth whatever the design.",
+        "",
+    ]
+    groups = list(dict.fromkeys((r["spec"]["design"], r["spec"]["setting"]) for r in runs))
+    rows = []
+    for design, kind in groups:
+        spec = next(
+            r["spec"] for r in runs if (r["spec"]["design"], r["spec"]["setting"]) == (design, kind)
+        )
+        on_value = True if spec["switch"] else None
+        base = lo if spec["depth"] is not None else None
+        on, off = get.get((design, kind, base, on_value)), get.get((design, kind, base, False))
+        deep_on = get.get((design, kind, hi, on_value)) if base is not None else None
+        deep_off = get.get((design, kind, hi, False)) if base is not None else None
+        ratios = {
+            "peak_on_off": _ratio(on, off, "peak_bytes"),
+            "activations_on_off": _ratio(on, off, "planned_activation_peak_bytes"),
+            "time_on_off": _ratio(on, off, "step_time_s"),
+            f"peak_depth{hi}_over_{lo}_on": _ratio(deep_on, on, "peak_bytes"),
+            f"activations_depth{hi}_over_{lo}_on": _ratio(
+                deep_on, on, "planned_activation_peak_bytes"
+            ),
+            f"activations_depth{hi}_over_{lo}_off": _ratio(
+                deep_off, off, "planned_activation_peak_bytes"
+            ),
+        }
+        name = design + (f"_{kind}" if kind else "")
+        values.update({f"e_{name}_{k}": v for k, v in ratios.items() if v is not None})
+        on = on or {"error": "not run"}
+        cells = [_fmt(v, 3) for v in ratios.values()]
+        rows.append(
+            [
+                design,
+                kind or "–",
+                {"memory_saving": "reversible", "checkpointing": "checkpointing"}.get(
+                    spec["switch"], "–"
+                ),
+                f"{on['params']:,}" if _ok(on) else _status(on),
+                _mib(on.get("peak_bytes")),
+                _mib(on.get("planned_peak_bytes")),
+                _mib(on.get("planned_activation_peak_bytes")),
+                *cells[:2],
+                _fmt(on.get("step_time_s")),
+                *cells[2:],
+            ]
+        )
+    header = ["design", "downsample", "saving by", "params", "peak MiB", "planned MiB"]
+    header += ["activations MiB", "peak / off", "activations / off", "step s", "time / off"]
+    header += [f"peak depth {hi} / {lo}", f"activations depth {hi} / {lo}", "same, off"]
+    lines += [
+        f"Saving on, depth {lo}; ratios to the same model with saving off (`/ off`) and of depth "
+        f"{hi} to depth {lo} (saving on, then off):",
+        "",
+    ]
+    lines += _table(header, rows) + [""]
+
+    rows = []
+    for r in runs:
+        spec, res = r["spec"], r["result"]
+        on_value = True if spec["switch"] else None
+        off = get.get((spec["design"], spec["setting"], spec["depth"], False))
+        first = get.get((spec["design"], spec["setting"], lo, spec["saving"]))
+        saving = {True: "on", False: "off", None: "–"}[spec["saving"]]
+        if spec["switch"] == "checkpointing" and spec["saving"]:
+            saving = "checkpointing"
+        vs_off = spec["saving"] == on_value and spec["switch"]
+        rows.append(
+            [
+                spec["design"],
+                spec["setting"] or "–",
+                spec["depth"] or "–",
+                saving,
+                f"{res['params']:,}" if _ok(res) else _status(res),
+                _mib(res.get("peak_bytes")),
+                _mib(res.get("planned_peak_bytes")),
+                _plan_error(res),
+                _mib(res.get("planned_activation_peak_bytes")),
+                _fmt(_ratio(res, off, "peak_bytes"), 3) if vs_off else "–",
+                _fmt(_ratio(res, first, "peak_bytes"), 3) if spec["depth"] != lo else "–",
+                _fmt(res.get("step_time_s")),
+                _fmt(_ratio(res, off, "step_time_s"), 3) if vs_off else "–",
+            ]
+        )
+    header = ["design", "downsample", "depth", "saving", "params", "peak MiB", "planned MiB"]
+    header += ["plan error", "activations MiB", "peak / off", f"peak / depth {lo}", "step s"]
+    header += ["time / off"]
+    lines += ["Every configuration:", ""] + _table(header, rows) + [""]
+    notes = list(dict.fromkeys(r["spec"]["zoo_note"] for r in runs if r["spec"].get("zoo_note")))
+    notes += [
+        f"planner failed for {r['spec']['label']}: {r['result']['plan_failure']}"
+        for r in runs
+        if r["result"].get("plan_failure")
+    ]
+    loads = [r["load"] for r in runs if r.get("load") is not None]
+    if loads:
+        notes.append(
+            f"1-minute load average after each configuration: {min(loads):.2f} to "
+            f"{max(loads):.2f} (times are noisy; memory figures are not)"
+        )
+    lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return lines
 
 
 def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
@@ -938,6 +1235,40 @@ def plots(results: list[dict[str, Any]], out: Path) -> list[str]:
         fig.savefig(out / "memory_vs_fov.png", dpi=110)
         plt.close(fig)
         made.append("memory_vs_fov.png")
+    zoo = [r for r in results if r["spec"]["section"] == "e" and _ok(r["result"])]
+    if zoo:
+        groups = list(dict.fromkeys((r["spec"]["design"], r["spec"]["setting"]) for r in zoo))
+        depths = sorted({r["spec"]["depth"] for r in zoo if r["spec"]["depth"] is not None})
+        lo = depths[0] if depths else None
+        # a design without depth keys (unet_baseline) is drawn as depth 1
+        get = {
+            (*_zoo_key(r["spec"])[:2], r["spec"]["depth"] or lo, r["spec"]["saving"]): r["result"][
+                "peak_bytes"
+            ]
+            / 2**20
+            for r in zoo
+        }
+        bars = list(dict.fromkeys(k[2:] for k in get))
+        fig, ax = plt.subplots(figsize=(7, 1 + 0.25 * len(groups) * len(bars)))
+        height = 0.8 / len(bars)
+        for j, (depth, saving) in enumerate(bars):
+            name = "saving " + {True: "on", False: "off", None: "–"}[saving]
+            ys = [i + j * height for i in range(len(groups))]
+            xs = [get.get((d, k, depth, saving), 0) for d, k in groups]
+            ax.barh(ys, xs, height, label=name + (f", depth {depth}" if depth else ""))
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(groups))])
+        ax.set_yticklabels([d + (f"\n{k}" if k else "") for d, k in groups], fontsize=8)
+        ax.invert_yaxis()
+        ax.set(
+            xlabel="peak memory (MiB)",
+            title=f"e. the zoo at {zoo[0]['spec']['size'][0]}³ (unet_baseline: checkpointing)",
+        )
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "memory_zoo.png", dpi=110)
+        plt.close(fig)
+        made.append("memory_zoo.png")
     return made
 
 
@@ -951,10 +1282,10 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
     print(f"wrote {out / 'README.md'}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a couple of minutes)")
-    parser.add_argument("--sections", default="abcd", help="any of a, b, c, d (default: abcd)")
+    parser.add_argument("--sections", default="abcde", help="any of a, b, c, d, e (default: abcde)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--depths", help="section c depths, e.g. 1,2,4")
     parser.add_argument("--impls", help=f"section c implementations (default: {','.join(IMPLS)})")
@@ -969,6 +1300,15 @@ def main(argv: list[str] | None = None) -> int:
         help="section a/b sizes only predicted by the planner (too large to run here), e.g. 128,160x192x160",
     )
     parser.add_argument("--channels", type=int, help="section c channels C")
+    parser.add_argument("--models", help="section e model configs (default: every BraTS-like one)")
+    parser.add_argument("--zoo-size", type=int, help="section e cube side")
+    parser.add_argument(
+        "--zoo-default-channels",
+        action="store_true",
+        help="section e with each config's own channels (default on CUDA; on CPU: "
+        + " ".join(ZOO_SMALL)
+        + ")",
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -986,8 +1326,48 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-from", type=Path, help="rewrite the report from a results.json (no runs)"
     )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="drop the other sections' results in --out (default: keep them, replace only the "
+        "sections run)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def merge_previous(
+    out: Path, specs: list[dict[str, Any]], run: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The results in ``out/results.json`` that this run does not replace, and their meta.
+
+    A run replaces the measured (or the planner-only) results of the sections it runs; the rest
+    are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
+    ``([], None)`` when nothing is kept.
+    """
+    path = out / "results.json"
+    if not path.exists():
+        return [], None
+    try:
+        saved = json.loads(path.read_text())
+        old, meta = saved["results"], saved["meta"]
+    except (ValueError, KeyError, TypeError):
+        return [], None
+    replaced = {(s["section"], bool(s.get("plan_only"))) for s in specs}
+    kept = [
+        r for r in old if (r["spec"]["section"], bool(r["spec"].get("plan_only"))) not in replaced
+    ]
+    if not kept:
+        return [], None
+    sections = {s[0] for s in replaced}
+    runs = [r for r in meta.get("runs", []) if not set(r["sections"]) <= sections]
+    meta = {**meta, "runs": [*runs, run]}
+    meta.pop("plots", None)
+    return kept, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return 0
@@ -1015,7 +1395,17 @@ def main(argv: list[str] | None = None) -> int:
         "memory_method": "cuda_max_memory_allocated" if cuda else "cpu_tensor_tracker",
         "threads": args.threads or torch.get_num_threads(),
     }
-    results = []
+    # this run, as recorded beside the kept results of earlier runs
+    run = {
+        "sections": "".join(sorted({s["section"] for s in specs})),
+        **{k: meta[k] for k in ("command", "date", "load_start", "memory_method", "threads")},
+        "device": meta["machine"]["device"],
+    }
+    kept, kept_meta = ([], None) if args.fresh else merge_previous(out, specs, run)
+    if kept_meta is not None:
+        print(f"keeping {len(kept)} results of other sections from {out / 'results.json'}")
+        meta = kept_meta
+    results: list[dict[str, Any]] = []
     for i, spec in enumerate(specs, 1):
         t0 = time.perf_counter()
         res = run_spec(spec, args.timeout)
@@ -1032,11 +1422,14 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t0:.0f} s)",
             flush=True,
         )
-        results.append({"spec": spec, "result": res})
-        meta.update(wall_s=time.perf_counter() - start, load_end=_load())
+        results.append({"spec": spec, "result": res, "load": _load()})
+        run.update(wall_s=time.perf_counter() - start, load_end=_load())
+        if kept_meta is None:
+            meta.update(wall_s=run["wall_s"], load_end=run["load_end"])
         # saved after every configuration: an interrupted run keeps what it measured
-        (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    write_report(results, meta, out)
+        payload = {"meta": meta, "results": [*kept, *results]}
+        (out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_report([*kept, *results], meta, out)
     return 0
 
 

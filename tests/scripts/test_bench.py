@@ -1,7 +1,8 @@
-"""Tests of scripts/bench.py: one tiny configuration end to end, peers skipped cleanly."""
+"""Tests of scripts/bench.py: tiny configurations end to end, peers skipped cleanly, the zoo."""
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 
@@ -74,3 +75,80 @@ def test_every_implementation_computes_the_same_sequence(bench):
                 continue
             out = bench.build_sequence(impl, 2, 8)(x.clone())
             assert torch.allclose(out, reference, atol=1e-5), impl
+
+
+def _model_configs() -> dict:
+    from omegaconf import OmegaConf
+
+    from revseg.config import CONFIG_DIR, group_options
+
+    return {n: OmegaConf.load(CONFIG_DIR / "model" / f"{n}.yaml") for n in group_options("model")}
+
+
+def test_zoo_covers_every_brats_model_config(bench):
+    """Section e: every model config with 4 input channels, each with the variants its keys name."""
+    from revseg.models.revnet_unet import DOWNSAMPLE_KINDS
+
+    specs = bench.make_specs(bench.build_parser().parse_args(["--quick", "--sections", "e"]), False)
+    configs = _model_configs()
+    brats = {n for n, c in configs.items() if c.get("in_channels") == 4}
+    assert {s["design"] for s in specs} == brats
+    assert {"prev_unet", "unet_baseline", "revnet_unet", "hybrid_revnet"} <= brats
+    for name in brats:
+        mine = [s for s in specs if s["design"] == name]
+        model = configs[name]
+        assert all(s["size"] == [16] * 3 and f"model={name}" in s["overrides"] for s in mine)
+        kinds = set(DOWNSAMPLE_KINDS) if "downsample" in model else {""}
+        assert {s["setting"] for s in mine} == kinds, name
+        depths = {1, 4} if "encoder_depth" in model else {None}
+        assert {s["depth"] for s in mine} == depths, name
+        switch = "memory_saving" if "memory_saving" in model else "checkpointing"
+        for s in mine:
+            assert s["switch"] == switch
+            assert f"model.{switch}={str(s['saving']).lower()}" in s["overrides"]
+            if s["depth"] is not None:
+                assert {
+                    f"model.encoder_depth={s['depth']}",
+                    f"model.decoder_depth={s['depth']}",
+                } <= set(s["overrides"])
+        # saving on and off for every downsample kind and depth
+        pairs = {(s["setting"], s["depth"], s["saving"]) for s in mine}
+        assert pairs == {(k, d, v) for k in kinds for d in depths for v in (True, False)}, name
+    by = {s["design"]: s for s in specs}
+    # the same small setting for every design that takes it; hybrid_revnet's channel rule refuses it
+    assert set(bench.QUICK_UNET) <= set(by["prev_unet"]["overrides"])
+    assert set(bench.QUICK_UNET) <= set(by["unet_baseline"]["overrides"])
+    assert not any(o.startswith("model.channels") for o in by["hybrid_revnet"]["overrides"])
+    assert "hybrid_revnet keeps its default channels" in by["hybrid_revnet"]["zoo_note"]
+    assert by["prev_unet"]["zoo_note"] is None
+
+
+def test_quick_zoo_run_keeps_the_other_sections(bench, tmp_path):
+    """A section e run merged into an existing results.json: the a-d results and their report stay;
+    memory saving lowers the peak, and the reversible activations stay flat in depth while plain
+    autograd's grow (one design: each configuration is a fresh process of several seconds)."""
+    shutil.copy(REPO / "docs" / "benchmarks" / "results.json", tmp_path / "results.json")
+    old = json.loads((tmp_path / "results.json").read_text())
+    others = [r for r in old["results"] if r["spec"]["section"] != "e"]
+    assert {r["spec"]["section"] for r in others} >= {"a", "b", "c"}
+    args = ["--quick", "--sections", "e", "--models", "prev_unet", "--steps", "1"]
+    assert bench.main([*args, "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"][: len(others)] == others
+    assert data["meta"]["command"] == old["meta"]["command"]
+    zoo = {bench._zoo_key(r["spec"]): r["result"] for r in data["results"][len(others) :]}
+    assert len(zoo) == 4 and all(bench._ok(r) for r in zoo.values()), zoo
+    peak = {k: r["peak_bytes"] for k, r in zoo.items()}
+    act = {k: r["planned_activation_peak_bytes"] for k, r in zoo.items()}
+    for d in (1, 4):
+        assert peak["prev_unet", "", d, True] < peak["prev_unet", "", d, False]
+    assert act["prev_unet", "", 4, True] < 1.1 * act["prev_unet", "", 1, True]
+    assert act["prev_unet", "", 4, False] > 1.5 * act["prev_unet", "", 1, False]
+    assert all(r["planned_peak_bytes"] == r["peak_bytes"] for r in zoo.values())
+    assert data["goals"]["e_prev_unet_peak_on_off"] < 1
+    text = (tmp_path / "README.md").read_text()
+    assert "## a. Partially reversible U-Net vs the baseline" in text
+    assert "## c. One reversible sequence" in text
+    assert "## e. The reversible zoo at 16x16x16" in text
+    assert "| prev_unet | – | reversible | 26,363 |" in text
+    assert "- section e from a later run: `python scripts/bench.py --quick --sections e" in text
