@@ -14,7 +14,6 @@ from revseg.memory import PeakMemoryMeter
 from revseg.models.hybrid_revnet import (
     HybridBlock,
     HybridRevNet,
-    HybridSequence,
     hybrid_block,
     pooling_plan,
 )
@@ -25,7 +24,7 @@ from revseg.nn.invertible import (
     InvertibleBatchNorm3d,
     LayerwiseInvertibleChain,
 )
-from revseg.nn.reversible import ReversibleSequence
+from revseg.nn.reversible import InvertibleSequence, ReversibleSequence
 
 from model_tester import ReversibleModelTester, rel_err
 
@@ -44,10 +43,10 @@ class TestHybridRevNet(ReversibleModelTester):
     tiny = ("model.channels=[4,32,32]",)
 
     @staticmethod
-    def sequences(model: nn.Module) -> list[HybridSequence]:
-        """The model's reversible part: the body, one hybrid sequence."""
-        seqs = [m for m in model.modules() if isinstance(m, HybridSequence)]
-        assert len(seqs) == 1, "the hybrid net's body is one hybrid sequence"
+    def sequences(model: nn.Module) -> list[InvertibleSequence]:
+        """The model's reversible part: the body, one invertible sequence."""
+        seqs = [m for m in model.modules() if isinstance(m, InvertibleSequence)]
+        assert len(seqs) == 1, "the hybrid net's body is one invertible sequence"
         return seqs
 
     def test_every_sequence_inverts(self):
@@ -68,6 +67,13 @@ class TestHybridRevNet(ReversibleModelTester):
         kinds = [type(b).__name__ for b in model.body.blocks]
         assert kinds.count("HybridBlock") == 8 and len(kinds) == 14
         assert len(model.hybrid_blocks()) == 8
+        # state_dict keys are an API (checkpoints): the body's blocks, each layer registered once
+        keys = list(model.state_dict())
+        assert "body.blocks.0.f.layers.0.f.weight" in keys
+        assert "body.blocks.13.g.layers.5.running_mean" not in keys  # block 13 is a pooling
+        assert all(k.split(".")[0] in ("opening", "body", "head") for k in keys)
+        assert all(k.startswith("body.blocks.") for k in keys if k.startswith("body"))
+        assert len(keys) == len(set(model.state_dict(keep_vars=True).values()))
         assert all(
             isinstance(b, InverseOf)
             for b in model.body.blocks[-6:]
@@ -119,8 +125,8 @@ def test_pooling_plan_from_channels():
         HybridRevNet(channels=[4, 4])(torch.randn(1, 3, 4, 4, 4))
     with pytest.raises(TypeError, match="LayerwiseInvertibleChain"):
         HybridBlock(nn.Identity(), nn.Identity())
-    with pytest.raises(TypeError, match="Conv3d has no inverse"):
-        HybridSequence([nn.Conv3d(4, 4, 1)])
+    with pytest.raises(TypeError, match="Conv3d has none"):
+        InvertibleSequence([nn.Conv3d(4, 4, 1)])
 
 
 def tiny_block(units: int = 2, channels: int = 8) -> HybridBlock:
@@ -171,7 +177,7 @@ def test_sequence_with_both_poolings_gradients(memory_saving):
         InverseOf(ChannelPooling3d()),
         tiny_block(channels=4),
     ]
-    seq = HybridSequence(blocks, memory_saving=memory_saving)
+    seq = InvertibleSequence(blocks, memory_saving=memory_saving)
     ref = copy.deepcopy(seq)
     ref.memory_saving = not memory_saving
     x = torch.randn(1, 4, 8, 8, 4, dtype=torch.float64)
@@ -190,7 +196,7 @@ def backward_peak(units: int, hybrid: bool) -> int:
     """Peak activation bytes of forward + backward through one block of ``units`` layer units:
     the hybrid backward, or RevNet's (F and G recomputed whole, their graph kept at once)."""
     block = hybrid_block(16, units=units)
-    seq = HybridSequence([block]) if hybrid else ReversibleSequence([block])
+    seq = InvertibleSequence([block]) if hybrid else ReversibleSequence([block])
     x = torch.randn(1, 16, 16, 16, 16)
     params = list(seq.parameters())
     for p in params:

@@ -20,10 +20,9 @@ from revseg.nn.invertible import (
     InvertibleLeakyReLU,
     LayerwiseInvertibleChain,
     batch_norm_alpha,
-    frozen_running_stats,
-    layer_backward_step,
     leaky_relu_alpha,
 )
+from revseg.nn.reversible import _frozen_batchnorm_stats, block_backward_step
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -260,7 +259,8 @@ def test_batch_norm_alpha_matches_a_measurement_on_gaussian_inputs():
 def test_running_stats_are_frozen_for_both_batch_norms():
     bns = [InvertibleBatchNorm3d(2), nn.BatchNorm3d(2)]
     x = torch.randn(2, 2, 4, 4, 4)
-    with frozen_running_stats(bns):
+    with _frozen_batchnorm_stats(bns):
+        assert bns[0].stats_frozen
         for bn in bns:
             bn(x)
     assert all(int(bn.num_batches_tracked) == 0 for bn in bns)
@@ -284,7 +284,7 @@ def test_invertible_conv_is_an_exact_coupling_and_its_backward_step_is_autograd(
         assert rel_err(conv.inverse(y), x) < 1e-14
     grad_y = torch.randn_like(y)
     grads = torch.autograd.grad(y, [x, *conv.parameters()], grad_y)
-    x_rec, grad_x, param_grads = layer_backward_step(conv, y.detach(), grad_y)
+    x_rec, grad_x, param_grads = block_backward_step(conv, y.detach(), grad_y)
     assert rel_err(x_rec, x.detach()) < 1e-14
     assert rel_err(grad_x, grads[0]) < 1e-13
     assert len(param_grads) == 2 and all(
@@ -368,6 +368,17 @@ def test_chain_keeps_only_its_output():
     assert [saved(u, True) for u in (1, 2, 4)] == [state] * 3
     plain = [saved(u, False) for u in (1, 2, 4)]
     assert plain[0] < plain[1] < plain[2], plain
+
+
+def test_chain_registers_its_layers_once():
+    chain = make_chain(2)
+    keys = list(chain.state_dict())
+    assert keys[:2] == ["layers.0.f.weight", "layers.0.g.weight"]
+    assert all(k.startswith("layers.") for k in keys)
+    # per unit: the conv's two weights, BN's weight, bias, running mean, var and count
+    assert len(keys) == 2 * (2 + 5)
+    # the chain, its ModuleList, per unit the conv (with its two convolutions), BN, LeakyReLU
+    assert len(list(chain.modules())) == 1 + 1 + 2 * (3 + 1 + 1)
 
 
 def test_chain_rejects_layers_without_inverse():

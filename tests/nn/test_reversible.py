@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from revseg.nn.invertible import InvertibleBatchNorm3d
 from revseg.nn.reversible import (
     AdditiveCoupling,
     InvertibleSequence,
@@ -128,6 +129,33 @@ def test_batchnorm_running_stats_updated_once():
         for m in saving.modules()
         if isinstance(m, CountingConv)
     )
+
+
+@pytest.mark.parametrize("sequence", [ReversibleSequence, InvertibleSequence])
+def test_invertible_batchnorm_in_couplings_updated_once(sequence):
+    """Couplings whose F and G hold revseg's invertible batch norm (a ``stats_frozen`` flag, not
+    a torch ``_BatchNorm``): neither sequence's backward may update its running statistics (it
+    did twice in ReversibleSequence and three times in InvertibleSequence before the flag was
+    set)."""
+    torch.manual_seed(0)
+
+    def half() -> nn.Module:
+        # no conv bias: a batch norm follows, so its gradient would be rounding noise
+        return nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, bias=False), InvertibleBatchNorm3d(4))
+
+    saving = sequence([AdditiveCoupling(half(), half()) for _ in range(2)]).double()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
+    _, g1, gx1 = grads_of(saving, x)
+    _, g2, gx2 = grads_of(plain, x)
+    assert len(g1) == 2 * 2 * 3 and rel_err(gx1, gx2) < 1e-10
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-10
+    bns = [m for m in saving.modules() if isinstance(m, InvertibleBatchNorm3d)]
+    assert [int(bn.num_batches_tracked) for bn in bns] == [1] * 4
+    assert not any(bn.stats_frozen for bn in bns)
+    for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
 
 
 def test_exactly_one_extra_forward_of_f_and_g_per_block():

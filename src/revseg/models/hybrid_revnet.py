@@ -25,8 +25,9 @@ The network (:class:`HybridRevNet`): a 1x1x1 convolution opens the input to the 
 levels of hybrid blocks are separated by invertible pooling (batch pooling where the channel count
 stays, channel pooling where it grows x8: the paper's alternation), the up path undoes the
 poolings with their inverses (a V without stored skips), and a 1x1x1 head gives the logits. The
-whole body between opening and head is one :class:`HybridSequence`: with memory saving it keeps
-only its output, whatever the depth. Every state holds the same number of elements (pooling
+whole body between opening and head is one :class:`~revseg.nn.reversible.InvertibleSequence`:
+with memory saving it keeps only its output, whatever the depth, and steps each hybrid block back
+with the block's own two-phase :meth:`HybridBlock.backward_step`. Every state holds the same number of elements (pooling
 preserves volume), ``B * channels[0] * D * H * W``.
 """
 
@@ -46,12 +47,10 @@ from revseg.nn.invertible import (
     InvertibleConv3d,
     InvertibleLeakyReLU,
     LayerwiseInvertibleChain,
-    float32_under_autocast,
-    invertible_sequence_function,
 )
-from revseg.nn.reversible import AdditiveCoupling
+from revseg.nn.reversible import AdditiveCoupling, InvertibleSequence
 
-__all__ = ["HybridBlock", "HybridRevNet", "HybridSequence", "hybrid_block", "pooling_plan"]
+__all__ = ["HybridBlock", "HybridRevNet", "hybrid_block", "pooling_plan"]
 
 
 class HybridBlock(AdditiveCoupling):
@@ -142,45 +141,6 @@ def hybrid_block(
         return LayerwiseInvertibleChain(layers, memory_saving=False)
 
     return HybridBlock(chain(), chain())
-
-
-class HybridSequence(nn.Module):
-    """Hybrid blocks and other invertible stages (poolings) whose memory does not grow with depth.
-
-    Args:
-        blocks: modules with ``forward`` and ``inverse``, applied in order: :class:`HybridBlock`
-            (backward in two phases), or parameter-free stages such as invertible pooling.
-        memory_saving: ``True`` keeps only the sequence output for backward and rebuilds every
-            block's input on the way back; ``False`` is plain autograd on the same modules (same
-            parameters, outputs and gradients), the reference in tests and benchmarks.
-
-    Raises:
-        ValueError: for no blocks. TypeError: for a block without ``inverse``.
-    """
-
-    def __init__(self, blocks: Sequence[nn.Module], memory_saving: bool = True) -> None:
-        super().__init__()
-        if len(blocks) == 0:
-            raise ValueError("HybridSequence needs at least one block")
-        for block in blocks:
-            if not callable(getattr(block, "inverse", None)):
-                raise TypeError(f"{type(block).__name__} has no inverse")
-        self.blocks = nn.ModuleList(blocks)
-        self.memory_saving = memory_saving
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = float32_under_autocast(x)  # states and batch norms stay float32 under autocast
-        if self.memory_saving and torch.is_grad_enabled():
-            return invertible_sequence_function(x, self.blocks)
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """The sequence input from its output, with each block's analytical inverse."""
-        for block in reversed(self.blocks):
-            y = block.inverse(y)
-        return y
 
 
 def pooling_plan(channels: Sequence[int]) -> list[str]:
@@ -279,7 +239,7 @@ class HybridRevNet(nn.Module):
             if i > 0:
                 body.append(InverseOf(pool(self.pooling[i - 1])))
         self.opening = nn.Conv3d(in_channels, channels[0], 1)
-        self.body = HybridSequence(body, memory_saving=memory_saving)
+        self.body = InvertibleSequence(body, memory_saving=memory_saving)
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
     @property

@@ -13,11 +13,12 @@ a layer can be recomputed from its output during backward instead of being kept:
 * :class:`InvertibleLeakyReLU` (eq. 28) is bijective for a positive slope.
 * :class:`InvertibleConv3d` (section 4.1.4) is the "minimal reversible block": an additive
   coupling whose two modules are single convolutions.
-* :class:`LayerwiseInvertibleChain` composes such layers. With memory saving its
-  :class:`torch.autograd.Function` keeps only the chain's output and, in backward, walks the
-  layers from the end (:func:`walk_back`): a layer's inverse gives its input, one forward with
-  grad the local graph that :func:`torch.autograd.grad` differentiates. Parameters are Function
-  inputs; BatchNorm running statistics are frozen during recomputation.
+* :class:`LayerwiseInvertibleChain` composes such layers. With memory saving it runs them
+  through :class:`~revseg.nn.reversible.InvertibleSequence`'s autograd Function, which keeps only
+  the chain's output and, in backward, walks the layers from the end: a layer's inverse gives its
+  input, one forward with grad the local graph that :func:`torch.autograd.grad` differentiates
+  (:func:`~revseg.nn.reversible.block_backward_step`). Inside a hybrid block the chain is walked
+  by :func:`walk_back` instead.
 
 Reconstruction through BN and LeakyReLU amplifies noise. :func:`leaky_relu_alpha` (eq. 32c) and
 :func:`batch_norm_alpha` (eq. 26d) are the paper's closed forms of the factor ``alpha =
@@ -26,14 +27,13 @@ snr_in / snr_out`` by which one inverse divides the signal-to-noise ratio (eq. 1
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.reversible import AdditiveCoupling, _AutocastState, _frozen_batchnorm_stats
+from revseg.nn.reversible import AdditiveCoupling, apply_invertible_sequence, block_backward_step
 
 __all__ = [
     "BatchPooling3d",
@@ -44,10 +44,6 @@ __all__ = [
     "InverseOf",
     "LayerwiseInvertibleChain",
     "batch_norm_alpha",
-    "float32_under_autocast",
-    "frozen_running_stats",
-    "invertible_sequence_function",
-    "layer_backward_step",
     "leaky_relu_alpha",
     "walk_back",
 ]
@@ -156,8 +152,8 @@ class InvertibleBatchNorm3d(nn.Module):
     eps``), which keeps gradients finite on a constant channel.
 
     Training mode: batch statistics (over ``B, D, H, W``), kept (``2C`` numbers) for
-    :meth:`inverse` in the same step; running statistics updated as torch does, except inside
-    :func:`frozen_running_stats` (entered by the memory-saving backward while it recomputes).
+    :meth:`inverse` in the same step; running statistics updated as torch does, except while
+    ``stats_frozen`` is set (by the memory-saving backward while it recomputes).
     Eval mode: running statistics both ways.
 
     Args:
@@ -345,6 +341,10 @@ def batch_norm_alpha(
 # invertible convolution (section 4.1.4)
 
 
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 class InvertibleConv3d(AdditiveCoupling):
     """Invertible convolution as a minimal reversible block (Hascoet et al., section 4.1.4).
 
@@ -403,54 +403,7 @@ class InvertibleConv3d(AdditiveCoupling):
 
 
 # --------------------------------------------------------------------------------------------
-# the layer-wise invertible chain and its memory-saving autograd
-
-
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-@contextlib.contextmanager
-def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """No running-statistics update in any batch norm of ``modules`` (ours and torch's) while the
-    forward is recomputed; batch statistics are still used and, for :meth:`inverse`, kept."""
-    ours = [
-        m for module in modules for m in module.modules() if isinstance(m, InvertibleBatchNorm3d)
-    ]
-    previous = [m.stats_frozen for m in ours]
-    for m in ours:
-        m.stats_frozen = True
-    try:
-        with _frozen_batchnorm_stats(modules):
-            yield
-    finally:
-        for m, flag in zip(ours, previous):
-            m.stats_frozen = flag
-
-
-def layer_backward_step(
-    layer: nn.Module, y: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    """One step of the layer-wise backward: ``(x, dL/dx, grads of the layer's parameters)``.
-
-    Uses ``layer.backward_step`` where the layer has one (a fused reconstruction and
-    differentiation); otherwise reconstructs ``x = layer.inverse(y)`` (unless ``x`` is given),
-    recomputes ``layer(x)`` with grad and differentiates it with :func:`torch.autograd.grad`.
-    Parameter gradients are in ``layer.parameters()`` order (trainable ones only).
-    """
-    step = getattr(layer, "backward_step", None)
-    if step is not None:
-        return step(y, grad_y, x)
-    params = _trainable(layer)
-    if x is None:
-        with torch.no_grad():
-            x = layer.inverse(y)
-    leaf = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        out = layer(leaf)
-    grads = torch.autograd.grad(out, [leaf, *params], grad_y, allow_unused=True)
-    grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    return x, grad_x, list(grads[1:])
+# the layer-wise invertible chain and its layer-by-layer backward
 
 
 def walk_back(
@@ -461,58 +414,19 @@ def walk_back(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """Backward through ``layers`` from their composite output ``y``, one layer at a time.
 
-    Each layer's input is reconstructed from its output (see :func:`layer_backward_step`), so only
-    one layer's local graph is alive at a time. ``x``, the composite input if known, is used for
-    the first layer instead of its reconstruction. Returns the (reconstructed) input, ``dL/dx``
-    and the parameter gradients of all layers in forward order.
+    Each layer's input is reconstructed from its output (see
+    :func:`~revseg.nn.reversible.block_backward_step`), so only one layer's local graph is alive
+    at a time. ``x``, the composite input if known, is used for the first layer instead of its
+    reconstruction. Returns the (reconstructed) input, ``dL/dx`` and the parameter gradients of
+    all layers in forward order. The caller sets the recomputation's context (autocast, frozen
+    running statistics): the memory-saving backward of the sequence holding the layers does.
     """
     per_layer: list[list[torch.Tensor | None]] = []
     for index in range(len(layers) - 1, -1, -1):
         known = x if index == 0 else None
-        y, grad_y, grads = layer_backward_step(layers[index], y, grad_y, known)
+        y, grad_y, grads = block_backward_step(layers[index], y, grad_y, known)
         per_layer.append(grads)
     return y, grad_y, [g for grads in reversed(per_layer) for g in grads]
-
-
-class _InvertibleFunction(torch.autograd.Function):
-    """Applies invertible modules in order keeping only the final output (see :func:`walk_back`).
-
-    Inputs: ``x``, the modules, then their trainable parameters in order (so autograd receives
-    their gradients from ``backward``; nothing calls ``.backward()`` inside backward).
-    """
-
-    @staticmethod
-    def forward(ctx, x, modules, *params):  # type: ignore[override]
-        ctx.modules = modules
-        ctx.autocast = _AutocastState(x.device.type)
-        for module in modules:
-            x = module(x)
-        ctx.save_for_backward(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        y = ctx.saved_tensors[0].detach()
-        with ctx.autocast.context(), frozen_running_stats(ctx.modules):
-            _, grad_x, grads = walk_back(ctx.modules, y, grad_y)
-        del y
-        return (grad_x if ctx.needs_input_grad[0] else None, None, *grads)
-
-
-def float32_under_autocast(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is half precision under autocast: states stay float32 while
-    convolutions compute in low precision (additive inverses stay exact to float32 rounding)."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return x.float()
-    return x
-
-
-def invertible_sequence_function(x: torch.Tensor, modules: Sequence[nn.Module]) -> torch.Tensor:
-    """Apply ``modules`` (each with ``forward`` and ``inverse``, no random ops) to ``x`` keeping
-    only the output for backward; activation memory does not grow with the number of modules."""
-    modules = tuple(modules)
-    params = [p for module in modules for p in _trainable(module)]
-    return _InvertibleFunction.apply(x, modules, *params)
 
 
 class LayerwiseInvertibleChain(nn.Module):
@@ -523,8 +437,10 @@ class LayerwiseInvertibleChain(nn.Module):
             :class:`InvertibleBatchNorm3d`, :class:`InvertibleLeakyReLU`, the poolings), applied
             in order. Invertible layers hold no random ops, so no RNG state is kept.
         memory_saving: ``True`` keeps only the chain's output for backward and recomputes each
-            layer's input with its inverse on the way back; ``False`` is plain autograd on the
-            same modules (same outputs and gradients, memory growing with the chain's length).
+            layer's input with its inverse on the way back (the Function of
+            :class:`~revseg.nn.reversible.InvertibleSequence`); ``False`` is plain autograd on
+            the same modules (same outputs and gradients, memory growing with the chain's
+            length). Either way states are float32 under autocast.
 
     Raises:
         ValueError: for an empty chain. TypeError: for a layer without ``inverse``.
@@ -540,17 +456,9 @@ class LayerwiseInvertibleChain(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.memory_saving = memory_saving
 
-    def run(self, x: torch.Tensor) -> torch.Tensor:
-        """The chain applied with plain autograd (what ``memory_saving=False`` does)."""
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = float32_under_autocast(x)
-        if self.memory_saving and torch.is_grad_enabled():
-            return invertible_sequence_function(x, self.layers)
-        return self.run(x)
+        """``(B, C, D, H, W)`` through the layers, as an ``InvertibleSequence`` of them runs."""
+        return apply_invertible_sequence(x, self.layers, self.memory_saving)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """The chain's input from its output, layer by layer."""

@@ -10,24 +10,30 @@ Two ideas are kept apart, as in memcnn and revlib:
 
   ``forward`` and ``inverse`` are ordinary differentiable module calls.
 
-* :class:`ReversibleSequence` chains couplings. With ``memory_saving=True`` the whole chain runs
-  inside one :class:`torch.autograd.Function` that keeps only the chain's output. In backward it
-  walks the chain from the end: for each block it runs ``G(y1)`` and ``F(x2)`` once with grad
-  enabled; those two calls *are* the inverse (they give ``x2`` and ``x1``) and at the same time
-  build the local graph that :func:`torch.autograd.grad` differentiates. That is exactly one extra
-  forward of F and G per block, the method's floor (about 4/3 of plain training time), instead of
-  the inverse followed by a second forward (5/3).
+* Two sequences run a chain of blocks inside one :class:`torch.autograd.Function` that keeps
+  only the chain's output (memory O(1) in depth) and walks the chain from the end in backward:
 
-Parameter gradients leave the Function as outputs of its ``backward`` (the parameters are
+  - :class:`ReversibleSequence` chains couplings. For each block it runs ``G(y1)`` and ``F(x2)``
+    once with grad enabled; those two calls *are* the inverse (they give ``x2`` and ``x1``) and
+    build the local graph that :func:`torch.autograd.grad` differentiates: one extra forward of
+    F and G per block, the method's floor (about 4/3 of plain training time), instead of the
+    inverse followed by a second forward (5/3).
+  - :class:`InvertibleSequence` wraps any module with an ``inverse``. Each block is stepped back
+    by :func:`block_backward_step`: the block's own ``backward_step`` where it has one (hybrid
+    blocks, invertible convolutions, layer-wise chains), else ``block.inverse`` followed by one
+    recomputation with grad.
+
+Parameter gradients leave the Functions as outputs of their ``backward`` (the parameters are
 Function inputs), so autograd accumulates them and DistributedDataParallel's hooks fire as usual;
 nothing calls ``.backward()`` inside a backward pass.
 
-Under autocast (mixed precision) the states between blocks are kept in float32 while F and G run
-in low precision, so reconstruction stays as exact as in float32.
+Under autocast (mixed precision) the states between blocks are kept in float32 while the blocks
+run in low precision, so reconstruction stays as exact as in float32.
 
-Recomputation sees the forward's random numbers (the RNG state before each F and G call is
-stored and restored) and the forward's autocast state, and BatchNorm running statistics are not
-updated a second time.
+Recomputation sees the forward's random numbers (the RNG state before each call is stored and
+restored) and the forward's autocast state, runs under :func:`recomputing`, and BatchNorm running
+statistics (torch's and :class:`~revseg.nn.invertible.InvertibleBatchNorm3d`'s) are not updated a
+second time.
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ __all__ = [
     "AdditiveCoupling",
     "InvertibleSequence",
     "ReversibleSequence",
+    "apply_invertible_sequence",
+    "block_backward_step",
     "is_recomputing",
     "recomputing",
     "reversible_sequence_function",
@@ -127,7 +135,12 @@ class _AutocastState:
 
 @contextlib.contextmanager
 def _frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Keep BatchNorm running statistics exactly as they are while the forward is recomputed."""
+    """Keep BatchNorm running statistics exactly as they are while the forward is recomputed.
+
+    torch's batch norms get their running buffers restored on exit; modules with a
+    ``stats_frozen`` flag (:class:`~revseg.nn.invertible.InvertibleBatchNorm3d`) have it set
+    for the duration, so they skip the update, and reset to its previous value.
+    """
     saved = [
         (buf, buf.clone())
         for module in modules
@@ -136,12 +149,26 @@ def _frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         for buf in (bn.running_mean, bn.running_var, bn.num_batches_tracked)
         if buf is not None
     ]
+    flagged = [m for module in modules for m in module.modules() if hasattr(m, "stats_frozen")]
+    flags = [m.stats_frozen for m in flagged]
+    for m in flagged:
+        m.stats_frozen = True
     try:
         yield
     finally:
+        for m, flag in zip(flagged, flags):
+            m.stats_frozen = flag
         with torch.no_grad():
             for buf, value in saved:
                 buf.copy_(value)
+
+
+def _float32_states(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is half precision under autocast: the states between blocks stay
+    float32 while the blocks compute in low precision (inverses stay exact to float32 rounding)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return x.float()
+    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,10 +361,9 @@ class ReversibleSequence(nn.Module):
         self.preserve_rng_state = preserve_rng_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            # mixed precision: F and G compute in low precision, but the states they are added to
-            # stay float32, so the additive inverse loses nothing to low-precision rounding
-            x = x.float()
+        # mixed precision: F and G compute in low precision, but the states they are added to
+        # stay float32, so the additive inverse loses nothing to low-precision rounding
+        x = _float32_states(x)
         if self.memory_saving and torch.is_grad_enabled():
             return reversible_sequence_function(x, list(self.blocks), self.preserve_rng_state)
         for block in self.blocks:
@@ -384,16 +410,58 @@ def _restored(rng: _RngState | None) -> contextlib.AbstractContextManager:
     return rng.restored() if rng is not None else contextlib.nullcontext()
 
 
+def block_backward_step(
+    block: nn.Module,
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None = None,
+    rng: _RngState | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One block of a memory-saving backward: ``(x, dL/dx, grads of the block's parameters)``.
+
+    Uses ``block.backward_step(y, grad_y, x)`` where the block has one (a fused reconstruction
+    and differentiation, e.g. the hybrid block's two phases); otherwise reconstructs ``x =
+    block.inverse(y)`` without grad (unless ``x``, the known input, is given), recomputes
+    ``block(x)`` once with grad and differentiates it with :func:`torch.autograd.grad`.
+
+    Args:
+        block: a module with ``inverse`` (or ``backward_step``).
+        y: the block's output, ``(B, C, *spatial)``.
+        grad_y: ``dL/dy``, the shape of ``y``.
+        x: the block's input if known (then not reconstructed).
+        rng: the RNG state before the block's forward, restored for the inverse and for the
+            recomputation (``None``: the current RNG).
+
+    Returns:
+        the (reconstructed) input, its gradient, and the gradients of the block's trainable
+        parameters in ``block.parameters()`` order (``None`` for unused ones).
+    """
+    step = getattr(block, "backward_step", None)
+    if step is not None:
+        with _restored(rng):
+            return step(y, grad_y, x)
+    params = [p for p in block.parameters() if p.requires_grad]
+    if x is None:
+        with torch.no_grad(), _restored(rng):
+            x = block.inverse(y)
+    leaf = x.detach().requires_grad_(True)
+    with torch.enable_grad(), _restored(rng):
+        out = block(leaf)
+    grads = torch.autograd.grad(out, [leaf, *params], grad_y, allow_unused=True)
+    grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    return x, grad_x, list(grads[1:])
+
+
 class _InvertibleFunction(torch.autograd.Function):
     """Runs a chain of invertible blocks keeping only the chain's output.
 
     Inputs: ``x``, the blocks, a flag for RNG preservation, then every trainable parameter of the
     blocks (block by block, so that their gradients are returned through autograd).
 
-    Backward walks the blocks from the end: ``x = block.inverse(y)`` without grad, then
-    ``block(x)`` once with grad, and :func:`torch.autograd.grad` gives the input gradient and the
-    block's parameter gradients. Both calls run under :func:`recomputing`, the forward's autocast
-    and RNG state, and with BatchNorm running statistics frozen.
+    Backward walks the blocks from the end with :func:`block_backward_step` (the block's own
+    ``backward_step``, or the inverse without grad and one forward with grad). Each step runs
+    under :func:`recomputing`, the forward's autocast and RNG state, and with the block's
+    BatchNorm running statistics frozen; only one block's recomputation is alive at a time.
     """
 
     @staticmethod
@@ -415,41 +483,61 @@ class _InvertibleFunction(torch.autograd.Function):
         param_grads: list[list[torch.Tensor | None]] = []  # per block, last block first
         for index in range(len(ctx.blocks) - 1, -1, -1):
             block = ctx.blocks[index]
-            params = [p for p in block.parameters() if p.requires_grad]
             rng = ctx.rng_states[index] if ctx.rng_states is not None else None
+            # gradients are taken inside: the graph saved the BatchNorm buffers the exit restores
             with recomputing(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
-                with torch.no_grad(), _restored(rng):
-                    x = block.inverse(y)
-                leaf = x.detach().requires_grad_(True)
-                with torch.enable_grad(), _restored(rng):
-                    out = block(leaf)
-                # before the BatchNorm statistics are restored (the graph saved them)
-                grads = torch.autograd.grad(out, [leaf, *params], grad, allow_unused=True)
-            del out  # the block's graph: one block's recomputation at a time
-            grad = grads[0] if grads[0] is not None else torch.zeros_like(leaf)
-            param_grads.append(list(grads[1:]))
-            y = leaf.detach()
-            del leaf, x
+                y, grad, grads = block_backward_step(block, y, grad, rng=rng)
+            param_grads.append(grads)
+        del y
         grad_x = grad if ctx.needs_input_grad[0] else None
         ordered = [g for grads in reversed(param_grads) for g in grads]
         return (grad_x, None, None, *ordered)
+
+
+def _block_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """Trainable parameters block by block, in ``block.parameters()`` order."""
+    return [p for block in blocks for p in block.parameters() if p.requires_grad]
+
+
+def apply_invertible_sequence(
+    x: torch.Tensor,
+    blocks: Sequence[nn.Module],
+    memory_saving: bool = True,
+    preserve_rng_state: bool = False,
+) -> torch.Tensor:
+    """``blocks`` applied to ``x`` in order, as :class:`InvertibleSequence` runs them.
+
+    States are float32 under autocast; with ``memory_saving`` and grad enabled one
+    :class:`torch.autograd.Function` keeps only the output, else plain autograd. For modules that
+    hold their blocks under another name (:class:`~revseg.nn.invertible.LayerwiseInvertibleChain`
+    keeps ``layers``), so that no module is registered twice.
+    """
+    x = _float32_states(x)
+    if memory_saving and torch.is_grad_enabled():
+        params = _block_params(blocks)
+        return _InvertibleFunction.apply(x, tuple(blocks), preserve_rng_state, *params)
+    for block in blocks:
+        x = block(x)
+    return x
 
 
 class InvertibleSequence(nn.Module):
     """A chain of invertible blocks whose activation memory does not grow with depth.
 
     Any module with a ``forward`` and an ``inverse`` (``block.inverse(block(x)) ~ x``) can be
-    wrapped: additive couplings, invertible residual blocks ``y = x + g(x)`` with a fixed-point
-    inverse (:mod:`revseg.models.revup_unet`), exactly invertible layers. With
+    wrapped: additive couplings, hybrid blocks, invertible pooling, invertible residual blocks
+    ``y = x + g(x)`` with a fixed-point inverse (:mod:`revseg.models.revup_unet`). With
     ``memory_saving=True`` one :class:`torch.autograd.Function` keeps only the sequence output;
-    backward reconstructs each block's input with ``block.inverse`` and recomputes the block once
-    with grad (one inverse and one forward per block: for couplings, :class:`ReversibleSequence`
-    is the faster path, whose backward needs one forward only). Gradients are exact up to the
-    inverse's error: rounding for exact inverses, the fixed-point residual for iterative ones.
+    backward steps each block back with :func:`block_backward_step`: the block's own
+    ``backward_step(y, grad_y, x=None) -> (x, grad_x, param_grads)`` where it has one (the hybrid
+    block's two-phase backward), else ``block.inverse`` and one recomputation with grad (for
+    plain couplings, :class:`ReversibleSequence` is the faster path, whose backward needs one
+    forward only). Gradients are exact up to the inverse's error: rounding for exact inverses,
+    the fixed-point residual for iterative ones.
 
     Args:
-        blocks: the invertible modules, applied in order; each maps ``(B, C, *spatial)`` to the
-            same shape.
+        blocks: the invertible modules, applied in order; each maps ``(B, C, *spatial)`` to a
+            state of the same number of elements.
         memory_saving: ``True`` keeps only the sequence output for backward; ``False`` is plain
             autograd on the same modules (same parameters, outputs and, for exact inverses,
             gradients), the reference in tests and benchmarks.
@@ -482,19 +570,13 @@ class InvertibleSequence(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters in the order the memory-saving backward returns their gradients."""
-        return [p for block in self.blocks for p in block.parameters() if p.requires_grad]
+        return _block_params(self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *spatial) -> (B, C, *spatial)``."""
-        if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-            x = x.float()  # states between blocks stay float32 under mixed precision
-        if self.memory_saving and torch.is_grad_enabled():
-            return _InvertibleFunction.apply(
-                x, tuple(self.blocks), self.preserve_rng_state, *self.trainable_parameters()
-            )
-        for block in self.blocks:
-            x = block(x)
-        return x
+        """``(B, C, *spatial)`` through the blocks (the same shape unless a block pools)."""
+        return apply_invertible_sequence(
+            x, self.blocks, self.memory_saving, self.preserve_rng_state
+        )
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Reconstruct the sequence input from its output."""
