@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,3 +197,18 @@ class TestRevUpUNet(ReversibleModelTester):
         assert {b.conv1.coefficient for b in model.blocks()} == {0.5}
         assert len(model.fixup_parameters()) == 5 * len(model.blocks())
         assert isinstance(model, RevUpUNet)
+
+
+def test_fixup_scalars_train_at_a_tenth_of_the_lr():
+    from revseg.training.trainer import parameter_groups
+
+    model = RevUpUNet(channels=(8, 16), encoder_depth=2, decoder_depth=1)
+    optimizer = torch.optim.Adam(parameter_groups(model, 1e-3), lr=1e-3)
+    main, fixup = optimizer.param_groups
+    assert main["lr"] == 1e-3 and fixup["lr"] == pytest.approx(1e-4)
+    assert {id(p) for p in fixup["params"]} == {id(p) for p in model.fixup_parameters()}
+    assert len(fixup["params"]) == 5 * 6  # 5 scalars in each block: 2 levels x (2 + 1) blocks
+    everything = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(everything) == len({id(p) for p in everything}) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="fixup_lr_scale"):
+        RevUpUNet(channels=(8, 16), fixup_lr_scale=0)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revseg.nn.blocks import per_level
 from revseg.nn.lipschitz import SpectralNormConv3d, fixed_point_inverse, fixup_init_
 from revseg.nn.reversible import InvertibleSequence
 
@@ -152,15 +153,6 @@ def revup_level(
     )
 
 
-def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
-    depths = [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
-    if len(depths) != levels or any(d < 1 for d in depths):
-        raise ValueError(
-            f"{name} must be a positive int or a list of {levels} positive ints, got {value!r}"
-        )
-    return depths
-
-
 class RevUpUNet(nn.Module):
     """U-Net of invertible RevUp blocks for 3D segmentation (see the module docstring).
 
@@ -175,6 +167,8 @@ class RevUpUNet(nn.Module):
         inverse_iterations: fixed-point iterations that reconstruct each block's input in the
             memory-saving backward (the paper: 1; exact gradients need more, see the tests).
         power_grid_size: side of the periodic grid of the power iterations.
+        fixup_lr_scale: learning-rate factor of Fixup's scalar biases and multipliers (the paper:
+            0.1), applied by the trainer through :meth:`parameter_groups`.
         norm_groups: accepted and ignored: RevUp has no normalisation layers (Fixup replaces
             them); kept so the U-Nets share overrides such as the tiny test config's.
         memory_saving: ``True`` keeps only each sequence's output and reconstructs the blocks'
@@ -200,16 +194,20 @@ class RevUpUNet(nn.Module):
         coefficient: float = 0.9,
         inverse_iterations: int = 1,
         power_grid_size: int = 8,
+        fixup_lr_scale: float = 0.1,
         norm_groups: int | None = None,
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
     ) -> None:
         super().__init__()
         del norm_groups  # no normalisation layers in RevUp
+        if not fixup_lr_scale > 0:
+            raise ValueError(f"fixup_lr_scale must be > 0, got {fixup_lr_scale}")
+        self.fixup_lr_scale = float(fixup_lr_scale)
         channels = [int(c) for c in channels]
         levels = len(channels)
-        enc = _per_level(encoder_depth, levels, "encoder_depth")
-        dec = _per_level(decoder_depth, levels, "decoder_depth")
+        enc = per_level(encoder_depth, levels, "encoder_depth")
+        dec = per_level(decoder_depth, levels, "decoder_depth")
         self.channels = channels
         self.divisor = 2 ** (levels - 1)
         num_branches = sum(enc) + sum(dec)
@@ -271,6 +269,16 @@ class RevUpUNet(nn.Module):
         """Fixup's scalar biases and multipliers (the paper trains them at 1/10 of the lr)."""
         names = ("bias1a", "bias1b", "bias2a", "bias2b", "scale")
         return [getattr(block, name) for block in self.blocks() for name in names]
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups: every other parameter, then Fixup's scalars with
+        ``lr_scale = fixup_lr_scale`` (the trainer multiplies the optimizer's lr by it)."""
+        fixup = {id(p) for p in self.fixup_parameters()}
+        rest = [p for p in self.parameters() if id(p) not in fixup]
+        return [
+            {"params": rest},
+            {"params": self.fixup_parameters(), "lr_scale": self.fixup_lr_scale},
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):

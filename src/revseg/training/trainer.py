@@ -65,6 +65,26 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"trainer.device={name!r}: expected auto, cpu or cuda[:N]") from err
 
 
+def parameter_groups(model: nn.Module, lr: float) -> Any:
+    """What the optimizer is built on: ``model.parameters()``, or the model's own groups.
+
+    A model may define ``parameter_groups() -> [{"params": [...], "lr_scale": s}, ...]`` (RevUp's
+    Fixup scalars train at 0.1x the lr); each group's ``lr`` is then ``lr * lr_scale``, and the
+    first group keeps the optimizer's lr (the logged ``lr``).
+    """
+    groups = getattr(model, "parameter_groups", None)
+    if groups is None:
+        return model.parameters()
+    out = []
+    for group in groups():
+        group = dict(group)
+        scale = group.pop("lr_scale", None)
+        if scale is not None:
+            group["lr"] = float(lr) * float(scale)
+        out.append(group)
+    return out
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     import random
@@ -579,7 +599,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     model = build(cfg.model, "model").to(device)
-    optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
+    optimizer = build(cfg.optimizer, "optimizer")(params=parameter_groups(model, cfg.optimizer.lr))
     scheduler = (
         build(cfg.scheduler, "scheduler")(optimizer=optimizer) if cfg.get("scheduler") else None
     )
