@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
         sequence=cfg.sequence,
         checkpoint=str(p.checkpoint),
         device=str(p.device),
-        threshold=float(p.threshold),
+        threshold=p.threshold,
     )
     write_text_atomic(json.dumps(result, indent=2) + "\n", Path(cfg.output) / "metrics.json")
     m = result["metrics"]

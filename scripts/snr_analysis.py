@@ -31,6 +31,20 @@ from revseg.errors import ConfigError
 OWN_KEYS = ("run", "output")
 
 
+def _number(node: Any, key: str, kind: type, minimum: float | None = None) -> Any:
+    """``node[key]`` as ``kind`` (int or float); a ConfigError naming ``snr.<key>`` otherwise."""
+    value = node[key]
+    try:
+        if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+            raise ValueError
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"snr.{key} must be a number ({kind.__name__}), got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ConfigError(f"snr.{key} must be >= {minimum}, got {value!r}")
+    return number
+
+
 def _is_own(arg: str) -> bool:
     key = arg.split("=", 1)[0].lstrip("+~")
     return key in OWN_KEYS or key.startswith("snr.")
@@ -124,6 +138,12 @@ def main(argv: list[str]) -> int:
     for key, allowed in (("split", ("train", "val")), ("mode", ("train", "eval"))):
         if s[key] not in allowed:
             raise ConfigError(f"snr.{key} must be {' or '.join(allowed)}, got {s[key]!r}")
+    kwargs = dict(
+        mode=str(s.mode),
+        noise_snr_db=_number(s, "noise_snr_db", float),
+        trials=_number(s, "trials", int, minimum=1),
+        seed=_number(s, "seed", int),
+    )
     device = resolve_device(str(s.device))
     if with_run:
         rest = [a for a in argv if not _is_own(a)]
@@ -137,9 +157,6 @@ def main(argv: list[str]) -> int:
     loader = data.train_dataloader(seed=int(cfg.seed)) if s.split == "train" else None
     batch = next(iter(loader if loader is not None else data.val_dataloader()))
     x = batch["image"].to(device)
-    kwargs = dict(
-        mode=str(s.mode), noise_snr_db=float(s.noise_snr_db), trials=int(s.trials), seed=int(s.seed)
-    )
     models = {"float32": (model.float(), x.float())}
     if s.float64:
         models["float64"] = (copy.deepcopy(model).double(), x.double())

@@ -369,3 +369,30 @@ def test_invertible_frozen_parameters_no_grad_and_bad_blocks():
         InvertibleSequence([])
     with pytest.raises(TypeError, match="Conv3d has none"):
         InvertibleSequence([nn.Conv3d(2, 2, 1)])
+
+
+def test_coupling_recomputation_does_not_advance_a_power_iteration():
+    """A coupling whose F and G update state in a training forward (RevUp's spectral norm): the
+    memory-saving backward recomputes them under ``recomputing()``, so the state moves once per
+    step and the gradients equal plain autograd."""
+    from revseg.nn.lipschitz import SpectralNormConv3d
+
+    torch.manual_seed(0)
+    blocks = [
+        AdditiveCoupling(SpectralNormConv3d(2, 2), SpectralNormConv3d(2, 2)) for _ in range(2)
+    ]
+    saving = ReversibleSequence(blocks, memory_saving=True).double().train()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(1, 4, 6, 6, 6, dtype=torch.float64)
+    results = []
+    for seq in (saving, plain):
+        out = seq(x)
+        after_forward = [b.clone() for b in seq.buffers()]
+        out.square().sum().backward()
+        assert all(torch.equal(a, b) for a, b in zip(after_forward, seq.buffers()))
+        results.append(([b.clone() for b in seq.buffers()], [p.grad for p in seq.parameters()]))
+    (buffers1, grads1), (buffers2, grads2) = results
+    assert all(torch.equal(a, b) for a, b in zip(buffers1, buffers2))
+    for a, b in zip(grads1, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -70,6 +70,8 @@ def test_unknown_sequence_and_missing_run_are_one_line(video_run, tmp_path):
     for args, fragment in (
         ([f"run={run}", "sequence=nope"], "nope"),
         ([f"run={tmp_path / 'none'}"], "not a run directory"),
+        ([f"run={run}", "predict.threshold=abc"], "predict.threshold"),
+        ([f"run={run}", "predict.threshold=1.5"], "predict.threshold"),
     ):
         proc = run_script(*args, f"output={tmp_path / 'o'}")
         lines = [line for line in proc.stderr.splitlines() if line.strip()]

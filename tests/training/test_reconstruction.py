@@ -296,6 +296,11 @@ def test_script_on_a_run_dir_and_its_errors(tmp_path, tiny_data_root, capsys):
         script.main(["snr.nokey=1"])
     with pytest.raises(ConfigError, match="snr.split"):
         script.main(["snr.split=test"])
+    for bad, key in (("snr.trials=abc", "snr.trials"), ("snr.trials=0", "snr.trials")):
+        with pytest.raises(ConfigError, match=key):
+            script.main([bad])
+    with pytest.raises(ConfigError, match="snr.noise_snr_db"):
+        script.main(["snr.noise_snr_db=loud"])
     with pytest.raises(ConfigError, match="no reversible parts"):
         script.main(["model=unet_baseline", *common[:-2]])
     from revseg.errors import DataError

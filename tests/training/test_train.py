@@ -168,6 +168,21 @@ def test_every_model_trains(tmp_path, tiny_data_root, model):
         )
 
 
+def test_resume_keeps_a_models_own_parameter_groups(tmp_path, tiny_data_root):
+    """RevUp's Fixup scalars live in a second optimizer group (0.1x lr): resume restores both."""
+    overrides = [*TINY, f"data.root={tiny_data_root}", f"paths.output_dir={tmp_path}", "~logger"]
+    train(compose_train("model=revup_unet", *overrides))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
+    resumed = train(
+        compose_train("model=revup_unet", *overrides, "trainer.max_epochs=2", "trainer.resume=true")
+    )
+    assert resumed["epochs_completed"] == 2
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert [g["lr"] for g in state["optimizer"]["param_groups"]] == pytest.approx([1e-3, 1e-4])
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

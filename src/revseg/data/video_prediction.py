@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from revseg.errors import DataError
+from revseg.errors import ConfigError, DataError
 
 __all__ = ["predict_video"]
 
@@ -50,11 +50,19 @@ def predict_video(
         validation metrics of the prediction against the sequence's masks.
 
     Raises:
+        ConfigError: ``threshold`` is not in (0, 1).
         DataError: the run is not a video run, or a file is missing or malformed.
     """
     from revseg.data.davis import DavisData
     from revseg.data.prediction import load_run
     from revseg.training.trainer import resolve_device
+
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0 < threshold < 1
+    ):
+        raise ConfigError(f"predict.threshold must be a probability in (0, 1), got {threshold!r}")
 
     torch_device = resolve_device(device)
     model, cfg = load_run(run, checkpoint, torch_device)

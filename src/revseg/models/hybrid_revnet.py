@@ -27,8 +27,8 @@ stays, channel pooling where it grows x8: the paper's alternation), the up path 
 poolings with their inverses (a V without stored skips), and a 1x1x1 head gives the logits. The
 whole body between opening and head is one :class:`~revseg.nn.reversible.InvertibleSequence`:
 with memory saving it keeps only its output, whatever the depth, and steps each hybrid block back
-with the block's own two-phase :meth:`HybridBlock.backward_step`. Every state holds the same number of elements (pooling
-preserves volume), ``B * channels[0] * D * H * W``.
+with the block's own two-phase :meth:`HybridBlock.backward_step`. Every state holds the same
+number of elements (pooling preserves volume), ``B * channels[0] * D * H * W``.
 """
 
 from __future__ import annotations

@@ -245,7 +245,13 @@ class InvertibleBatchNorm3d(nn.Module):
         )
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``x = (y - beta) sqrt(var + eps) / s + mean`` with the statistics of the forward."""
+        """``x = (y - beta) sqrt(var + eps) / s + mean`` with the statistics of the forward.
+
+        In training mode these are the batch statistics of the layer's *last* forward: invert
+        (or run a memory-saving backward) before the layer's next training forward, as one
+        training step does; two forwards followed by two backwards would invert the first with
+        the second's statistics.
+        """
         mean, var = self.statistics()
         shape = (1, -1, 1, 1, 1)
         factor = torch.sqrt(var + self.eps) / self.scale()

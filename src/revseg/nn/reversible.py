@@ -293,7 +293,12 @@ class _ReversibleFunction(torch.autograd.Function):
             g_params = [p for p in block.g.parameters() if p.requires_grad]
             rng_f = ctx.rng_states[2 * index] if ctx.rng_states is not None else None
             rng_g = ctx.rng_states[2 * index + 1] if ctx.rng_states is not None else None
-            with torch.enable_grad(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
+            with (
+                torch.enable_grad(),
+                recomputing(),
+                ctx.autocast.context(),
+                _frozen_batchnorm_stats([block]),
+            ):
                 # G: reconstructs x2 = y2 - G(y1) and differentiates y2 = x2 + G(y1)
                 g_grads = _half_step(block.g, rng_g, y1, g_params, dy2, y2, buf2, dy1, grad1)
                 g_grads = _unaliased(g_grads, grad, buf)  # before F overwrites those buffers

@@ -190,9 +190,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
-        if [id(p) for p in self.module.parameters()] != [
+        if {id(p) for p in self.module.parameters()} != {
             id(p) for g in self.optimizer.param_groups for p in g["params"]
-        ]:
+        }:
             self.sync_optimizer_params()  # the model changed shape on load (e.g. grown ranks)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
