@@ -84,13 +84,13 @@ class HybridBlock(AdditiveCoupling):
         inputs ``y1`` and ``x2`` (:meth:`LayerwiseInvertibleChain.backward_step`). F's phase-1
         forward (for ``x1``) runs after G's walk: the same work, one half-state less alive.
         """
-        y1, y2 = self._split(y)
-        dy1, dy2 = self._split(grad_y)
+        y1, y2 = self.split(y)
+        dy1, dy2 = self.split(grad_y)
         # the input and its gradient are written into one buffer each (no concatenation)
         rebuilt = torch.empty_like(y) if x is None else x
         grad_x = torch.empty_like(grad_y)
-        x1, x2 = self._split(rebuilt)
-        dx1, dx2 = self._split(grad_x)
+        x1, x2 = self.split(rebuilt)
+        dx1, dx2 = self.split(grad_x)
         # each module's output is handed to its walk without another reference, so the walk
         # frees it after the first layer
         out = {}

@@ -50,7 +50,9 @@ __all__ = [
     "HyperbolicNet",
     "LeapfrogStack",
     "MemoryReport",
+    "leapfrog_update",
     "level_plan",
+    "level_transform",
     "memory_report",
     "resolve_ranks",
 ]
@@ -96,7 +98,7 @@ def resolve_ranks(
     return [n if r is None else int(r) for r, (_, n, _) in zip(rank, plan)]
 
 
-def _transform(kind: str | None, inverse: bool, *states: torch.Tensor) -> list[torch.Tensor]:
+def level_transform(kind: str | None, inverse: bool, *states: torch.Tensor) -> list[torch.Tensor]:
     """Apply a level's entry transform (or its inverse = transpose) to each state."""
     if kind is None:
         return list(states)
@@ -105,7 +107,9 @@ def _transform(kind: str | None, inverse: bool, *states: torch.Tensor) -> list[t
     return [fn(s) for s in states]
 
 
-def _leapfrog(force: torch.Tensor, y: torch.Tensor, other: torch.Tensor, h2: float) -> torch.Tensor:
+def leapfrog_update(
+    force: torch.Tensor, y: torch.Tensor, other: torch.Tensor, h2: float
+) -> torch.Tensor:
     """``h^2 f(Y_j) + 2 Y_j - Y_other``, in place on ``force`` (forward: ``Y_other = Y_{j-1}``
     gives ``Y_{j+1}``; reverse: ``Y_other = Y_{j+1}`` gives ``Y_{j-1}``). One op order for every
     path, so plain autograd and the memory-saving Function give bit-identical outputs."""
@@ -145,14 +149,14 @@ class _LeapfrogFunction(torch.autograd.Function):
                     f = layer(y)
                 grads = torch.autograd.grad(f, [y, *params], g_cur, allow_unused=True)
                 # Y_{j-1} = 2 Y_j - Y_{j+1} + h^2 f(Y_j)  (in place on f: its graph is freed)
-                prev, cur = _leapfrog(f.detach(), prev, cur, h2), prev
+                prev, cur = leapfrog_update(f.detach(), prev, cur, h2), prev
                 # dL/dY_j = g_{j-1} + 2 g_{j+1} + h^2 J^T g_{j+1};  dL/dY_{j-1} = -g_{j+1}
                 g_y = grads[0].mul_(h2).add_(g_cur, alpha=2).add_(g_prev)
                 g_prev, g_cur = g_cur.neg(), g_y
                 layer_grads.append([g if g is None else g.mul_(h2) for g in grads[1:]])
                 del f, y, grads, g_y
-            prev, cur = _transform(kind, True, prev, cur)
-            g_prev, g_cur = _transform(kind, True, g_prev, g_cur)  # W^T = W^-1
+            prev, cur = level_transform(kind, True, prev, cur)
+            g_prev, g_cur = level_transform(kind, True, g_prev, g_cur)  # W^T = W^-1
         # Y_{-1} = Y_0: both halves of the first pair are the input
         grad_y0 = g_prev + g_cur if ctx.needs_input_grad[0] else None
         ordered = [g for grads in reversed(layer_grads) for g in grads]
@@ -223,9 +227,9 @@ class LeapfrogStack(nn.Module):
         """The recursion from the pair ``(Y_{-1}, Y_0)`` to the last pair ``(Y_{N-1}, Y_N)``."""
         h2 = self.h**2
         for kind, level in zip(self.transforms, self.levels):
-            prev, cur = _transform(kind, False, prev, cur)
+            prev, cur = level_transform(kind, False, prev, cur)
             for layer in level:
-                prev, cur = cur, _leapfrog(layer(cur), cur, prev, h2)
+                prev, cur = cur, leapfrog_update(layer(cur), cur, prev, h2)
         return prev, cur
 
     def inverse(self, prev: torch.Tensor, cur: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +237,8 @@ class LeapfrogStack(nn.Module):
         h2 = self.h**2
         for kind, level in zip(reversed(self.transforms), reversed(self.levels)):
             for layer in reversed(level):
-                prev, cur = _leapfrog(layer(prev), prev, cur, h2), prev
-            prev, cur = _transform(kind, True, prev, cur)
+                prev, cur = leapfrog_update(layer(prev), prev, cur, h2), prev
+            prev, cur = level_transform(kind, True, prev, cur)
         return prev, cur
 
     def forward(self, y0: torch.Tensor) -> torch.Tensor:

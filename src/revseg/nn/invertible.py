@@ -384,12 +384,12 @@ class InvertibleConv3d(AdditiveCoupling):
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """``(x, dL/dx, parameter grads)`` from the output ``y`` and ``dL/dy``, one evaluation of
         ``conv_g`` then of ``conv_f``; a known input ``x`` replaces the reconstruction."""
-        y1, y2 = self._split(y)
-        dy1, dy2 = self._split(grad_y)
+        y1, y2 = self.split(y)
+        dy1, dy2 = self.split(grad_y)
         rebuilt = torch.empty_like(y) if x is None else x  # written in place: no concatenation
         grad_x = torch.empty_like(grad_y)
-        x1, x2 = self._split(rebuilt)
-        dx1, dx2 = self._split(grad_x)
+        x1, x2 = self.split(rebuilt)
+        dx1, dx2 = self.split(grad_x)
         g_params, f_params = _trainable(self.g), _trainable(self.f)
         leaf = y1.detach().requires_grad_(True)
         with torch.enable_grad():

@@ -73,7 +73,12 @@ class AdditiveCoupling(nn.Module):
         self.g = g
         self.split_dim = split_dim
 
-    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two halves ``(x1, x2)`` of ``x`` along ``split_dim`` (views, no copy).
+
+        Raises:
+            ValueError: for an odd size along ``split_dim``.
+        """
         size = x.shape[self.split_dim]
         if size % 2:
             raise ValueError(
@@ -84,14 +89,14 @@ class AdditiveCoupling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, ...) -> (B, C, ...)``."""
-        x1, x2 = self._split(x)
+        x1, x2 = self.split(x)
         y1 = x1 + self.f(x2)
         y2 = x2 + self.g(y1)
         return torch.cat((y1, y2), dim=self.split_dim)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Reconstruct the input from the output: ``x2 = y2 - G(y1)``, ``x1 = y1 - F(x2)``."""
-        y1, y2 = self._split(y)
+        y1, y2 = self.split(y)
         x2 = y2 - self.g(y1)
         x1 = y1 - self.f(x2)
         return torch.cat((x1, x2), dim=self.split_dim)
@@ -255,7 +260,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.rng_states = [] if preserve_rng_state else None
         dim = blocks[0].split_dim
         ctx.split_dim = dim
-        x1, x2 = blocks[0]._split(x)
+        x1, x2 = blocks[0].split(x)
         y = torch.empty_like(x)
         y1, y2 = torch.chunk(y, 2, dim=dim)
         for index, block in enumerate(blocks):

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from revseg.models.hyperbolic_net import LeapfrogStack, _leapfrog, _transform
+from revseg.models.hyperbolic_net import LeapfrogStack, leapfrog_update, level_transform
 from revseg.nn.invertible import BatchPooling3d, ChannelPooling3d, InverseOf
 from revseg.nn.reversible import AdditiveCoupling, recomputing
 from revseg.training.callbacks import Callback
@@ -164,20 +164,20 @@ def _module_step(name: str, module: nn.Module) -> _Step:
         lambda s: (module.inverse(s[0]),),
         lambda: _closed_form(module),
         chains,
-        module._split if chains else None,
+        module.split if chains else None,
     )
 
 
 def _haar_step(name: str, kind: str) -> _Step:
-    forward = lambda s: tuple(_transform(kind, False, *s))  # noqa: E731
-    inverse = lambda s: tuple(_transform(kind, True, *s))  # noqa: E731
+    forward = lambda s: tuple(level_transform(kind, False, *s))  # noqa: E731
+    inverse = lambda s: tuple(level_transform(kind, True, *s))  # noqa: E731
     return _Step(name, f"haar {kind}", forward, inverse, lambda: 1.0)  # orthonormal: alpha = 1
 
 
 def _leapfrog_step(name: str, layer: nn.Module, h2: float) -> _Step:
     """``(Y_{j-1}, Y_j) -> (Y_j, Y_{j+1})`` and back (eq. 4.9), as :class:`LeapfrogStack` runs."""
-    forward = lambda s: (s[1], _leapfrog(layer(s[1]), s[1], s[0], h2))  # noqa: E731
-    inverse = lambda s: (_leapfrog(layer(s[0]), s[0], s[1], h2), s[0])  # noqa: E731
+    forward = lambda s: (s[1], leapfrog_update(layer(s[1]), s[1], s[0], h2))  # noqa: E731
+    inverse = lambda s: (leapfrog_update(layer(s[0]), s[0], s[1], h2), s[0])  # noqa: E731
     return _Step(name, "leapfrog layer", forward, inverse)
 
 
