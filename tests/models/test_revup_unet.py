@@ -88,7 +88,9 @@ class TestRevUpUNet(ReversibleModelTester):
         return seqs
 
     def test_default_size(self):
-        assert self.expected_params == 12_429_773
+        """The default config has exactly the parameters :func:`default_params` counts."""
+        model = self.build(tiny=False)
+        assert sum(p.numel() for p in model.parameters()) == 12_429_773 == self.expected_params
 
     def test_every_sequence_inverts(self):
         """With converged fixed points every sequence inverts to rounding; at one iteration
@@ -155,10 +157,10 @@ class TestRevUpUNet(ReversibleModelTester):
         assert abs(float(weights.detach().std()) / (he * (24 + 3) ** -0.5) - 1) < 0.02
 
     def test_blocks_stay_contractive(self):
-        """Both convolutions of every block have operator norm <= c (measured on the layer
-        itself, zero-padded 7^3 inputs), so ``Lip(g) <= c^2`` whatever Fixup's multiplier
-        learned: ``conv1`` at the bound, ``conv2`` below it and then, with a multiplier of 50,
-        cut back to it."""
+        """Both convolutions of every block have operator norm <= c on zero-padded 7^3 inputs
+        (the largest the default 8^3 power-iteration grid bounds exactly; larger inputs can be a
+        few % above c) whatever Fixup's multiplier learned: ``conv1`` at the bound, ``conv2``
+        below it and then, with a multiplier of 50, cut back to it."""
         model = randomize_(self.build().double())
         for block in model.blocks():
             w1, w2 = block.normalized_weights(update=False)

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from revseg.nn.blocks import NormActConv, per_level
+from revseg.nn.blocks import NormActConv
 from revseg.nn.reversible import AdditiveCoupling, ReversibleSequence
+from revseg.nn.unet import ConvTrilinearUp3d, MaxPoolConv3d, ReversibleUNet, level_sequence
 
 __all__ = ["PartiallyReversibleUNet", "reversible_level"]
 
@@ -39,20 +36,22 @@ def reversible_level(
     if channels % 2:
         raise ValueError(f"reversible levels need an even channel count, got {channels}")
     half = channels // 2
-    blocks = [
-        AdditiveCoupling(
+
+    def coupling() -> AdditiveCoupling:
+        return AdditiveCoupling(
             NormActConv(half, half, norm_groups, negative_slope=negative_slope),
             NormActConv(half, half, norm_groups, negative_slope=negative_slope),
         )
-        for _ in range(depth)
-    ]
-    return ReversibleSequence(
-        blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state
-    )
+
+    return level_sequence(coupling, depth, ReversibleSequence, memory_saving, preserve_rng_state)
 
 
-class PartiallyReversibleUNet(nn.Module):
+class PartiallyReversibleUNet(ReversibleUNet):
     """Partially reversible U-Net for 3D segmentation.
+
+    The skeleton (stem, ``encoders``, ``down``, ``decoders``, ``up``, additive skips, ``head``,
+    ``memory_saving``, :meth:`reversible_sequences`) is :class:`~revseg.nn.unet.ReversibleUNet`'s;
+    down is :class:`~revseg.nn.unet.MaxPoolConv3d`, up :class:`~revseg.nn.unet.ConvTrilinearUp3d`.
 
     Args:
         in_channels: input channels (4 MRI modalities).
@@ -83,62 +82,18 @@ class PartiallyReversibleUNet(nn.Module):
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
     ) -> None:
-        super().__init__()
-        channels = [int(c) for c in channels]
-        levels = len(channels)
-        enc = per_level(encoder_depth, levels, "encoder_depth")
-        dec = per_level(decoder_depth, levels, "decoder_depth")
-        self.channels = channels
-        self.divisor = 2 ** (levels - 1)
-
         def level(c: int, depth: int) -> ReversibleSequence:
             return reversible_level(
                 c, depth, norm_groups, negative_slope, memory_saving, preserve_rng_state
             )
 
-        self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1, bias=False)
-        self.encoders = nn.ModuleList(level(c, d) for c, d in zip(channels, enc))
-        self.down = nn.ModuleList(
-            nn.Conv3d(channels[i], channels[i + 1], 1) for i in range(levels - 1)
+        super().__init__(
+            in_channels,
+            out_channels,
+            channels,
+            encoder_depth,
+            decoder_depth,
+            level,
+            down=lambda i, fine, coarse: MaxPoolConv3d(fine, coarse),
+            up=lambda i, coarse, fine: ConvTrilinearUp3d(coarse, fine),
         )
-        # decoders[i] works on level i; up[i] takes level i + 1 to level i
-        self.decoders = nn.ModuleList(level(c, d) for c, d in zip(channels, dec))
-        self.up = nn.ModuleList(
-            nn.Conv3d(channels[i + 1], channels[i], 1) for i in range(levels - 1)
-        )
-        self.head = nn.Conv3d(channels[0], out_channels, 1)
-
-    @property
-    def memory_saving(self) -> bool:
-        return all(seq.memory_saving for seq in self.reversible_sequences())
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        for seq in self.reversible_sequences():
-            seq.memory_saving = bool(value)
-
-    def reversible_sequences(self) -> list[ReversibleSequence]:
-        return [*self.encoders, *self.decoders]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"PartiallyReversibleUNet expects (B, C, D, H, W) with D, H, W divisible by "
-                f"{self.divisor}, got {tuple(x.shape)}"
-            )
-        x = self.stem(x)
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            if i > 0:
-                x = self.down[i - 1](F.max_pool3d(x, 2))
-            x = encoder(x)
-            skips.append(x)
-        skips.pop()  # the bottom level has no skip
-        for i in range(len(self.decoders) - 1, -1, -1):
-            x = self.decoders[i](x)
-            if i > 0:
-                x = F.interpolate(
-                    self.up[i - 1](x), scale_factor=2, mode="trilinear", align_corners=False
-                )
-                x = x + skips.pop()
-        return self.head(x)

@@ -34,13 +34,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import per_level
 from revseg.nn.invertible import BatchPooling3d, ChannelPooling3d
 from revseg.nn.reversible import ReversibleSequence
 from revseg.nn.revnet import revnet_sequence
+from revseg.nn.unet import ReversibleUNet, upsample2x
 
 __all__ = ["DOWNSAMPLE_KINDS", "LevelDown", "LevelUp", "RevNetUNet"]
 
@@ -109,12 +108,16 @@ class LevelUp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(x)
         if self.pool is None:
-            return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
+            return upsample2x(x)
         return self.pool.inverse(x)
 
 
-class RevNetUNet(nn.Module):
+class RevNetUNet(ReversibleUNet):
     """U-Net of RevNet blocks for 3D segmentation, with max, channel or batch pooling.
+
+    The skeleton (stem, ``encoders``, ``down``, ``decoders``, ``up``, additive skips, ``head``,
+    ``memory_saving``, :meth:`reversible_sequences`) is :class:`~revseg.nn.unet.ReversibleUNet`'s;
+    down is :class:`LevelDown`, up :class:`LevelUp`.
 
     Args:
         in_channels: input channels (4 MRI modalities).
@@ -152,68 +155,30 @@ class RevNetUNet(nn.Module):
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
     ) -> None:
-        super().__init__()
         channels = [int(c) for c in channels]
         levels = len(channels)
         if levels < 2:
             raise ValueError(f"RevNetUNet needs at least 2 levels, got channels={channels}")
-        enc = per_level(encoder_depth, levels, "encoder_depth")
-        dec = per_level(decoder_depth, levels, "decoder_depth")
         kinds = [downsample] * (levels - 1) if isinstance(downsample, str) else list(downsample)
         if len(kinds) != levels - 1:
             raise ValueError(
                 f"downsample must be one kind or a list of {levels - 1}, got {downsample!r}"
             )
-        self.channels = channels
-        self.downsample = [_check_kind(k) for k in kinds]
-        self.divisor = 2 ** (levels - 1)
+        kinds = [_check_kind(k) for k in kinds]
 
         def level(c: int, depth: int) -> ReversibleSequence:
             return revnet_sequence(
                 c, depth, norm_groups, negative_slope, memory_saving, preserve_rng_state
             )
 
-        self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1, bias=False)
-        self.encoders = nn.ModuleList(level(c, d) for c, d in zip(channels, enc))
-        # down[i] takes level i to level i + 1, up[i] brings level i + 1 back to level i
-        self.down = nn.ModuleList(
-            LevelDown(k, channels[i], channels[i + 1]) for i, k in enumerate(self.downsample)
+        super().__init__(
+            in_channels,
+            out_channels,
+            channels,
+            encoder_depth,
+            decoder_depth,
+            level,
+            down=lambda i, fine, coarse: LevelDown(kinds[i], fine, coarse),
+            up=lambda i, coarse, fine: LevelUp(kinds[i], coarse, fine),
         )
-        self.decoders = nn.ModuleList(level(c, d) for c, d in zip(channels, dec))
-        self.up = nn.ModuleList(
-            LevelUp(k, channels[i + 1], channels[i]) for i, k in enumerate(self.downsample)
-        )
-        self.head = nn.Conv3d(channels[0], out_channels, 1)
-
-    @property
-    def memory_saving(self) -> bool:
-        return all(seq.memory_saving for seq in self.reversible_sequences())
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        for seq in self.reversible_sequences():
-            seq.memory_saving = bool(value)
-
-    def reversible_sequences(self) -> list[ReversibleSequence]:
-        return [*self.encoders, *self.decoders]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"RevNetUNet expects (B, C, D, H, W) with D, H, W divisible by {self.divisor}, "
-                f"got {tuple(x.shape)}"
-            )
-        x = self.stem(x)
-        skips = []
-        for i, encoder in enumerate(self.encoders):
-            if i > 0:
-                x = self.down[i - 1](x)
-            x = encoder(x)
-            skips.append(x)
-        skips.pop()  # the bottom level has no skip
-        for i in range(len(self.decoders) - 1, -1, -1):
-            x = self.decoders[i](x)
-            if i > 0:
-                # the skip left level i - 1 with the batch layout that up[i - 1] restores
-                x = self.up[i - 1](x) + skips.pop()
-        return self.head(x)
+        self.downsample = kinds
