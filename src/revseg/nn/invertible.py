@@ -33,7 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.reversible import AdditiveCoupling, apply_invertible_sequence, block_backward_step
+from revseg.nn.reversible import (
+    AdditiveCoupling,
+    apply_invertible_sequence,
+    block_backward_step,
+    coupling_backward_step,
+)
 
 __all__ = [
     "BatchPooling3d",
@@ -347,10 +352,6 @@ def batch_norm_alpha(
 # invertible convolution (section 4.1.4)
 
 
-def _trainable(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
 class InvertibleConv3d(AdditiveCoupling):
     """Invertible convolution as a minimal reversible block (Hascoet et al., section 4.1.4).
 
@@ -383,29 +384,9 @@ class InvertibleConv3d(AdditiveCoupling):
         self, y: torch.Tensor, grad_y: torch.Tensor, x: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
         """``(x, dL/dx, parameter grads)`` from the output ``y`` and ``dL/dy``, one evaluation of
-        ``conv_g`` then of ``conv_f``; a known input ``x`` replaces the reconstruction."""
-        y1, y2 = self.split(y)
-        dy1, dy2 = self.split(grad_y)
-        rebuilt = torch.empty_like(y) if x is None else x  # written in place: no concatenation
-        grad_x = torch.empty_like(grad_y)
-        x1, x2 = self.split(rebuilt)
-        dx1, dx2 = self.split(grad_x)
-        g_params, f_params = _trainable(self.g), _trainable(self.f)
-        leaf = y1.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.g(leaf)
-        g_grads = torch.autograd.grad(out, [leaf, *g_params], dy2, allow_unused=True)
-        if x is None:
-            torch.sub(y2, out.detach(), out=x2)
-        torch.add(dy1, g_grads[0], out=dx1)
-        leaf = x2.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = self.f(leaf)
-        f_grads = torch.autograd.grad(out, [leaf, *f_params], dx1, allow_unused=True)
-        if x is None:
-            torch.sub(y1, out.detach(), out=x1)
-        torch.add(dy2, f_grads[0], out=dx2)
-        return rebuilt, grad_x, [*f_grads[1:], *g_grads[1:]]
+        ``conv_g`` then of ``conv_f`` (:func:`~revseg.nn.reversible.coupling_backward_step`); a
+        known input ``x`` replaces the reconstruction."""
+        return coupling_backward_step(self, y, grad_y, x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "ReversibleSequence",
     "apply_invertible_sequence",
     "block_backward_step",
+    "coupling_backward_step",
     "is_recomputing",
     "recomputing",
     "reversible_sequence_function",
@@ -212,28 +213,58 @@ def _half_step(
     params: list[nn.Parameter],
     upstream: torch.Tensor,
     total: torch.Tensor,
-    rebuilt: torch.Tensor,
+    rebuilt: torch.Tensor | None,
     passthrough: torch.Tensor,
     grad_out: torch.Tensor,
 ) -> list[torch.Tensor | None]:
     """One half of a coupling's backward, for ``total = rebuilt + fn(inp)``.
 
     Evaluates ``fn(inp)`` once with grad (under the forward's RNG state), writes the
-    reconstructed ``rebuilt = total - fn(inp)`` in place, and ``grad_out = passthrough +
-    d fn/d inp^T upstream``. Returns the gradients of ``params``.
+    reconstructed ``rebuilt = total - fn(inp)`` in place (unless ``rebuilt`` is ``None``: the
+    half is known), and ``grad_out = passthrough + d fn/d inp^T upstream``. Returns the gradients
+    of ``params``.
     """
     leaf = inp.detach().requires_grad_(True)
     with rng.restored() if rng is not None else contextlib.nullcontext():
         out = fn(leaf)
     grads = torch.autograd.grad(out, [leaf, *params], upstream, allow_unused=True)
     del leaf  # the graph is gone: buffers may be overwritten from here on
-    torch.sub(total, out.detach(), out=rebuilt)
+    if rebuilt is not None:
+        torch.sub(total, out.detach(), out=rebuilt)
     del out
     if grads[0] is not None:
         torch.add(passthrough, grads[0], out=grad_out)
     elif passthrough is not grad_out:
         grad_out.copy_(passthrough)
     return list(grads[1:])
+
+
+def coupling_backward_step(
+    block: AdditiveCoupling,
+    y: torch.Tensor,
+    grad_y: torch.Tensor,
+    x: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
+    """One coupling of a memory-saving backward, ``(x, dL/dx, grads of F's then G's params)``.
+
+    The two halves of :class:`_ReversibleFunction`'s step (:func:`_half_step`): ``G(y1)`` then
+    ``F(x2)`` evaluated once each with grad, reconstructing ``x2`` and ``x1`` into a new buffer;
+    a known input ``x`` is used instead of its reconstruction. For a coupling used as one block
+    of an :class:`InvertibleSequence` (a ``backward_step``), without the sequence's buffer reuse.
+    """
+    y1, y2 = block.split(y)
+    dy1, dy2 = block.split(grad_y)
+    rebuilt = torch.empty_like(y) if x is None else x  # written in place: no concatenation
+    grad_x = torch.empty_like(grad_y)
+    x1, x2 = block.split(rebuilt)
+    dx1, dx2 = block.split(grad_x)
+    g_params = [p for p in block.g.parameters() if p.requires_grad]
+    f_params = [p for p in block.f.parameters() if p.requires_grad]
+    known = x is not None
+    with torch.enable_grad():
+        g_grads = _half_step(block.g, None, y1, g_params, dy2, y2, None if known else x2, dy1, dx1)
+        f_grads = _half_step(block.f, None, x2, f_params, dx1, y1, None if known else x1, dy2, dx2)
+    return rebuilt, grad_x, [*f_grads, *g_grads]
 
 
 class _ReversibleFunction(torch.autograd.Function):
