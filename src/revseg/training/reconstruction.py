@@ -537,12 +537,10 @@ class ReconstructionMonitor(Callback):
 
     def check(self, trainer: Trainer, image: torch.Tensor, step: int) -> float:
         """Measure on ``image`` now, log, warn once past the threshold; returns the worst error."""
+        from revseg.training.trainer import autocast_context
+
         device = trainer.device
-        precision = getattr(trainer, "precision", "fp32")
-        autocast = None
-        if precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-            autocast = torch.autocast(device.type, dtype=dtype)
+        autocast = autocast_context(device, getattr(trainer, "precision", "fp32"))
         report = analyze_reconstruction(
             trainer.module, image.to(device), mode="train", alpha=False, autocast=autocast
         )

@@ -65,6 +65,15 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"trainer.device={name!r}: expected auto, cpu or cuda[:N]") from err
 
 
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward's context for ``trainer.precision``: nothing for fp32, else ``torch.autocast``
+    in bf16 or fp16 on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
 def parameter_groups(model: nn.Module, lr: float) -> Any:
     """What the optimizer is built on: ``model.parameters()``, or the model's own groups.
 
@@ -271,10 +280,7 @@ class Trainer:
         self.model = self._wrap(self.module)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast_context(self.device, self.precision)
 
     def _non_finite(self, what: str, value: float, cases: list[str]) -> None:
         """Stop (default) or skip the step after a NaN/Inf, naming the step and the case."""
