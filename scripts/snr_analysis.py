@@ -127,6 +127,7 @@ def _run_config(run: str, checkpoint: str, device: Any, overrides: list[str]) ->
 
 def main(argv: list[str]) -> int:
     from revseg.config import build
+    from revseg.training.checkpoint import write_text_atomic
     from revseg.training.reconstruction import analyze_reconstruction
     from revseg.training.trainer import resolve_device, seed_everything
 
@@ -174,8 +175,7 @@ def main(argv: list[str]) -> int:
         "batch": {"split": str(s.split), "shape": list(x.shape), "cases": batch.get("case")},
         "reports": {dtype: report.to_dict() for dtype, report in reports.items()},
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(result, indent=2, allow_nan=False, default=str) + "\n")
+    write_text_atomic(json.dumps(result, indent=2, allow_nan=False, default=str) + "\n", output)
     print(f"## Reconstruction SNR of {name} on a {s.split} batch {tuple(x.shape)}\n")
     for report in reports.values():
         print(markdown(report) + "\n")

@@ -69,6 +69,7 @@ def test_unknown_sequence_and_missing_run_are_one_line(video_run, tmp_path):
     run, _ = video_run
     for args, fragment in (
         ([f"run={run}", "sequence=nope"], "nope"),
+        ([f"run={run}", "sequence=../up"], "data.sequence"),
         ([f"run={tmp_path / 'none'}"], "not a run directory"),
         ([f"run={run}", "predict.threshold=abc"], "predict.threshold"),
         ([f"run={run}", "predict.threshold=1.5"], "predict.threshold"),

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from revseg.config import build
 from revseg.errors import ConfigError, DataError
 
 __all__ = ["predict_video"]
@@ -71,12 +70,11 @@ def predict_video(
             f"run: {run} was trained on {cfg.data.get('_target_')}, not on video; "
             "use scripts/predict.py for volumes"
         )
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     if root is not None:
-        data_cfg["root"], data_cfg["generate"] = os.fspath(root), False
+        cfg.data.root, cfg.data.generate = os.fspath(root), False
     if sequence is not None:
-        data_cfg["sequence"] = sequence
-    data: DavisData = instantiate(data_cfg, _convert_="all")
+        cfg.data.sequence = sequence
+    data: DavisData = build(cfg.data, "data")
     data.setup()
     batch = next(iter(data.val_dataloader()))
     start = time.perf_counter()
