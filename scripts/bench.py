@@ -103,7 +103,6 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from revseg.config import build
-    from revseg.errors import ConfigError
     from revseg.memory import PeakMemoryMeter
     from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
 
@@ -120,12 +119,7 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("plan", True):
         try:  # plan_from_config's plan, and from the same trace the activations' own peak
             step_model = step_model_from_config(cfg, model)
-            if any(s % step_model.divisor for s in size):
-                raise ConfigError(
-                    f"input size {size}: every size must be divisible by {step_model.divisor} "
-                    "(the model's downsamplings)"
-                )
-            planned = step_model.plan(size)
+            planned = step_model.checked_plan(size)
             live = step_model.live(math.prod(size))[[CATEGORIES.index(k) for k in ACTIVATIONS]]
             activation_peak = int(round(live.sum(axis=0).max()))
         except Exception as err:  # noqa: BLE001 - a planner failure is a note, not a lost run

@@ -400,6 +400,19 @@ class StepModel:
             notes=list(self.notes),
         )
 
+    def checked_plan(self, spatial: Sequence[int]) -> Plan:
+        """:meth:`plan`, after checking that every size is a multiple of :attr:`divisor`.
+
+        Raises:
+            ConfigError: a size the model's downsamplings cannot take.
+        """
+        if any(s % self.divisor for s in spatial):
+            raise ConfigError(
+                f"input size {list(spatial)}: every size must be divisible by {self.divisor} "
+                f"(the model's downsamplings)"
+            )
+        return self.plan(spatial)
+
     def max_voxels(self, budget_bytes: float) -> int:
         """The most spatial voxels per sample whose predicted peak fits ``budget_bytes``."""
         fixed, slope = self.fixed.sum(axis=0), self.per_voxel.sum(axis=0)
@@ -630,13 +643,7 @@ def plan_from_config(
     step_model = step_model_from_config(cfg, model)
     if spatial is None:
         spatial = input_shape_from_config(cfg)[1]
-    divisor = step_model.divisor
-    if any(s % divisor for s in spatial):
-        raise ConfigError(
-            f"input size {list(spatial)}: every size must be divisible by {divisor} "
-            f"(the model's downsamplings)"
-        )
-    plan = step_model.plan(spatial)
+    plan = step_model.checked_plan(spatial)
     if writer is not None:
         writer.add_text("memory/plan", plan.table(), 0)
     return plan
