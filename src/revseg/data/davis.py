@@ -446,13 +446,10 @@ class DavisData:
         ):
             raise ConfigError(f"data.flip_prob must be in [0, 1], got {flip_prob!r}")
         self.flip_prob = float(flip_prob)
-        rolls = (
-            [roll] * 3
-            if isinstance(roll, bool)
-            else list(roll)
-            if isinstance(roll, Sequence)
-            else []
-        )
+        if isinstance(roll, bool):
+            rolls = [roll] * 3
+        else:
+            rolls = list(roll) if isinstance(roll, Sequence) and not isinstance(roll, str) else []
         if len(rolls) != 3 or not all(isinstance(r, bool) for r in rolls):
             raise ConfigError(
                 f"data.roll must be true, false or three booleans for (T, H, W), got {roll!r}"
