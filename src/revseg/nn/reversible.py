@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from revseg.nn import fused_step
+
 __all__ = [
     "AdditiveCoupling",
     "InvertibleSequence",
@@ -181,19 +183,21 @@ def _float32_states(x: torch.Tensor) -> torch.Tensor:
 # the memory-saving autograd
 
 
-def _sole_owner(t: torch.Tensor) -> bool:
-    """``True`` when only ``t`` and the autograd node that saved it refer to its storage.
+def _sole_owner(t: torch.Tensor, holders: int = 3) -> bool:
+    """``True`` when nothing but ``holders`` references refer to ``t``'s storage.
 
-    Then nothing can read the storage after this backward (a second backward through the node
-    fails on the saved tensor's version counter), so it may be overwritten. Uses the storage's
-    reference count (each tensor or view holds one, the saved tensor one, the storage's Python
-    object one); without that private counter, never claims ownership.
+    Counts the storage's references (each tensor or view holds one, a saved tensor one, the
+    storage's Python object one): the saved output of a Function is its own with 3 (the saved
+    tensor, the detached tensor and the storage object); an incoming gradient with 2. Then
+    nothing reads the storage after this backward (a second backward through the node fails on
+    the saved tensor's version counter), so it may be overwritten. Without the private counter,
+    never claims ownership.
     """
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None:
+    if use_count is None or not t.is_contiguous():
         return False
     try:
-        return use_count(t.untyped_storage()._cdata) <= 3
+        return use_count(t.untyped_storage()._cdata) <= holders
     except (AttributeError, RuntimeError, TypeError):
         return False
 
@@ -212,31 +216,66 @@ def _half_step(
     inp: torch.Tensor,
     params: list[nn.Parameter],
     upstream: torch.Tensor,
-    total: torch.Tensor,
-    rebuilt: torch.Tensor | None,
-    passthrough: torch.Tensor,
-    grad_out: torch.Tensor,
+    target: torch.Tensor | None,
+    grad_acc: torch.Tensor,
+    chunks: int = 1,
 ) -> list[torch.Tensor | None]:
-    """One half of a coupling's backward, for ``total = rebuilt + fn(inp)``.
+    """One half of a coupling's backward, for ``target = rebuilt + fn(inp)``, in place.
 
-    Evaluates ``fn(inp)`` once with grad (under the forward's RNG state), writes the
-    reconstructed ``rebuilt = total - fn(inp)`` in place (unless ``rebuilt`` is ``None``: the
-    half is known), and ``grad_out = passthrough + d fn/d inp^T upstream``. Returns the gradients
-    of ``params``.
+    Rebuilds ``target -= fn(inp)`` (unless ``target`` is ``None``: the half is known) and adds
+    ``d fn/d inp^T upstream`` to ``grad_acc``; returns the gradients of ``params``. A
+    GN -> LReLU -> Conv unit takes the fused step of :mod:`revseg.nn.fused_step` (two half-states
+    of workspace, or a few slabs with ``chunks > 1``); any other module is evaluated once with
+    grad under the forward's RNG state and differentiated with :func:`torch.autograd.grad`.
     """
+    if fused_step.can_fuse(fn):
+        return fused_step.half_step(fn, inp, upstream, target, grad_acc, chunks)
     leaf = inp.detach().requires_grad_(True)
     with rng.restored() if rng is not None else contextlib.nullcontext():
         out = fn(leaf)
     grads = torch.autograd.grad(out, [leaf, *params], upstream, allow_unused=True)
     del leaf  # the graph is gone: buffers may be overwritten from here on
-    if rebuilt is not None:
-        torch.sub(total, out.detach(), out=rebuilt)
+    if target is not None:
+        target.sub_(out.detach())
     del out
     if grads[0] is not None:
-        torch.add(passthrough, grads[0], out=grad_out)
-    elif passthrough is not grad_out:
-        grad_out.copy_(passthrough)
+        grad_acc.add_(grads[0])
     return list(grads[1:])
+
+
+def _add_forward(fn: nn.Module, inp: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """``out += fn(inp)`` in place (slab by slab for a fused unit with ``chunks > 1``)."""
+    if fused_step.can_fuse(fn):
+        fused_step.add_forward(fn, inp, out, chunks)
+    else:
+        out.add_(fn(inp))
+
+
+def _coupling_step(
+    block: AdditiveCoupling,
+    y: torch.Tensor,
+    grad: torch.Tensor,
+    rebuild: bool,
+    rng_f: _RngState | None = None,
+    rng_g: _RngState | None = None,
+    chunks: int = 1,
+) -> list[torch.Tensor | None]:
+    """One coupling of a memory-saving backward, in place: ``y`` becomes the block's input
+    (unless ``rebuild`` is ``False``: ``y`` already holds it) and ``grad`` its gradient.
+
+    Returns the gradients of F's then G's trainable parameters.
+    """
+    y1, y2 = block.split(y)
+    dy1, dy2 = block.split(grad)
+    f_params = [p for p in block.f.parameters() if p.requires_grad]
+    g_params = [p for p in block.g.parameters() if p.requires_grad]
+    # G: x2 = y2 - G(y1) into y2's storage; dL/dy1 += dG/dy1^T dy2
+    g_grads = _half_step(block.g, rng_g, y1, g_params, dy2, y2 if rebuild else None, dy1, chunks)
+    g_grads = _unaliased(g_grads, grad, y)  # before F overwrites those buffers
+    # F: x1 = y1 - F(x2) into y1's storage; dL/dx2 = dy2 + dF/dx2^T dL/dy1
+    f_grads = _half_step(block.f, rng_f, y2, f_params, dy1, y1 if rebuild else None, dy2, chunks)
+    f_grads = _unaliased(f_grads, grad, y)
+    return [*f_grads, *g_grads]
 
 
 def coupling_backward_step(
@@ -247,64 +286,52 @@ def coupling_backward_step(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """One coupling of a memory-saving backward, ``(x, dL/dx, grads of F's then G's params)``.
 
-    The two halves of :class:`_ReversibleFunction`'s step (:func:`_half_step`): ``G(y1)`` then
-    ``F(x2)`` evaluated once each with grad, reconstructing ``x2`` and ``x1`` into a new buffer;
-    a known input ``x`` is used instead of its reconstruction. For a coupling used as one block
-    of an :class:`InvertibleSequence` (a ``backward_step``), without the sequence's buffer reuse.
+    :class:`_ReversibleFunction`'s step (:func:`_coupling_step`) on copies of ``y`` and
+    ``grad_y``: ``G(y1)`` then ``F(x2)`` evaluated once each, reconstructing ``x2`` and ``x1``
+    in place; a known input ``x`` is used instead of its reconstruction. For a coupling used as
+    one block of an :class:`InvertibleSequence` (a ``backward_step``).
     """
-    y1, y2 = block.split(y)
-    dy1, dy2 = block.split(grad_y)
-    rebuilt = torch.empty_like(y) if x is None else x  # written in place: no concatenation
-    grad_x = torch.empty_like(grad_y)
-    x1, x2 = block.split(rebuilt)
-    dx1, dx2 = block.split(grad_x)
-    g_params = [p for p in block.g.parameters() if p.requires_grad]
-    f_params = [p for p in block.f.parameters() if p.requires_grad]
-    known = x is not None
+    rebuilt = y.clone() if x is None else x.clone()
+    grad = grad_y.clone()
     with torch.enable_grad():
-        g_grads = _half_step(block.g, None, y1, g_params, dy2, y2, None if known else x2, dy1, dx1)
-        f_grads = _half_step(block.f, None, x2, f_params, dx1, y1, None if known else x1, dy2, dx2)
-    return rebuilt, grad_x, [*f_grads, *g_grads]
+        grads = _coupling_step(block, rebuilt, grad, rebuild=x is None)
+    return rebuilt, grad, grads
 
 
 class _ReversibleFunction(torch.autograd.Function):
     """Runs a chain of :class:`AdditiveCoupling` blocks keeping only the chain's output.
 
-    Inputs: ``x``, the blocks, a flag for RNG preservation, then every trainable parameter of the
-    blocks (so that their gradients are returned through autograd).
+    Inputs: ``x``, the blocks, a flag for RNG preservation, the number of slabs (``chunks``,
+    resolved per call), then every trainable parameter of the blocks (so that their gradients
+    are returned through autograd).
 
-    Memory (in states, one state = the size of ``x``): the forward writes both halves of every
-    block into one output buffer, so it holds the input, the output and one block's temporaries,
-    and ends without a concatenation. The backward reconstructs the inputs into one buffer (the
-    saved output's own storage when nothing else refers to it) and accumulates the input
-    gradient in one buffer that it returns as is; so it holds the incoming gradient, one
-    reconstruction buffer, one gradient buffer and one block's recomputation, whatever the depth
-    (about 6 states with the input, measured at 48^3, C = 60). When the output's storage is reused,
-    a second backward through the same graph (``retain_graph=True``) raises autograd's
-    "modified by an inplace operation" error instead of computing from overwritten values.
+    Memory (in half-states, a half-state = half of ``x``): the forward copies ``x`` into the
+    output buffer and adds F and G into its halves in place, so it holds the input, the output
+    and one half step's temporaries. The backward works in place: the inputs are reconstructed
+    in the saved output's storage and the input gradient is accumulated in the incoming
+    gradient's storage, whenever nothing else refers to them (else in one copy each), and each
+    half step of a GN -> LReLU -> Conv unit needs at most two half-states of workspace
+    (:mod:`revseg.nn.fused_step`), a few slabs of one with ``chunks > 1``. When the output's
+    storage is reused, a second backward through the same graph (``retain_graph=True``) raises
+    autograd's "modified by an inplace operation" error instead of computing from overwritten
+    values.
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, *params):  # type: ignore[override]
+    def forward(ctx, x, blocks, preserve_rng_state, chunks, *params):  # type: ignore[override]
         ctx.blocks = blocks
         ctx.autocast = _AutocastState(x.device.type)
         ctx.rng_states = [] if preserve_rng_state else None
-        dim = blocks[0].split_dim
-        ctx.split_dim = dim
-        x1, x2 = blocks[0].split(x)
-        y = torch.empty_like(x)
-        y1, y2 = torch.chunk(y, 2, dim=dim)
-        for index, block in enumerate(blocks):
+        ctx.chunks = fused_step.resolve_chunks(chunks, blocks[0].split(x)[0])
+        y = x.clone(memory_format=torch.contiguous_format)
+        y1, y2 = blocks[0].split(y)
+        for block in blocks:
             if preserve_rng_state:
                 ctx.rng_states.append(_RngState(x.device))
-            f_out = block.f(x2 if index == 0 else y2)
-            torch.add(x1 if index == 0 else y1, f_out, out=y1)
-            del f_out
+            _add_forward(block.f, y2, y1, ctx.chunks)
             if preserve_rng_state:
                 ctx.rng_states.append(_RngState(x.device))
-            g_out = block.g(y1)
-            torch.add(x2 if index == 0 else y2, g_out, out=y2)
-            del g_out
+            _add_forward(block.g, y1, y2, ctx.chunks)
         ctx.save_for_backward(y)
         return y
 
@@ -312,46 +339,30 @@ class _ReversibleFunction(torch.autograd.Function):
     def backward(ctx, grad_y):  # type: ignore[override]
         y = ctx.saved_tensors[0].detach()
         blocks = ctx.blocks
-        dim = ctx.split_dim
-        # the reconstructed inputs go into the output's storage if nothing else holds it
-        # (a second backward through the graph fails on the saved output's version counter)
-        buf = y if _sole_owner(y) else torch.empty_like(y)
-        buf1, buf2 = torch.chunk(buf, 2, dim=dim)
-        y1, y2 = torch.chunk(y, 2, dim=dim)
-        del y
-        grad = torch.empty_like(grad_y)  # dx, accumulated in place and returned
-        grad1, grad2 = torch.chunk(grad, 2, dim=dim)
-        dy1, dy2 = torch.chunk(grad_y, 2, dim=dim)
-        param_grads: list[tuple[list, list]] = []
+        # the inputs are rebuilt in the output's storage and the gradient accumulated in the
+        # incoming gradient's, if nothing else holds them (a second backward through the graph
+        # fails on the saved output's version counter)
+        if not _sole_owner(y):
+            y = y.clone()
+        grad = grad_y if _sole_owner(grad_y, holders=2) else grad_y.clone()
+        del grad_y
+        param_grads: list[list] = []
         for index in range(len(blocks) - 1, -1, -1):
-            block = blocks[index]
-            f_params = [p for p in block.f.parameters() if p.requires_grad]
-            g_params = [p for p in block.g.parameters() if p.requires_grad]
             rng_f = ctx.rng_states[2 * index] if ctx.rng_states is not None else None
             rng_g = ctx.rng_states[2 * index + 1] if ctx.rng_states is not None else None
             with (
                 torch.enable_grad(),
                 recomputing(),
                 ctx.autocast.context(),
-                _frozen_batchnorm_stats([block]),
+                _frozen_batchnorm_stats([blocks[index]]),
             ):
-                # G: reconstructs x2 = y2 - G(y1) and differentiates y2 = x2 + G(y1)
-                g_grads = _half_step(block.g, rng_g, y1, g_params, dy2, y2, buf2, dy1, grad1)
-                g_grads = _unaliased(g_grads, grad, buf)  # before F overwrites those buffers
-                # F: reconstructs x1 = y1 - F(x2) and differentiates y1 = x1 + F(x2)
-                f_grads = _half_step(block.f, rng_f, buf2, f_params, grad1, y1, buf1, dy2, grad2)
-                f_grads = _unaliased(f_grads, grad, buf)
-            # gradients are collected per block in reverse, then reordered below
-            param_grads.append((f_grads, g_grads))
-            y1, y2, dy1, dy2 = buf1, buf2, grad1, grad2
-        del y1, y2, dy1, dy2, buf, buf1, buf2, grad1, grad2
+                grads = _coupling_step(blocks[index], y, grad, True, rng_f, rng_g, ctx.chunks)
+            param_grads.append(grads)  # per block in reverse, reordered below
+        del y
         grad_x = grad if ctx.needs_input_grad[0] else None
         del grad
-        ordered: list[torch.Tensor | None] = []
-        for f_grads, g_grads in reversed(param_grads):
-            ordered.extend(f_grads)
-            ordered.extend(g_grads)
-        return (grad_x, None, None, *ordered)
+        ordered = [g for grads in reversed(param_grads) for g in grads]
+        return (grad_x, None, None, None, *ordered)
 
 
 def _trainable_params(blocks: Sequence[AdditiveCoupling]) -> list[nn.Parameter]:
@@ -364,11 +375,15 @@ def _trainable_params(blocks: Sequence[AdditiveCoupling]) -> list[nn.Parameter]:
 
 
 def reversible_sequence_function(
-    x: torch.Tensor, blocks: Sequence[AdditiveCoupling], preserve_rng_state: bool = True
+    x: torch.Tensor,
+    blocks: Sequence[AdditiveCoupling],
+    preserve_rng_state: bool = True,
+    chunks: int | str | None = None,
 ) -> torch.Tensor:
-    """Apply ``blocks`` to ``x`` keeping only the output for backward (see module docstring)."""
+    """Apply ``blocks`` to ``x`` keeping only the output for backward (see module docstring);
+    ``chunks`` as in :class:`ReversibleSequence`."""
     return _ReversibleFunction.apply(
-        x, tuple(blocks), preserve_rng_state, *_trainable_params(blocks)
+        x, tuple(blocks), preserve_rng_state, chunks, *_trainable_params(blocks)
     )
 
 
@@ -382,8 +397,17 @@ class ReversibleSequence(nn.Module):
             parameters, outputs and gradients), the reference in tests and benchmarks.
         preserve_rng_state: store and restore the RNG state so that recomputation sees the same
             random numbers (needed for dropout inside F or G; costs a small copy per call).
+        chunks: with memory saving, F and G units of GN -> LReLU -> Conv are computed (forward
+            and backward) in this many slabs along the first spatial axis, so a half step's
+            workspace is a fraction of a half-state: ``None``/``1`` (whole volume), an int, or
+            ``"auto"`` (slabs of at most :data:`~revseg.nn.fused_step.SLAB_BYTES` of a
+            half-state). Results equal the unchunked ones to rounding.
 
     Shapes: ``(B, C, *spatial) -> (B, C, *spatial)`` with ``C`` even.
+
+    Raises:
+        ValueError: for no blocks or a bad ``chunks``.
+        TypeError: for blocks that are not couplings.
     """
 
     def __init__(
@@ -391,22 +415,28 @@ class ReversibleSequence(nn.Module):
         blocks: Sequence[AdditiveCoupling],
         memory_saving: bool = True,
         preserve_rng_state: bool = True,
+        chunks: int | str | None = None,
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
             raise ValueError("ReversibleSequence needs at least one block")
         if not all(isinstance(b, AdditiveCoupling) for b in blocks):
             raise TypeError("ReversibleSequence blocks must be AdditiveCoupling modules")
+        if chunks is not None and chunks != "auto":
+            fused_step.resolve_chunks(chunks, torch.empty(1, 1, 1))  # check the value early
         self.blocks = nn.ModuleList(blocks)
         self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
+        self.chunks = chunks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # mixed precision: F and G compute in low precision, but the states they are added to
         # stay float32, so the additive inverse loses nothing to low-precision rounding
         x = _float32_states(x)
         if self.memory_saving and torch.is_grad_enabled():
-            return reversible_sequence_function(x, list(self.blocks), self.preserve_rng_state)
+            return reversible_sequence_function(
+                x, list(self.blocks), self.preserve_rng_state, self.chunks
+            )
         for block in self.blocks:
             x = block(x)
         return x

@@ -1,0 +1,321 @@
+"""The half step of an additive coupling at its memory floor, for ``GroupNorm -> LeakyReLU -> Conv``.
+
+A memory-saving coupling backward (:mod:`revseg.nn.reversible`) does, for each half
+``total = rebuilt + fn(inp)`` of a block:
+
+* reconstruct ``rebuilt = total - fn(inp)``, in place in ``total``'s storage;
+* add ``J_fn(inp)^T upstream`` to the gradient that passes through, in place;
+* return the gradients of ``fn``'s parameters.
+
+Through autograd that costs ``fn``'s output, every activation autograd saves (norm output,
+activation output), and as many gradient temporaries: about six half-states for a
+GN -> LReLU -> Conv unit. :func:`half_step` does the same step with the ops autograd would run
+(``native_group_norm``, ``leaky_relu_``, ``conv3d``, ``convolution_backward``,
+``leaky_relu_backward``, ``native_group_norm_backward``), each tensor dropped after its last use
+and the activation backward written over its own input, so at most two half-states are alive at
+once. With ``chunks > 1`` it goes slab by slab along the first spatial axis (``D``): the group
+statistics are taken over the whole volume first, each slab's norm -> activation -> convolution is
+computed with the convolution's halo, the input gradient of the convolution comes from the
+upstream gradient with its halo (a transposed convolution), and the norm backward, linear in its
+incoming gradient, is accumulated per slab plus one whole-volume term from the statistics. The
+workspace is then a few slabs, a fraction of a half-state. :func:`add_forward` computes the
+forward with the same slabs, so the recomputation reproduces the forward exactly and the
+reconstruction is as exact as without chunks.
+
+Mixed precision: the convolution runs in the autocast dtype as under autograd (its input, weight
+and incoming gradient cast, its gradients cast back); the norm, the activation and the states
+stay in the states' dtype (float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from revseg.nn.blocks import NormActConv
+
+__all__ = ["SLAB_BYTES", "add_forward", "can_fuse", "half_step", "resolve_chunks", "slabs"]
+
+# ``chunks="auto"``: the number of slabs that keeps one slab of a half-state at or below this
+SLAB_BYTES = 64 * 2**20
+
+
+def can_fuse(fn: nn.Module) -> bool:
+    """``True`` for a :class:`~revseg.nn.blocks.NormActConv` with GroupNorm (affine), LeakyReLU
+    and a plain 3D convolution (stride 1, dilation 1, one group, 'same' padding, no bias)."""
+    if type(fn) is not NormActConv or fn.norm is None:
+        return False
+    conv = fn.conv
+    k = conv.kernel_size
+    return (
+        isinstance(fn.norm, nn.GroupNorm)
+        and fn.norm.affine
+        and isinstance(fn.act, nn.LeakyReLU)
+        and conv.bias is None
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and all(s == 1 for s in conv.stride)
+        and all(d == 1 for d in conv.dilation)
+        and all(kk % 2 == 1 for kk in k)
+        and tuple(conv.padding) == tuple(kk // 2 for kk in k)
+    )
+
+
+def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
+    """The number of slabs for a half-state ``inp`` of shape ``(B, C, D, H, W)``.
+
+    ``None`` or ``1``: no slabs. ``"auto"``: the fewest slabs of at most :data:`SLAB_BYTES`
+    each. An int: that many, at most ``D``.
+
+    Raises:
+        ValueError: for anything else, naming the value.
+    """
+    if chunks is None:
+        return 1
+    if chunks == "auto":
+        n = math.ceil(inp.numel() * inp.element_size() / SLAB_BYTES)
+    elif isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1:
+        n = chunks
+    else:
+        raise ValueError(f"chunks must be 'auto' or a positive int, got {chunks!r}")
+    return max(1, min(n, inp.shape[2]))
+
+
+def slabs(depth: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` contiguous ``[start, stop)`` ranges covering ``range(depth)``, sizes within 1."""
+    bounds = [round(i * depth / chunks) for i in range(chunks + 1)]
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+# --------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def _gn_args(fn: NormActConv, inp: torch.Tensor) -> tuple[int, int, int, int]:
+    n, c = inp.shape[:2]
+    return n, c, inp[0, 0].numel(), fn.norm.num_groups
+
+
+def _statistics(fn: NormActConv, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``mean`` and ``rstd`` of ``inp``, shape ``(B, groups)``, over the whole volume."""
+    n, _, _, groups = _gn_args(fn, inp)
+    var, mean = torch.var_mean(inp.reshape(n, groups, -1), dim=-1, correction=0)
+    return mean, (var + fn.norm.eps).rsqrt()
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """``(B, groups)`` -> ``(B, C, 1, 1, 1)``, each group's value repeated over its channels."""
+    n, groups = t.shape
+    return t.repeat_interleave(channels // groups, dim=1).view(n, channels, 1, 1, 1)
+
+
+def _affine(fn: NormActConv, mean: torch.Tensor, rstd: torch.Tensor, channels: int):
+    """``scale, shift`` of shape ``(B, C, 1, 1, 1)`` with ``norm(x) = x * scale + shift``."""
+    gamma = fn.norm.weight.view(1, -1, 1, 1, 1)
+    scale = _per_channel(rstd, channels) * gamma
+    shift = fn.norm.bias.view(1, -1, 1, 1, 1) - _per_channel(mean, channels) * scale
+    return scale, shift
+
+
+def _halo(fn: NormActConv) -> int:
+    return fn.conv.kernel_size[0] // 2
+
+
+def _activation(
+    fn: NormActConv, inp: torch.Tensor, scale, shift, start: int, stop: int
+) -> torch.Tensor:
+    """Norm -> activation of ``inp[:, :, start - halo : stop + halo]``, zero outside ``D``."""
+    halo, depth = _halo(fn), inp.shape[2]
+    lo, hi = max(start - halo, 0), min(stop + halo, depth)
+    a = torch.addcmul(shift, inp[:, :, lo:hi], scale)
+    F.leaky_relu_(a, fn.act.negative_slope)
+    if lo > start - halo or hi < stop + halo:
+        a = F.pad(a, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
+    return a
+
+
+def _slab_padding(fn: NormActConv) -> tuple[int, int, int]:
+    return (0, *fn.conv.padding[1:])
+
+
+def _conv(fn: NormActConv, a: torch.Tensor, padding) -> torch.Tensor:
+    return F.conv3d(a, fn.conv.weight, None, 1, padding)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the convolution runs in: autocast's, else ``t``'s."""
+    if torch.is_autocast_enabled(t.device.type) and t.is_floating_point():
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+
+
+@torch.no_grad()
+def add_forward(fn: NormActConv, inp: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
+    """``out += fn(inp)`` in place, slab by slab when ``chunks > 1`` (same slabs as
+    :func:`half_step`, so that its recomputation reproduces these values)."""
+    if chunks <= 1:
+        out.add_(fn(inp))
+        return
+    scale, shift = _affine(fn, *_statistics(fn, inp), inp.shape[1])
+    padding = _slab_padding(fn)
+    for start, stop in slabs(inp.shape[2], chunks):
+        out[:, :, start:stop].add_(_conv(fn, _activation(fn, inp, scale, shift, start, stop), padding))
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+
+
+def _wanted(fn: NormActConv) -> tuple[bool, bool, bool]:
+    return (fn.norm.weight.requires_grad, fn.norm.bias.requires_grad, fn.conv.weight.requires_grad)
+
+
+def _grads(fn: NormActConv, dgamma, dbeta, dweight) -> list[torch.Tensor | None]:
+    """The gradients in ``[p for p in fn.parameters() if p.requires_grad]`` order."""
+    wanted = _wanted(fn)
+    return [g for g, w in zip((dgamma, dbeta, dweight), wanted) if w]
+
+
+@torch.no_grad()
+def half_step(
+    fn: NormActConv,
+    inp: torch.Tensor,
+    upstream: torch.Tensor,
+    target: torch.Tensor | None,
+    grad_acc: torch.Tensor,
+    chunks: int = 1,
+) -> list[torch.Tensor | None]:
+    """``target -= fn(inp)`` and ``grad_acc += J_fn(inp)^T upstream``, both in place.
+
+    Args:
+        fn: a unit for which :func:`can_fuse` holds.
+        inp: its input ``(B, C, D, H, W)``; not modified.
+        upstream: ``dL/d fn(inp)``, the shape of ``fn(inp)``; not modified.
+        target: the state ``fn(inp)`` was added to, rebuilt in place; ``None`` when known.
+        grad_acc: the gradient of ``inp`` accumulated so far, added to in place.
+        chunks: slabs along ``D`` (1: the whole volume at once, as the forward ran it).
+
+    Returns:
+        the gradients of ``fn``'s trainable parameters in ``fn.parameters()`` order.
+    """
+    if chunks <= 1:
+        return _whole_step(fn, inp, upstream, target, grad_acc)
+    return _slab_step(fn, inp, upstream, target, grad_acc, chunks)
+
+
+def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None]:
+    """The unchunked step: the forward's own ops, at most two half-states alive at once."""
+    weight = fn.conv.weight
+    n, c, hxw, groups = _gn_args(fn, inp)
+    inp = inp.contiguous()  # as at::group_norm does: a copy only for a channel half of B > 1
+    a, mean, rstd = torch.native_group_norm(
+        inp, fn.norm.weight, fn.norm.bias, n, c, hxw, groups, fn.norm.eps
+    )
+    F.leaky_relu_(a, fn.act.negative_slope)  # `a` is also the activation's result for its backward
+    dtype = _compute_dtype(inp)
+    a_c = a.to(dtype)  # `a` itself unless autocast casts it
+    if target is not None:
+        target.sub_(F.conv3d(a_c, weight, None, 1, fn.conv.padding))
+    wanted_w = fn.conv.weight.requires_grad
+    da, dweight, _ = torch.ops.aten.convolution_backward(
+        upstream.to(dtype),
+        a_c,
+        weight.to(dtype),
+        None,
+        fn.conv.stride,
+        fn.conv.padding,
+        fn.conv.dilation,
+        False,
+        [0, 0, 0],
+        1,
+        [True, wanted_w, False],
+    )
+    del a_c
+    da = da.to(a.dtype)
+    torch.ops.aten.leaky_relu_backward.grad_input(
+        da, a, fn.act.negative_slope, True, grad_input=da
+    )
+    del a
+    dx, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+        da, inp, mean, rstd, fn.norm.weight, n, c, hxw, groups, [True, *_wanted(fn)[:2]]
+    )
+    del da
+    grad_acc.add_(dx)
+    del dx
+    if dweight is not None:
+        dweight = dweight.to(weight.dtype)
+    return _grads(fn, dgamma, dbeta, dweight)
+
+
+def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor | None]:
+    """The chunked step: per slab the activation with its halo, the reconstruction, the weight
+    gradient, the input gradient (transposed convolution of the upstream gradient with its halo)
+    and the slab's part of the norm backward; then the norm backward's whole-volume term."""
+    weight = fn.conv.weight
+    channels, depth = inp.shape[1], inp.shape[2]
+    halo = _halo(fn)
+    mean, rstd = _statistics(fn, inp)
+    scale, shift = _affine(fn, mean, rstd, channels)
+    dtype = _compute_dtype(inp)
+    weight_c = weight.to(dtype)
+    padding = _slab_padding(fn)
+    transposed_padding = (2 * halo, *fn.conv.padding[1:])
+    wanted_w = weight.requires_grad
+    dweight = torch.zeros_like(weight) if wanted_w else None
+    sum_g = inp.new_zeros(inp.shape[:2])  # per (sample, channel): sum of dL/d norm(inp)
+    sum_gx = inp.new_zeros(inp.shape[:2])  # ... and of dL/d norm(inp) * inp
+    for start, stop in slabs(depth, chunks):
+        a = _activation(fn, inp, scale, shift, start, stop)  # [start - halo, stop + halo)
+        a_c = a.to(dtype)
+        if target is not None:
+            target[:, :, start:stop].sub_(_conv(fn, a_c, padding))
+        up = upstream[:, :, start:stop].to(dtype)
+        if wanted_w:
+            _, dw, _ = torch.ops.aten.convolution_backward(
+                up, a_c, weight_c, None, [1, 1, 1], padding, [1, 1, 1], False, [0, 0, 0], 1,
+                [False, True, False],
+            )  # fmt: skip
+            dweight.add_(dw)
+            del dw
+        del a_c, up
+        lo, hi = max(start - halo, 0), min(stop + halo, depth)
+        up = upstream[:, :, lo:hi].to(dtype)
+        if lo > start - halo or hi < stop + halo:
+            up = F.pad(up, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
+        g = F.conv_transpose3d(up, weight_c, None, 1, transposed_padding).to(inp.dtype)
+        del up
+        torch.ops.aten.leaky_relu_backward.grad_input(
+            g, a[:, :, halo : halo + stop - start], fn.act.negative_slope, True, grad_input=g
+        )
+        del a
+        x = inp[:, :, start:stop]
+        sum_g += g.sum(dim=(2, 3, 4))
+        sum_gx += (g * x).sum(dim=(2, 3, 4))
+        grad_acc[:, :, start:stop].addcmul_(g, scale)  # the norm backward's per-element term
+        del g
+    # GroupNorm backward, dx = rstd * gamma * g + a * x + b per group:
+    # a = -rstd^3 * mean_g(gamma * g * (x - mu)), b = -a * mu - rstd * mean_g(gamma * g)
+    n, groups = mean.shape
+    per_group = channels // groups
+    count = per_group * inp[0, 0].numel()
+    gamma = fn.norm.weight.view(1, -1)
+    m1 = (gamma * sum_g).view(n, groups, per_group).sum(-1) / count
+    m2 = (gamma * (sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g)).view(
+        n, groups, per_group
+    ).sum(-1) / count
+    a_coef = -(rstd**3) * m2
+    b_coef = -a_coef * mean - rstd * m1
+    grad_acc.addcmul_(inp, _per_channel(a_coef, channels))
+    grad_acc.add_(_per_channel(b_coef, channels))
+    dgamma = ((sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g) * _per_channel(
+        rstd, channels
+    ).view(n, -1)).sum(0)
+    dbeta = sum_g.sum(0)
+    return _grads(fn, dgamma, dbeta, dweight)
