@@ -118,7 +118,7 @@ def run_net(spec: dict[str, Any]) -> dict[str, Any]:
     planned, plan_failure, activation_peak = None, None, None
     if spec.get("plan", True):
         try:  # plan_from_config's plan, and from the same trace the activations' own peak
-            step_model = step_model_from_config(cfg, model)
+            step_model = step_model_from_config(cfg, model, size)
             planned = step_model.checked_plan(size)
             live = step_model.live(math.prod(size))[[CATEGORIES.index(k) for k in ACTIVATIONS]]
             activation_peak = int(round(live.sum(axis=0).max()))

@@ -211,13 +211,14 @@ def test_hybrid_backward_has_no_local_memory_bottleneck():
     by layer, so the peak does not grow with the length of F and G; RevNet's backward holds all
     of F's (or G's) hidden activations at once. (One unit is a special case: F's only convolution
     gets its input from the block, so it rebuilds nothing.) Measured at 16^3, C = 16, in states
-    of 256 KiB: hybrid 7.0 / 7.24 / 7.24, RevNet 5.24 / 6.98 / 10.45 at 1 / 2 / 4 units."""
+    of 256 KiB: hybrid 6.99 / 6.99 / 6.99, RevNet 4.97 / 5.98 / 9.45 at 1 / 2 / 4 units (RevNet's
+    sequence reconstructs in place, so it starts lower; it still grows by a state per unit)."""
     hybrid = [backward_peak(u, True) for u in (2, 4)]
     revnet = [backward_peak(u, False) for u in (2, 4)]
     state = 16 * 16**3 * 4
     assert abs(hybrid[1] - hybrid[0]) < state // 16, hybrid
     assert revnet[1] - revnet[0] > 3 * state, revnet
-    assert hybrid[1] < revnet[1] - 3 * state
+    assert hybrid[1] < revnet[1] - 2 * state
 
 
 def test_chains_inside_blocks_run_plain():

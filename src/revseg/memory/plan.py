@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from revseg.errors import ConfigError
 from revseg.memory.measure import format_bytes
+from revseg.nn import fused_step
 
 __all__ = [
     "CATEGORIES",
@@ -457,6 +458,7 @@ def trace_model(
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     name: str | None = None,
+    planned_voxels: int | None = None,
 ) -> StepModel:
     """Trace two training steps of a CPU copy of ``model`` and fit the affine memory model.
 
@@ -470,6 +472,10 @@ def trace_model(
         loss_fn: ``(logits, label) -> loss``, label a random ``{0, 1}`` tensor shaped as logits;
             ``None`` uses the mean square of the logits.
         name: the model's name in reports.
+        planned_voxels: the spatial voxels per sample the plan is for: reversible sequences
+            with ``chunks="auto"`` are traced with the slabs they take at that size
+            (:func:`~revseg.nn.fused_step.auto_chunks_as_if_scaled`); ``None``: at the traced
+            sizes (usually whole volumes, so an upper bound for larger inputs).
     """
     notes: list[str] = []
     if loss_fn is None:
@@ -485,7 +491,9 @@ def trace_model(
         for scale in (1, 2, 4):
             side = scale * divisor
             a, b = (
-                _trace_step_copy(model, optimizer_factory, loss_fn, (batch, in_channels, *spatial))
+                _trace_step_copy(
+                    model, optimizer_factory, loss_fn, (batch, in_channels, *spatial), planned_voxels
+                )
                 for spatial in ((side,) * 3, (2 * side, side, side))
             )
             if a.timeline.shape == b.timeline.shape and a.phases == b.phases:
@@ -518,10 +526,12 @@ def trace_model(
     )
 
 
-def _trace_step_copy(model, optimizer_factory, loss_fn, shape) -> _Trace:
+def _trace_step_copy(model, optimizer_factory, loss_fn, shape, planned_voxels) -> _Trace:
     clone = copy.deepcopy(model).cpu().train()
     optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
-    return _trace_step(clone, optimizer, loss_fn, shape)
+    scale = 1.0 if planned_voxels is None else planned_voxels / math.prod(shape[2:])
+    with fused_step.auto_chunks_as_if_scaled(scale):
+        return _trace_step(clone, optimizer, loss_fn, shape)
 
 
 def _mean_square(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -594,8 +604,11 @@ def _loss_and_optimizer(cfg: DictConfig) -> tuple[Any, Any]:
     return loss_fn, opt
 
 
-def step_model_from_config(cfg: DictConfig, model: nn.Module | None = None) -> StepModel:
-    """:func:`trace_model` for the model, optimizer and loss the composed config names."""
+def step_model_from_config(
+    cfg: DictConfig, model: nn.Module | None = None, spatial: Sequence[int] | None = None
+) -> StepModel:
+    """:func:`trace_model` for the model, optimizer and loss the composed config names
+    (``spatial``: the size the plan is for, where the model's slabs depend on it)."""
     from revseg.config import build
 
     if model is None:
@@ -611,6 +624,7 @@ def step_model_from_config(cfg: DictConfig, model: nn.Module | None = None) -> S
         optimizer_factory=optimizer_factory,
         loss_fn=loss_fn,
         name=_name(cfg),
+        planned_voxels=None if spatial is None else math.prod(spatial),
     )
 
 
@@ -640,9 +654,9 @@ def plan_from_config(
     Raises:
         ConfigError: the config lacks what the plan needs (one line naming the key).
     """
-    step_model = step_model_from_config(cfg, model)
     if spatial is None:
         spatial = input_shape_from_config(cfg)[1]
+    step_model = step_model_from_config(cfg, model, spatial)
     plan = step_model.checked_plan(spatial)
     if writer is not None:
         writer.add_text("memory/plan", plan.table(), 0)

@@ -31,8 +31,11 @@ def reversible_level(
     negative_slope: float,
     memory_saving: bool,
     preserve_rng_state: bool = True,
+    chunks: int | str | None = None,
 ) -> ReversibleSequence:
-    """A reversible sequence of ``depth`` couplings with F = G = GN-LReLU-Conv on C/2 channels."""
+    """A reversible sequence of ``depth`` couplings with F = G = GN-LReLU-Conv on C/2 channels
+    (``chunks``: slabs of the fused backward step, see
+    :class:`~revseg.nn.reversible.ReversibleSequence`)."""
     if channels % 2:
         raise ValueError(f"reversible levels need an even channel count, got {channels}")
     half = channels // 2
@@ -43,7 +46,9 @@ def reversible_level(
             NormActConv(half, half, norm_groups, negative_slope=negative_slope),
         )
 
-    return level_sequence(coupling, depth, ReversibleSequence, memory_saving, preserve_rng_state)
+    return level_sequence(
+        coupling, depth, ReversibleSequence, memory_saving, preserve_rng_state, chunks=chunks
+    )
 
 
 class PartiallyReversibleUNet(ReversibleUNet):
@@ -65,6 +70,11 @@ class PartiallyReversibleUNet(ReversibleUNet):
         memory_saving: ``True`` frees activations inside reversible sequences and reconstructs them
             in backward; ``False`` is plain autograd (same parameters, outputs, gradients).
         preserve_rng_state: restore the RNG for recomputation (only needed with random ops).
+        chunks: F and G run slab by slab along D in every sequence (forward and backward with
+            memory saving): ``None`` (whole volume), a number of slabs, or ``"auto"`` (slabs of at
+            most 64 MiB of a half-state, so only large levels are split).
+        checkpointing: run the resampling between the sequences under gradient checkpointing
+            (see :class:`~revseg.nn.unet.ReversibleUNet`).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``2 ** (len(channels) - 1)``.
@@ -81,10 +91,12 @@ class PartiallyReversibleUNet(ReversibleUNet):
         negative_slope: float = 0.01,
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
+        chunks: int | str | None = None,
+        checkpointing: bool = False,
     ) -> None:
         def level(c: int, depth: int) -> ReversibleSequence:
             return reversible_level(
-                c, depth, norm_groups, negative_slope, memory_saving, preserve_rng_state
+                c, depth, norm_groups, negative_slope, memory_saving, preserve_rng_state, chunks
             )
 
         super().__init__(
@@ -96,4 +108,5 @@ class PartiallyReversibleUNet(ReversibleUNet):
             level,
             down=lambda i, fine, coarse: MaxPoolConv3d(fine, coarse),
             up=lambda i, coarse, fine: ConvTrilinearUp3d(coarse, fine),
+            checkpointing=checkpointing,
         )

@@ -29,7 +29,10 @@ stay in the states' dtype (float32).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +40,36 @@ from torch import nn
 
 from revseg.nn.blocks import NormActConv
 
-__all__ = ["SLAB_BYTES", "add_forward", "can_fuse", "half_step", "resolve_chunks", "slabs"]
+__all__ = [
+    "SLAB_BYTES",
+    "add_forward",
+    "auto_chunks_as_if_scaled",
+    "can_fuse",
+    "half_step",
+    "resolve_chunks",
+    "slabs",
+]
 
 # ``chunks="auto"``: the number of slabs that keeps one slab of a half-state at or below this
 SLAB_BYTES = 64 * 2**20
+
+_AUTO_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "revseg_auto_chunks_scale", default=1.0
+)
+
+
+@contextlib.contextmanager
+def auto_chunks_as_if_scaled(scale: float) -> Iterator[None]:
+    """Resolve ``chunks="auto"`` as for inputs ``scale`` times as large (in voxels).
+
+    The memory planner traces tiny inputs and extrapolates to the planned size; under this, each
+    sequence takes the number of slabs it would take at the planned size.
+    """
+    token = _AUTO_SCALE.set(float(scale))
+    try:
+        yield
+    finally:
+        _AUTO_SCALE.reset(token)
 
 
 def can_fuse(fn: nn.Module) -> bool:
@@ -68,7 +97,7 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     """The number of slabs for a half-state ``inp`` of shape ``(B, C, D, H, W)``.
 
     ``None`` or ``1``: no slabs. ``"auto"``: the fewest slabs of at most :data:`SLAB_BYTES`
-    each. An int: that many, at most ``D``.
+    each (see :func:`auto_chunks_as_if_scaled`). An int: that many, at most ``D``.
 
     Raises:
         ValueError: for anything else, naming the value.
@@ -76,7 +105,7 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     if chunks is None:
         return 1
     if chunks == "auto":
-        n = math.ceil(inp.numel() * inp.element_size() / SLAB_BYTES)
+        n = math.ceil(inp.numel() * _AUTO_SCALE.get() * inp.element_size() / SLAB_BYTES)
     elif isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1:
         n = chunks
     else:

@@ -255,13 +255,13 @@ def _coupling_step(
     block: AdditiveCoupling,
     y: torch.Tensor,
     grad: torch.Tensor,
-    rebuild: bool,
+    known: torch.Tensor | None = None,
     rng_f: _RngState | None = None,
     rng_g: _RngState | None = None,
     chunks: int = 1,
 ) -> list[torch.Tensor | None]:
-    """One coupling of a memory-saving backward, in place: ``y`` becomes the block's input
-    (unless ``rebuild`` is ``False``: ``y`` already holds it) and ``grad`` its gradient.
+    """One coupling of a memory-saving backward, in place: ``grad`` becomes the gradient of the
+    block's input and ``y`` the input itself (unless the input is ``known``: then ``y`` stays).
 
     Returns the gradients of F's then G's trainable parameters.
     """
@@ -269,11 +269,13 @@ def _coupling_step(
     dy1, dy2 = block.split(grad)
     f_params = [p for p in block.f.parameters() if p.requires_grad]
     g_params = [p for p in block.g.parameters() if p.requires_grad]
+    rebuild = known is None
     # G: x2 = y2 - G(y1) into y2's storage; dL/dy1 += dG/dy1^T dy2
     g_grads = _half_step(block.g, rng_g, y1, g_params, dy2, y2 if rebuild else None, dy1, chunks)
     g_grads = _unaliased(g_grads, grad, y)  # before F overwrites those buffers
     # F: x1 = y1 - F(x2) into y1's storage; dL/dx2 = dy2 + dF/dx2^T dL/dy1
-    f_grads = _half_step(block.f, rng_f, y2, f_params, dy1, y1 if rebuild else None, dy2, chunks)
+    x2 = y2 if rebuild else block.split(known)[1]
+    f_grads = _half_step(block.f, rng_f, x2, f_params, dy1, y1 if rebuild else None, dy2, chunks)
     f_grads = _unaliased(f_grads, grad, y)
     return [*f_grads, *g_grads]
 
@@ -291,11 +293,14 @@ def coupling_backward_step(
     in place; a known input ``x`` is used instead of its reconstruction. For a coupling used as
     one block of an :class:`InvertibleSequence` (a ``backward_step``).
     """
-    rebuilt = y.clone() if x is None else x.clone()
     grad = grad_y.clone()
     with torch.enable_grad():
-        grads = _coupling_step(block, rebuilt, grad, rebuild=x is None)
-    return rebuilt, grad, grads
+        if x is None:
+            x = y.clone()
+            grads = _coupling_step(block, x, grad)
+        else:
+            grads = _coupling_step(block, y, grad, known=x)
+    return x, grad, grads
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -356,7 +361,7 @@ class _ReversibleFunction(torch.autograd.Function):
                 ctx.autocast.context(),
                 _frozen_batchnorm_stats([blocks[index]]),
             ):
-                grads = _coupling_step(blocks[index], y, grad, True, rng_f, rng_g, ctx.chunks)
+                grads = _coupling_step(blocks[index], y, grad, None, rng_f, rng_g, ctx.chunks)
             param_grads.append(grads)  # per block in reverse, reordered below
         del y
         grad_x = grad if ctx.needs_input_grad[0] else None

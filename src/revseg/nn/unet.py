@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from revseg.nn.blocks import per_level
 
@@ -73,6 +74,7 @@ def level_sequence(
     sequence: Callable[..., nn.Module],
     memory_saving: bool,
     preserve_rng_state: bool,
+    **options: object,
 ) -> nn.Module:
     """``sequence([block() for _ in range(depth)], memory_saving=..., preserve_rng_state=...)``.
 
@@ -84,9 +86,12 @@ def level_sequence(
             :class:`~revseg.nn.reversible.InvertibleSequence`.
         memory_saving: passed to ``sequence``.
         preserve_rng_state: passed to ``sequence``.
+        options: further keyword arguments of ``sequence`` (e.g. ``chunks``).
     """
     blocks = [block() for _ in range(depth)]
-    return sequence(blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state)
+    return sequence(
+        blocks, memory_saving=memory_saving, preserve_rng_state=preserve_rng_state, **options
+    )
 
 
 class ReversibleUNet(nn.Module):
@@ -114,6 +119,12 @@ class ReversibleUNet(nn.Module):
             level ``i + 1`` (half the resolution).
         up: ``up(i, channels[i + 1], channels[i])`` builds the module from level ``i + 1`` back
             to level ``i`` (twice the resolution).
+        checkpointing: in training with grad enabled, run the down and up modules (the
+            non-reversible resampling between the sequences) under
+            :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): they keep only their input,
+            a sequence output that is kept anyway, instead of e.g. max-pooling's indices (int64)
+            and the pooled tensor, and are recomputed in backward. The stem and the head are not
+            wrapped: they keep only the batch and the last decoder output, which are alive anyway.
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``divisor = 2 ** (len(channels) - 1)``.
@@ -133,8 +144,10 @@ class ReversibleUNet(nn.Module):
         level: Callable[[int, int], nn.Module],
         down: Callable[[int, int, int], nn.Module],
         up: Callable[[int, int, int], nn.Module],
+        checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointing = checkpointing
         channels = [int(c) for c in channels]
         levels = len(channels)
         enc = per_level(encoder_depth, levels, "encoder_depth")
@@ -163,6 +176,11 @@ class ReversibleUNet(nn.Module):
         """The memory-saving sequences: the encoders top to bottom, then the decoders."""
         return [*self.encoders, *self.decoders]
 
+    def _resample(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, x, use_reentrant=False)
+        return module(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
             raise ValueError(
@@ -173,12 +191,12 @@ class ReversibleUNet(nn.Module):
         skips = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
-                x = self.down[i - 1](x)
+                x = self._resample(self.down[i - 1], x)
             x = encoder(x)
             skips.append(x)
         skips.pop()  # the bottom level has no skip
         for i in range(len(self.decoders) - 1, -1, -1):
             x = self.decoders[i](x)
             if i > 0:
-                x = self.up[i - 1](x) + skips.pop()
+                x = self._resample(self.up[i - 1], x) + skips.pop()
         return self.head(x)
