@@ -133,6 +133,8 @@ class RevNetUNet(ReversibleUNet):
         memory_saving: ``True`` frees activations inside the reversible sequences and reconstructs
             them in backward; ``False`` is plain autograd (same parameters, outputs, gradients).
         preserve_rng_state: restore the RNG for recomputation (only needed with random ops).
+        checkpointing: run the resampling between the sequences under gradient checkpointing
+            (see :class:`~revseg.nn.unet.ReversibleUNet`).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``2 ** (len(channels) - 1)``.
@@ -154,6 +156,7 @@ class RevNetUNet(ReversibleUNet):
         downsample: str | Sequence[str] = "maxpool",
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         channels = [int(c) for c in channels]
         levels = len(channels)
@@ -180,5 +183,6 @@ class RevNetUNet(ReversibleUNet):
             level,
             down=lambda i, fine, coarse: LevelDown(kinds[i], fine, coarse),
             up=lambda i, coarse, fine: LevelUp(kinds[i], coarse, fine),
+            checkpointing=checkpointing,
         )
         self.downsample = kinds

@@ -179,6 +179,8 @@ class RevUpUNet(ReversibleUNet):
             inputs in backward; ``False`` is plain autograd on the same modules (same parameters
             and outputs; same gradients once the fixed point has converged).
         preserve_rng_state: restore the RNG for recomputation (the blocks hold no random ops).
+        checkpointing: run the resampling between the sequences under gradient checkpointing
+            (see :class:`~revseg.nn.unet.ReversibleUNet`).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``2 ** (len(channels) - 1)``.
@@ -202,6 +204,7 @@ class RevUpUNet(ReversibleUNet):
         norm_groups: int | None = None,
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
+        checkpointing: bool = False,
     ) -> None:
         del norm_groups  # no normalisation layers in RevUp
         if not fixup_lr_scale > 0:
@@ -232,6 +235,7 @@ class RevUpUNet(ReversibleUNet):
             level,
             down=lambda i, fine, coarse: nn.Conv3d(fine, coarse, 2, stride=2),
             up=lambda i, coarse, fine: ConvTrilinearUp3d(coarse, fine),
+            checkpointing=checkpointing,
         )
         self.fixup_lr_scale = float(fixup_lr_scale)
         nn.init.zeros_(self.head.weight)  # Fixup: the classification layer starts at zero

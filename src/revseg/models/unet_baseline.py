@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revseg.nn.blocks import NormActConv
+from revseg.nn.blocks import NormActConv, per_level
 
 __all__ = ["UNetBaseline", "ConvBlock"]
 
@@ -68,6 +68,11 @@ class UNetBaseline(nn.Module):
         channels: channels per resolution level, top to bottom.
         norm_groups: GroupNorm groups (30 as in the authors' code).
         negative_slope: LeakyReLU slope.
+        encoder_blocks: blocks per encoder level (the bottom included): an int for every level or
+            a list with one entry per level. 1 is the paper's net; ``k`` adds ``k - 1`` blocks
+            that keep the level's output channels (``C -> C -> C``; ``240`` at the bottom), for
+            comparisons with ``prev_unet`` at ``encoder_depth=k`` (30.0M parameters at k = 4,
+            this net 34.2M).
         checkpointing: in training with grad enabled, run every block through
             :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``): its activations
             are recomputed in backward instead of kept, at the cost of one extra forward.
@@ -83,12 +88,14 @@ class UNetBaseline(nn.Module):
         channels: Sequence[int] = (30, 60, 120, 240, 480),
         norm_groups: int = 30,
         negative_slope: float = 0.01,
+        encoder_blocks: int | Sequence[int] = 1,
         checkpointing: bool = False,
     ) -> None:
         super().__init__()
         c = [int(v) for v in channels]
         if len(c) < 2:
             raise ValueError(f"UNetBaseline needs at least 2 levels, got channels={c}")
+        extra = [k - 1 for k in per_level(encoder_blocks, len(c), "encoder_blocks")]
         self.channels = c
         self.divisor = 2 ** (len(c) - 1)
         self.checkpointing = checkpointing
@@ -107,6 +114,11 @@ class UNetBaseline(nn.Module):
             [block(c[0], c[0], c[0])] + [block(c[i], c[i], c[i - 1]) for i in range(1, levels - 1)]
         )
         self.head = nn.Conv3d(c[0], out_channels, 1)
+        # the encoder_blocks - 1 further blocks per encoder level (none by default: no keys)
+        outs = [*c[:-1], c[-2]]
+        self.extra_encoders = nn.ModuleList(
+            nn.ModuleList(block(out, out, out) for _ in range(n)) for out, n in zip(outs, extra)
+        )
 
     def _run(self, block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -122,8 +134,12 @@ class UNetBaseline(nn.Module):
         skips = []
         for i, encoder in enumerate(self.encoders):
             x = self._run(encoder, F.max_pool3d(x, 2) if i > 0 else x)
+            for extra in self.extra_encoders[i]:
+                x = self._run(extra, x)
             skips.append(x)
         x = self._run(self.bottom, F.max_pool3d(x, 2))
+        for extra in self.extra_encoders[-1]:
+            x = self._run(extra, x)
         for i in range(len(self.decoders) - 1, -1, -1):
             x = (
                 F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -202,6 +203,43 @@ def _sole_owner(t: torch.Tensor, holders: int = 3) -> bool:
         return False
 
 
+def _python_refs(t: torch.Tensor) -> int:
+    return sys.getrefcount(t)
+
+
+class _GradientProbe(torch.autograd.Function):
+    """Measures the Python references an incoming gradient has that nobody else holds."""
+
+    refs: list[int] = []
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        _GradientProbe.refs.append(_python_refs(grad))
+        return grad
+
+
+def _unheld_gradient_refs() -> int:
+    """The references of a gradient held by autograd alone, as seen at the top of a backward
+    (measured once: it depends on the Python and torch versions)."""
+    if not _GradientProbe.refs:
+        with torch.enable_grad():
+            x = torch.zeros(2, requires_grad=True)
+            _GradientProbe.apply(x).exp().sum().backward()
+    return _GradientProbe.refs[0]
+
+
+def _gradient_is_ours(grad: torch.Tensor, refs: int) -> bool:
+    """``True`` when an incoming gradient may be overwritten: no other tensor shares its
+    storage and no Python object refers to it (a gradient the user passed to ``backward`` is
+    referenced by the caller's frames, a hook may have stored it). ``refs``: its
+    :func:`_python_refs` at the top of the backward, where the probe measured them."""
+    return refs <= _unheld_gradient_refs() and _sole_owner(grad, holders=2)
+
+
 def _unaliased(grads: Sequence[torch.Tensor | None], *buffers: torch.Tensor) -> list:
     """``grads``, with a copy of any that shares storage with a buffer overwritten later."""
     ptrs = {b.untyped_storage().data_ptr() for b in buffers}
@@ -342,6 +380,7 @@ class _ReversibleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
+        refs = _python_refs(grad_y)  # first, as in _GradientProbe.backward
         y = ctx.saved_tensors[0].detach()
         blocks = ctx.blocks
         # the inputs are rebuilt in the output's storage and the gradient accumulated in the
@@ -349,7 +388,7 @@ class _ReversibleFunction(torch.autograd.Function):
         # fails on the saved output's version counter)
         if not _sole_owner(y):
             y = y.clone()
-        grad = grad_y if _sole_owner(grad_y, holders=2) else grad_y.clone()
+        grad = grad_y if _gradient_is_ours(grad_y, refs) else grad_y.clone()
         del grad_y
         param_grads: list[list] = []
         for index in range(len(blocks) - 1, -1, -1):
