@@ -92,9 +92,19 @@ class ReversibleModelTester(ModelTester):
             with torch.no_grad():
                 assert rel_err(seq.inverse(seq(x)), x) < 1e-10
 
-    def test_gradients_equal_plain_autograd(self):
+    # overrides that run the design's fused GN-LReLU-Conv units in slabs (model.chunks); empty
+    # for designs without such units, which have no chunks to test
+    chunked: tuple[str, ...] = ()
+    # the design takes model.checkpointing (its resampling under gradient checkpointing), and
+    # its resampling keeps tensors that no sequence keeps (max-pooling's indices)
+    checkpointable: bool = False
+    checkpointing_saves: bool = True
+
+    def gradients_against_plain(self, *overrides: str) -> tuple[float, float, float]:
+        """Relative errors (output, input gradient, worst parameter gradient) of the model with
+        memory saving against plain autograd, float64, depth 2."""
         torch.manual_seed(0)
-        saving = self.build(*self.depth_overrides(2)).double()
+        saving = self.build(*self.depth_overrides(2), *overrides).double()
         plain = copy.deepcopy(saving)
         for seq in self.sequences(plain):
             seq.memory_saving = False
@@ -106,10 +116,38 @@ class ReversibleModelTester(ModelTester):
             (out.pow(2).mean() + out.sigmoid().sum()).backward()
             grads.append((out.detach(), xi.grad, [p.grad for p in model.parameters()]))
         (o1, gx1, g1), (o2, gx2, g2) = grads
-        assert rel_err(o1, o2) < 1e-12
-        assert rel_err(gx1, gx2) < 1e-6
-        errors = [rel_err(a, b) for a, b in zip(g1, g2)]
-        assert max(errors) < 1e-6, max(errors)
+        return rel_err(o1, o2), rel_err(gx1, gx2), max(rel_err(a, b) for a, b in zip(g1, g2))
+
+    def test_gradients_equal_plain_autograd(self):
+        out, grad_x, grad_p = self.gradients_against_plain()
+        assert out < 1e-12
+        assert grad_x < 1e-6
+        assert grad_p < 1e-6, grad_p
+
+    def test_chunked_gradients_equal_plain_autograd(self):
+        if not self.chunked:
+            pytest.skip(f"{self.config_name} has no GN-LReLU-Conv couplings to run in slabs")
+        out, grad_x, grad_p = self.gradients_against_plain(*self.chunked)
+        assert out < 1e-12
+        assert grad_x < 1e-10
+        assert grad_p < 1e-10, grad_p
+
+    def test_checkpointing_keeps_gradients_and_saves_memory(self):
+        if not self.checkpointable:
+            pytest.skip(f"{self.config_name} has no model.checkpointing")
+        x = torch.randn(1, self.in_channels, *self.tiny_shape, requires_grad=True)
+        grads, saved = [], []
+        for on in (False, True):
+            torch.manual_seed(0)
+            model = self.build(f"model.checkpointing={on}").train()
+            with SavedTensorsCounter(exclude=model.parameters()) as counter:
+                out = model(x)
+            saved.append(counter.bytes)
+            x.grad = None
+            out.square().mean().backward()
+            grads.append([x.grad.clone(), *(p.grad for p in model.parameters())])
+        assert saved[1] < saved[0] if self.checkpointing_saves else saved[1] == saved[0], saved
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
 
     def saved_bytes(self, depth: int, memory_saving: bool) -> int:
         model = self.build(*self.depth_overrides(depth), f"model.memory_saving={memory_saving}")

@@ -34,6 +34,7 @@ class TestRevNetUNet(ReversibleModelTester):
     expected_params = expected_params([60, 120, 240, 360, 480], "maxpool")  # 24,131,523
     tiny = TINY
     tiny_shape = (8, 8, 8)
+    checkpointable = True
 
     def build(self, *overrides: str, tiny: bool = True) -> nn.Module:
         model = super().build(f"model.downsample={self.downsample}", *overrides, tiny=tiny)
