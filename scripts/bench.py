@@ -4,6 +4,7 @@
     python scripts/bench.py --quick          # tiny sizes, a couple of minutes (CI) -> outputs/bench_quick/
     python scripts/bench.py --sections c --depths 1,2 --impls revseg,plain --quick
     python scripts/bench.py --sections e     # the zoo only, merged into docs/benchmarks/
+    python scripts/bench.py --sections f     # the full field of view (the headline)
 
 Every configuration runs in a fresh process (this script with ``--child <json>``), so no
 allocator state, cache or leaked tensor of one configuration affects the next. Each process
@@ -27,7 +28,10 @@ e. the zoo: every BraTS-like model config (the ``model`` config group, ``in_chan
    ``downsample`` kind, depth 1 and 4 where the config has ``encoder_depth`` /
    ``decoder_depth``; peak, planned peak, step time and the ratios side by side. On the CPU
    every design runs :data:`ZOO_SMALL` channels where it takes them (``--zoo-default-channels``:
-   the configs' own).
+   the configs' own);
+f. the headline, :mod:`revseg.bench.fov`: prev_unet (depth 1 and 4, chunks off and auto),
+   unet_baseline plain, with checkpointing and with 4 encoder blocks, and hybrid_revnet, measured
+   at ``--fov-sizes`` and planned at ``--fov-predict`` (default 160x192x160), with its goals.
 
 A run of some sections keeps the other sections' results already in ``--out/results.json``
 (``--fresh`` drops them) and rewrites the report from both.
@@ -52,6 +56,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from revseg.bench import fov
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = ("memcnn", "revlib")
@@ -289,6 +295,8 @@ def _sizes(args, cuda: bool) -> dict[str, Any]:
             "hyperbolic": QUICK_HYP,
             "e": 16,
             "e_setting": QUICK_UNET,
+            "f": [16],
+            "f_predict": [],
         }
     if cuda:
         return {
@@ -301,6 +309,8 @@ def _sizes(args, cuda: bool) -> dict[str, Any]:
             "depths": list(range(1, 9)),
             "d": [(32, 64, 64), (72, 120, 208), (72, 240, 424)],
             "d_ranks": ["4", "8", "null"],
+            "f": [96, 128],
+            "f_predict": [(160, 192, 160)],
         }
     return {
         "e": 32,
@@ -312,6 +322,8 @@ def _sizes(args, cuda: bool) -> dict[str, Any]:
         "depths": list(range(1, 9)),
         "d": [(32, 64, 64), (64, 128, 128)],
         "d_ranks": ["4", "8"],
+        "f": [64, 96],
+        "f_predict": [(160, 192, 160)],
     }
 
 
@@ -333,6 +345,12 @@ def make_specs(args, cuda: bool) -> list[dict[str, Any]]:
         sizes["e"] = args.zoo_size
     if args.zoo_default_channels:
         sizes["e_setting"] = []
+    if args.fov_sizes is not None:
+        sizes["f"] = [int(v) for v in args.fov_sizes.split(",") if v]
+    if args.fov_predict is not None:
+        sizes["f_predict"] = [
+            tuple(int(v) for v in t.split("x")) for t in args.fov_predict.split(",") if t
+        ]
     steps = args.steps
     unet, hyp = sizes.get("unet", []), sizes.get("hyperbolic", [])
     specs: list[dict[str, Any]] = []
@@ -428,6 +446,8 @@ def make_specs(args, cuda: bool) -> list[dict[str, Any]]:
             for variant in design.pop("variants"):
                 net("e", variant.pop("label"), variant.pop("overrides"), sizes["e"], **variant)
                 specs[-1].update(design)
+    if "f" in args.sections:
+        specs += fov.specs(sizes["f"], sizes["f_predict"], steps, args.threads, bool(args.quick))
     return specs
 
 
@@ -657,7 +677,11 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
     goals: list[list[str]] = []
     values: dict[str, Any] = {}
     by: dict[str, list] = {}
-    predicted = [r for r in results if r["spec"].get("plan_only") and _ok(r["result"])]
+    predicted = [
+        r
+        for r in results
+        if r["spec"].get("plan_only") and r["spec"]["section"] != "f" and _ok(r["result"])
+    ]
     for r in results:
         if not r["spec"].get("plan_only"):
             by.setdefault(r["spec"]["section"], []).append(r)
@@ -942,6 +966,13 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
 
     if "e" in by:
         lines += zoo_report(by["e"], values)
+
+    if any(r["spec"]["section"] == "f" for r in results):
+        fov_lines, fov_goals = fov.report(results)
+        lines[head:head] = fov_lines  # the headline, right after the goals
+        for name, target, value, met in fov_goals:
+            _goal(goals, name, target, value, met)
+            values[name] = value
 
     if predicted:
         lines += [
@@ -1279,7 +1310,9 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a couple of minutes)")
-    parser.add_argument("--sections", default="abcde", help="any of a, b, c, d, e (default: abcde)")
+    parser.add_argument(
+        "--sections", default="abcdef", help="any of a, b, c, d, e, f (default: abcdef)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--depths", help="section c depths, e.g. 1,2,4")
     parser.add_argument("--impls", help=f"section c implementations (default: {','.join(IMPLS)})")
@@ -1294,6 +1327,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="section a/b sizes only predicted by the planner (too large to run here), e.g. 128,160x192x160",
     )
     parser.add_argument("--channels", type=int, help="section c channels C")
+    parser.add_argument("--fov-sizes", help="section f measured cube sides, e.g. 64,96")
+    parser.add_argument(
+        "--fov-predict", help="section f sizes only planned, e.g. 160x192x160 (the default)"
+    )
     parser.add_argument("--models", help="section e model configs (default: every BraTS-like one)")
     parser.add_argument("--zoo-size", type=int, help="section e cube side")
     parser.add_argument(

@@ -492,7 +492,11 @@ def trace_model(
             side = scale * divisor
             a, b = (
                 _trace_step_copy(
-                    model, optimizer_factory, loss_fn, (batch, in_channels, *spatial), planned_voxels
+                    model,
+                    optimizer_factory,
+                    loss_fn,
+                    (batch, in_channels, *spatial),
+                    planned_voxels,
                 )
                 for spatial in ((side,) * 3, (2 * side, side, side))
             )

@@ -195,7 +195,9 @@ def add_forward(fn: NormActConv, inp: torch.Tensor, out: torch.Tensor, chunks: i
     scale, shift = _affine(fn, *_statistics(fn, inp), inp.shape[1])
     padding = _slab_padding(fn)
     for start, stop in slabs(inp.shape[2], chunks):
-        out[:, :, start:stop].add_(_conv(fn, _activation(fn, inp, scale, shift, start, stop), padding))
+        out[:, :, start:stop].add_(
+            _conv(fn, _activation(fn, inp, scale, shift, start, stop), padding)
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,9 +270,7 @@ def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None
     )
     del a_c
     da = da.to(a.dtype)
-    torch.ops.aten.leaky_relu_backward.grad_input(
-        da, a, fn.act.negative_slope, True, grad_input=da
-    )
+    torch.ops.aten.leaky_relu_backward.grad_input(da, a, fn.act.negative_slope, True, grad_input=da)
     del a
     dx, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
         da, inp, mean, rstd, fn.norm.weight, n, c, hxw, groups, [True, *_wanted(fn)[:2]]
@@ -343,8 +343,9 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
     b_coef = -a_coef * mean - rstd * m1
     grad_acc.addcmul_(inp, _per_channel(a_coef, channels))
     grad_acc.add_(_per_channel(b_coef, channels))
-    dgamma = ((sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g) * _per_channel(
-        rstd, channels
-    ).view(n, -1)).sum(0)
+    dgamma = (
+        (sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g)
+        * _per_channel(rstd, channels).view(n, -1)
+    ).sum(0)
     dbeta = sum_g.sum(0)
     return _grads(fn, dgamma, dbeta, dweight)
