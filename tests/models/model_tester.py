@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from revseg.memory.measure import SavedTensorsCounter
-from revseg.nn.reversible import ReversibleSequence
+from revseg.nn.reversible import ReversibleSequence, reversible_parts
 
 from conftest import compose_train
 
@@ -77,10 +77,19 @@ class ReversibleModelTester(ModelTester):
             s.memory_saving for s in self.sequences(self.build("model.memory_saving=false"))
         )
 
+    part_type: type = ReversibleSequence  # the class of every reversible part of the model
+    part_count: int | None = None  # how many there are, where the design fixes it
+
+    def test_reversible_parts_are_found(self):
+        parts = self.sequences(self.build())
+        assert all(isinstance(p, self.part_type) for p in parts), parts
+        assert self.part_count is None or len(parts) == self.part_count
+
     @staticmethod
-    def sequences(model: nn.Module) -> list[ReversibleSequence]:
-        seqs = [m for m in model.modules() if isinstance(m, ReversibleSequence)]
-        assert seqs, "a reversible model must contain reversible sequences"
+    def sequences(model: nn.Module) -> list[nn.Module]:
+        """The model's reversible parts (:func:`~revseg.nn.reversible.reversible_parts`)."""
+        seqs = [m for _, m in reversible_parts(model)]
+        assert seqs, "a reversible model must contain reversible parts"
         return seqs
 
     def test_every_sequence_inverts(self):

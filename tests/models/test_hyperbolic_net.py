@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from revseg.memory import PeakMemoryMeter, SavedTensorsCounter
 from revseg.models.hyperbolic_net import HyperbolicNet, LeapfrogStack, memory_report
@@ -35,13 +34,7 @@ class TestHyperbolicNet(ReversibleModelTester):
     def depth_overrides(self, depth: int) -> tuple[str, ...]:
         return (f"model.layers=[{','.join([str(depth)] * 5)}]",)
 
-    @staticmethod
-    def sequences(model: nn.Module) -> list[LeapfrogStack]:
-        """The model's reversible parts: one leapfrog stack (the base class's memory-saving
-        switch and gradient checks run on these)."""
-        stacks = [m for m in model.modules() if isinstance(m, LeapfrogStack)]
-        assert stacks, "the hyperbolic net must contain a leapfrog stack"
-        return stacks
+    part_type = LeapfrogStack
 
     def test_every_sequence_inverts(self):
         """The reverse recursion takes the last two states back to ``(Y_0, Y_0)``."""

@@ -85,11 +85,7 @@ class TestRevUpUNet(ReversibleModelTester):
     # sequences keep anyway: checkpointing them saves nothing
     checkpointing_saves = False
 
-    @staticmethod
-    def sequences(model: nn.Module) -> list[InvertibleSequence]:
-        seqs = [m for m in model.modules() if isinstance(m, InvertibleSequence)]
-        assert seqs, "the RevUp U-Net must contain invertible sequences"
-        return seqs
+    part_type = InvertibleSequence
 
     def test_default_size(self):
         """The default config has exactly the parameters :func:`default_params` counts."""

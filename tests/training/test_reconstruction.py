@@ -75,9 +75,13 @@ class LossyScale(nn.Module):
 
 
 class LossySequence(nn.Module):
+    """A reversible part by the contract of :func:`revseg.nn.reversible.reversible_parts`: an
+    ``inverse`` and a ``memory_saving`` switch (here always plain autograd)."""
+
     def __init__(self, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
+        self.memory_saving = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

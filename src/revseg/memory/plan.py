@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from revseg.errors import ConfigError
 from revseg.memory.measure import format_bytes
 from revseg.nn import fused_step
+from revseg.nn.reversible import is_reversible_part
 
 __all__ = [
     "CATEGORIES",
@@ -191,7 +192,7 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
 
 
 def _is_reversible(module: nn.Module) -> bool:
-    return callable(getattr(module, "inverse", None)) and getattr(module, "memory_saving", False)
+    return is_reversible_part(module) and bool(module.memory_saving)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,7 +57,9 @@ __all__ = [
     "block_backward_step",
     "coupling_backward_step",
     "is_recomputing",
+    "is_reversible_part",
     "recomputing",
+    "reversible_parts",
     "reversible_sequence_function",
 ]
 
@@ -698,3 +700,31 @@ class InvertibleSequence(nn.Module):
         for block in reversed(self.blocks):
             y = block.inverse(y)
         return y
+
+
+# --------------------------------------------------------------------------------------------
+# finding the reversible parts of a model
+
+
+def is_reversible_part(module: nn.Module) -> bool:
+    """``True`` for a reversible part: a module with a callable ``inverse`` and a
+    ``memory_saving`` switch (:class:`ReversibleSequence`, :class:`InvertibleSequence`,
+    :class:`~revseg.nn.leapfrog.LeapfrogStack`). Invertible layers without the switch (pooling,
+    batch norm, couplings) are pieces of parts, not parts."""
+    return callable(getattr(module, "inverse", None)) and hasattr(module, "memory_saving")
+
+
+def reversible_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost reversible parts of ``model`` as ``(name, module)``, in module order.
+
+    The one way the planner, the reconstruction monitor, the models' ``memory_saving`` switch
+    and the tests find them; parts nested in a part (the layer-wise chains inside hybrid blocks)
+    belong to it.
+    """
+    parts: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(outer == "" or name.startswith(f"{outer}.") for outer, _ in parts):
+            continue
+        if is_reversible_part(module):
+            parts.append((name, module))
+    return parts

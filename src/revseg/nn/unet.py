@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from revseg.nn.blocks import per_level
+from revseg.nn.reversible import reversible_parts
 
 __all__ = ["ConvTrilinearUp3d", "MaxPoolConv3d", "ReversibleUNet", "level_sequence", "upsample2x"]
 
@@ -173,8 +174,9 @@ class ReversibleUNet(nn.Module):
             seq.memory_saving = bool(value)
 
     def reversible_sequences(self) -> list[nn.Module]:
-        """The memory-saving sequences: the encoders top to bottom, then the decoders."""
-        return [*self.encoders, *self.decoders]
+        """The memory-saving sequences: the encoders top to bottom, then the decoders
+        (:func:`~revseg.nn.reversible.reversible_parts`)."""
+        return [module for _, module in reversible_parts(self)]
 
     def _resample(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():

@@ -37,7 +37,7 @@ from torch import nn
 
 from revseg.models.hyperbolic_net import LeapfrogStack, leapfrog_update, level_transform
 from revseg.nn.invertible import BatchPooling3d, ChannelPooling3d, InverseOf
-from revseg.nn.reversible import AdditiveCoupling, recomputing
+from revseg.nn.reversible import AdditiveCoupling, recomputing, reversible_parts
 from revseg.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -114,22 +114,6 @@ def _items(module: nn.Module) -> list[nn.Module] | None:
             if all(callable(getattr(m, "inverse", None)) for m in items):
                 return list(items)
     return None
-
-
-def reversible_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The outermost reversible parts of ``model`` as ``(name, module)``, in module order.
-
-    A part is a :class:`~revseg.models.hyperbolic_net.LeapfrogStack` or a module with
-    ``inverse`` whose ``blocks`` (or ``layers``) all have ``inverse``; parts nested in a part
-    (the layer-wise chains inside hybrid blocks) are analysed with it.
-    """
-    parts: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{outer}.") or outer == "" for outer, _ in parts):
-            continue
-        if isinstance(module, LeapfrogStack) or _items(module) is not None:
-            parts.append((name, module))
-    return parts
 
 
 def _kind(module: nn.Module) -> str:
