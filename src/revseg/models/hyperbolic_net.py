@@ -146,17 +146,23 @@ class _LeapfrogFunction(torch.autograd.Function):
                 params = [p for p in layer.parameters() if p.requires_grad]
                 with torch.enable_grad(), ctx.autocast.context():
                     y = prev.detach().requires_grad_(True)
-                    f = layer(y)
-                grads = torch.autograd.grad(f, [y, *params], g_cur, allow_unused=True)
-                # Y_{j-1} = 2 Y_j - Y_{j+1} + h^2 f(Y_j)  (in place on f: its graph is freed)
-                prev, cur = leapfrog_update(f.detach(), prev, cur, h2), prev
-                # dL/dY_j = g_{j-1} + 2 g_{j+1} + h^2 J^T g_{j+1};  dL/dY_{j-1} = -g_{j+1}
-                g_y = grads[0].mul_(h2).add_(g_cur, alpha=2).add_(g_prev)
-                g_prev, g_cur = g_cur.neg(), g_y
-                layer_grads.append([g if g is None else g.mul_(h2) for g in grads[1:]])
-                del f, y, grads, g_y
-            prev, cur = level_transform(kind, True, prev, cur)
-            g_prev, g_cur = level_transform(kind, True, g_prev, g_cur)  # W^T = W^-1
+                    u = layer.unsigned(y)  # f(Y_j) = -u: sign flips are exact
+                # Y_{j-1} = 2 Y_j - Y_{j+1} + h^2 f(Y_j), in place on u before its backward (no
+                # op of the graph saved its output), so Y_{j+1} is freed before the gradients
+                prev, cur = leapfrog_update(u.detach(), prev, cur, -h2), prev
+                grads = torch.autograd.grad(u, [y, *params], g_cur, allow_unused=True)
+                # dL/dY_j = g_{j-1} + 2 g_{j+1} + h^2 J_f^T g_{j+1};  dL/dY_{j-1} = -g_{j+1}
+                g_y = grads[0].mul_(-h2).add_(g_cur, alpha=2).add_(g_prev)
+                del g_prev  # before negating: g_{j+1} in place once it is ours
+                g_prev = g_cur.neg_() if g_cur is not grad_cur else g_cur.neg()
+                g_cur = g_y
+                layer_grads.append([g if g is None else g.mul_(-h2) for g in grads[1:]])
+                del u, y, grads, g_y
+            # one state at a time (W^T = W^-1 for the gradients), each freed once transformed
+            (prev,) = level_transform(kind, True, prev)
+            (cur,) = level_transform(kind, True, cur)
+            (g_prev,) = level_transform(kind, True, g_prev)
+            (g_cur,) = level_transform(kind, True, g_cur)
         # Y_{-1} = Y_0: both halves of the first pair are the input
         grad_y0 = g_prev + g_cur if ctx.needs_input_grad[0] else None
         ordered = [g for grads in reversed(layer_grads) for g in grads]

@@ -36,6 +36,13 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh": torch.tanh,
     "softplus": F.softplus,
 }
+# the same, in place on the convolution's output where autograd allows it (their backward needs
+# only their result), so the layer holds one activation of K y instead of two
+_ACTIVATIONS_INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": torch.relu_,
+    "tanh": torch.tanh_,
+    "softplus": F.softplus,
+}
 
 GROW_INITS = ("small", "zeros", "default")
 
@@ -211,12 +218,17 @@ class SymmetricBlockLowRankConv3d(nn.Module):
             return self.weight[0], self.bias[0]
         return torch.cat(tuple(self.weight)), torch.cat(tuple(self.bias))
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        """``(B, n, D, H, W) -> (B, n, D, H, W)``: ``-K^T act(K y + b)``."""
+    def unsigned(self, y: torch.Tensor) -> torch.Tensor:
+        """``K^T act(K y + b)``, the layer without its sign (a memory-saving backward
+        differentiates this, so autograd allocates no negated gradient)."""
         weight, bias = self.kernel()
         pad = self.kernel_size // 2
-        z = ACTIVATIONS[self.activation](F.conv3d(y, weight, bias, padding=pad))
-        return -F.conv_transpose3d(z, weight, padding=pad)
+        z = _ACTIVATIONS_INPLACE[self.activation](F.conv3d(y, weight, bias, padding=pad))
+        return F.conv_transpose3d(z, weight, padding=pad)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D, H, W) -> (B, n, D, H, W)``: ``-K^T act(K y + b)``."""
+        return self.unsigned(y).neg_()
 
     def extra_repr(self) -> str:
         return (
