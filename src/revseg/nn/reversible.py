@@ -368,6 +368,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.autocast = _AutocastState(x.device.type)
         ctx.rng_states = [] if preserve_rng_state else None
         ctx.chunks = fused_step.resolve_chunks(chunks, blocks[0].split(x)[0])
+        _unheld_gradient_refs()  # measured once, here rather than inside a backward
         y = x.clone(memory_format=torch.contiguous_format)
         y1, y2 = blocks[0].split(y)
         for block in blocks:
