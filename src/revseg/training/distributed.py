@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from revseg.errors import ConfigError
 
-__all__ = ["DistInfo", "init_distributed", "shard_loader", "all_ranks_agree"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "shard_loader",
+    "all_ranks_agree",
+    "broadcast_object",
+    "gather_objects",
+]
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:

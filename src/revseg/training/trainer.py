@@ -31,15 +31,16 @@ from revseg.memory.measure import PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
     load_checkpoint,
+    restore_rng,
     rng_state,
     save_atomic,
-    set_rng_state,
     write_text_atomic,
 )
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
     broadcast_object,
+    gather_objects,
     init_distributed,
     max_over_ranks,
     mean_over_ranks,
@@ -175,7 +176,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resume restores. ``rng_ranks``: every rank's RNG states (DDP), saved so
+        that each rank resumes its own random streams."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -192,7 +195,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
+            "rng_ranks": rng_ranks,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "revseg_version": revseg.__version__,
         }
@@ -221,12 +225,23 @@ class Trainer:
         for name, cb in self.callbacks.items():
             if name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][name])
-        set_rng_state(state["rng"])
+        own = restore_rng(state, self.dist.rank, self.dist.world_size, self.device)
+        if not own and self.dist.is_main:
+            rngs = state.get("rng_ranks")
+            log.warning(
+                "the checkpoint holds the RNG states of %d process(es), not %d: every rank "
+                "restores rank 0's, so the random streams differ from an uninterrupted run",
+                len(rngs) if rngs else 1,
+                self.dist.world_size,
+            )
 
     def save_checkpoint(self, name: str) -> Path:
         path = self.ckpt_dir / name
-        if self.dist.is_main:  # one writer; every rank reads the same file on resume
-            save_atomic(self.state_dict(), path)
+        # every rank's RNG states (a collective: every rank calls this); one writer, and every
+        # rank reads the same file on resume
+        rngs = gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
+        if self.dist.is_main:
+            save_atomic(self.state_dict(rngs), path)
         return path
 
     def resume(self, resume: bool | str) -> None:
@@ -234,7 +249,9 @@ class Trainer:
         path = self.ckpt_dir / "last.pt" if resume is True else Path(str(resume))
         if not path.is_file():
             raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
-        state = load_checkpoint(path, map_location=self.device)
+        # on the CPU: load_state_dict copies to the parameters' device, and the RNG states must
+        # stay on the CPU (torch.set_rng_state takes CPU byte tensors only)
+        state = load_checkpoint(path, map_location="cpu")
         self.load_state_dict(state)
         log.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
 
