@@ -475,8 +475,10 @@ class Trainer:
             if improved:
                 self.save_checkpoint("best.pt")
             self.write_summary()
-        if not (self.ckpt_dir / "best.pt").exists() and (self.ckpt_dir / "last.pt").exists():
-            self.save_checkpoint("best.pt")  # no validation yet: best is the latest
+        if self.best["epoch"] is None and self.epoch > 0:
+            # no validation yet: best is the latest (decided alike on every rank, without
+            # looking at files another rank may be writing: saving is a collective)
+            self.save_checkpoint("best.pt")
         summary = self.write_summary()
         self._log_hparams(summary)
         return summary
