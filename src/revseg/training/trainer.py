@@ -36,6 +36,7 @@ from revseg.training.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
+from revseg.training.device import resolve_device, set_deterministic
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -52,18 +53,6 @@ from revseg.training.visualize import slice_panel
 __all__ = ["Trainer", "train", "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available (use auto or cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"trainer.device={name!r}: expected auto, cpu or cuda[:N]") from err
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -621,7 +610,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "2x2x2 inputs (docs/precision.md); prefer fp16 or fp32 on CPU"
         )
     if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        set_deterministic(device)
 
     model = build(cfg.model, "model").to(device)
     optimizer = build(cfg.optimizer, "optimizer")(params=parameter_groups(model, cfg.optimizer.lr))
