@@ -73,6 +73,14 @@ def test_batches_shapes_dtypes_and_sparse_loss_mask(davis_root):
     torch.testing.assert_close(image.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
 
 
+def test_memory_is_pinned_only_when_asked(davis_root, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = module(davis_root)
+    assert not data.train_dataloader(seed=0).pin_memory and not data.val_dataloader().pin_memory
+    assert data.train_dataloader(seed=0, pin_memory=True).pin_memory
+    assert data.val_dataloader(pin_memory=True).pin_memory
+
+
 def test_training_label_holds_only_the_annotated_frames(davis_root):
     data = module(davis_root, annotated_frames=[0, 5])
     train = next(iter(data.train_dataloader()))

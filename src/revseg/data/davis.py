@@ -626,22 +626,27 @@ class DavisData:
             present,
         )
 
-    def train_dataloader(self, seed: int | None = None) -> DataLoader:
+    def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
         """``steps_per_epoch`` batches of the video with the sparse ``loss_mask``.
 
         Args:
             seed: seeds the random flips and shifts; None uses torch's global RNG.
+            pin_memory: batches in page-locked memory (for faster copies to a GPU that trains).
         """
         self.setup()
         dataset = _VideoDataset(
             self._train_sample, self.steps_per_epoch, self.flip_prob, seed, self.roll
         )
-        return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+        return DataLoader(
+            dataset, batch_size=1, shuffle=False, num_workers=0, pin_memory=pin_memory
+        )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, pin_memory: bool = False) -> DataLoader:
         """One batch: the video with the labels of every frame (void = ``VOID``)."""
         self.setup()
-        return DataLoader(_VideoDataset(self._val_sample, 1), batch_size=1, shuffle=False)
+        return DataLoader(
+            _VideoDataset(self._val_sample, 1), batch_size=1, shuffle=False, pin_memory=pin_memory
+        )
 
     # -- metrics, images, outputs ------------------------------------------------------------
 

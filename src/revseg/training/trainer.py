@@ -101,7 +101,8 @@ class Trainer:
     Args:
         cfg: the composed ``train`` config (resolved); stored in every checkpoint.
         model: the network, ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)`` logits.
-        data: a data module with ``train_dataloader(seed)``, ``val_dataloader()``, ``input_shape``.
+        data: a data module with ``train_dataloader(seed, pin_memory)``,
+            ``val_dataloader(pin_memory)``, ``input_shape``.
         loss_fn: ``loss_fn(logits, target) -> scalar``.
         optimizer: the optimizer over ``model.parameters()``.
         scheduler: an epoch-wise LR scheduler or ``None``.
@@ -130,6 +131,7 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.module = model  # the network itself (state dicts, parameters)
         self.device = device
+        self.pin_memory = device.type == "cuda"  # page-locked batches only for a GPU that trains
         self.model = self._wrap(model)  # what is called in training: DDP when distributed
         self.data = data
         self.loss_fn = loss_fn
@@ -357,7 +359,9 @@ class Trainer:
         ``batch_in_epoch`` batches of the same loader reproduces the uninterrupted run.
         """
         self.model.train()
-        loader = self.data.train_dataloader(seed=int(self.cfg.seed) + self.epoch)
+        loader = self.data.train_dataloader(
+            seed=int(self.cfg.seed) + self.epoch, pin_memory=self.pin_memory
+        )
         if self.dist.enabled:
             loader = shard_loader(loader, self.dist, int(self.cfg.seed), self.epoch, shuffle=True)
         limit = self.tcfg.limit_train_batches
@@ -405,7 +409,7 @@ class Trainer:
         # every rank validates every case with the bare module (no DDP collectives), so all ranks
         # hold the same metrics and take the same early-stopping and checkpoint decisions
         # (MONAI's metrics gather across ranks; the repeated cases leave the means unchanged)
-        for index, batch in enumerate(self.data.val_dataloader()):
+        for index, batch in enumerate(self.data.val_dataloader(pin_memory=self.pin_memory)):
             if limit and index >= limit:
                 break
             image = batch["image"].to(self.device)
