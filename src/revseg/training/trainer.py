@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import revseg
 from revseg.config import build, data_name, model_name, validate_config
 from revseg.errors import ConfigError, TrainingError
-from revseg.memory.measure import PeakMemoryMeter, format_bytes
+from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
     load_checkpoint,
@@ -156,7 +156,10 @@ class Trainer:
         self.best: dict[str, Any] = {"name": self.tcfg.monitor, "value": None, "epoch": None}
         self.final_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        self.peak_memory_bytes = 0
+        self.peak_memory_bytes = 0  # of the training steps, over the run (contract 4)
+        # peaks over the run of what runs outside the steps, and of CUDA's reserved memory
+        self.other_peaks: dict[str, int] = {}
+        self.epoch_peaks: dict[str, int] = {}  # the same, and "train", in the current epoch
         self.rss_peak_bytes: int | None = None
         self.step_times: list[float] = []
         self.batch_in_epoch = 0  # batches of the current epoch already trained on
@@ -180,6 +183,8 @@ class Trainer:
             "final_metrics": dict(self.final_metrics),
             "history": list(self.history),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "other_peaks": dict(self.other_peaks),
+            "rss_peak_bytes": self.rss_peak_bytes,
             "step_times": list(self.step_times),
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_losses": list(self.epoch_losses),
@@ -207,6 +212,8 @@ class Trainer:
         self.final_metrics = dict(state["final_metrics"])
         self.history = list(state["history"])
         self.peak_memory_bytes = int(state["peak_memory_bytes"])
+        self.other_peaks = {k: int(v) for k, v in (state.get("other_peaks") or {}).items()}
+        self.rss_peak_bytes = state.get("rss_peak_bytes")
         self.step_times = [float(t) for t in state["step_times"]]
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
@@ -302,6 +309,30 @@ class Trainer:
         kept = f"; the last good checkpoint is {last}" if last.exists() else ""
         raise TrainingError(f"non-finite {what} ({value}) at {where}{case}{kept}")
 
+    def _account(self, phase: str, m: MemoryMeasurement) -> None:
+        """Add a measurement of ``phase`` (train, val or callbacks) to the epoch's and the run's
+        peaks; on CUDA also to the reserved peak."""
+        peaks = {phase: m.peak_bytes}
+        if m.reserved_bytes is not None:
+            peaks["reserved"] = m.reserved_bytes
+        for key, value in peaks.items():
+            self.epoch_peaks[key] = max(self.epoch_peaks.get(key, 0), value)
+            if key == "train":
+                self.peak_memory_bytes = max(self.peak_memory_bytes, value)
+            else:
+                self.other_peaks[key] = max(self.other_peaks.get(key, 0), value)
+        if m.rss_peak_bytes is not None:
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
+
+    def _callbacks(self, hook: str, *args: Any) -> None:
+        """Run every callback's ``hook`` under the memory meter (phase ``callbacks``)."""
+        if not self.callbacks:
+            return
+        with self.meter.measure(static=self._static_tensors()) as m:
+            for cb in self.callbacks.values():
+                getattr(cb, hook)(self, *args)
+        self._account("callbacks", m)
+
     def training_step(
         self,
         image: torch.Tensor,
@@ -340,9 +371,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
         self.last_measurement = m
-        self.peak_memory_bytes = max(self.peak_memory_bytes, m.peak_bytes)
-        if m.rss_peak_bytes is not None:
-            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
+        self._account("train", m)
         self.step_times.append(seconds)
         self.global_step += 1
         if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
@@ -388,8 +417,7 @@ class Trainer:
             if loss is not None:
                 self.epoch_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", peak=format_bytes(self.peak_memory_bytes))
-                for cb in self.callbacks.values():
-                    cb.on_train_batch_end(self, batch, self.global_step)
+                self._callbacks("on_train_batch_end", batch, self.global_step)
             self.batch_in_epoch = index + 1
             if every and self.global_step % every == 0 and self.batch_in_epoch < total:
                 self.save_checkpoint("last.pt")
@@ -415,16 +443,14 @@ class Trainer:
             image = batch["image"].to(self.device)
             label = batch["label"].to(self.device)
             mask = batch.get("loss_mask")
-            with self._autocast():
-                logits = self.module(image).float()
-            losses.append(
-                float(
-                    self.compute_loss(
-                        logits, label, mask.to(self.device) if mask is not None else None
-                    )
-                )
-            )
-            pred = self.metrics.update(logits, label)
+            mask = mask.to(self.device) if mask is not None else None
+            static = self._static_tensors(image, label, *([] if mask is None else [mask]))
+            with self.meter.measure(static=static) as m:
+                with self._autocast():
+                    logits = self.module(image).float()
+                losses.append(float(self.compute_loss(logits, label, mask)))
+                pred = self.metrics.update(logits, label)
+            self._account("val", m)
             if index == 0 and self.writer is not None and self.tcfg.log_images:
                 self.writer.add_image(
                     "val/slice_input_label_prediction",
@@ -447,21 +473,20 @@ class Trainer:
         if self.epoch >= max_epochs:
             log.info("nothing to do: %d epochs already completed", self.epoch)
         while self.epoch < max_epochs and not self.should_stop:
+            self.epoch_peaks = {}
             logs = self.train_epoch()
             self.epoch += 1
             if self.scheduler is not None:
                 self.scheduler.step()
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
-            for cb in self.callbacks.values():
-                cb.on_train_epoch_end(self, logs)
+            self._callbacks("on_train_epoch_end", logs)
             improved = False
             if self.epoch % self.tcfg.val_every == 0 or self.epoch == max_epochs:
                 metrics = self.validate()
                 logs.update(metrics)
                 self.final_metrics = metrics
                 improved = self._update_best(metrics)
-                for cb in self.callbacks.values():
-                    cb.on_validation_end(self, metrics)
+                self._callbacks("on_validation_end", metrics)
             self._log_epoch(logs)
             self.history.append({"epoch": self.epoch, **logs})
             self.save_checkpoint("last.pt")
@@ -507,7 +532,16 @@ class Trainer:
         for key, value in logs.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, self.epoch)
-        self.writer.add_scalar("memory/peak_mib", self.peak_memory_bytes / 2**20, self.epoch)
+        # this epoch's peaks (summary.json holds the run's): training steps, validation,
+        # callbacks, and on CUDA the allocator's reserve over all three
+        for phase, tag in (
+            ("train", "peak_mib"),
+            ("val", "val_peak_mib"),
+            ("callbacks", "callbacks_peak_mib"),
+            ("reserved", "reserved_peak_mib"),
+        ):
+            if phase in self.epoch_peaks:
+                self.writer.add_scalar(f"memory/{tag}", self.epoch_peaks[phase] / 2**20, self.epoch)
         self.writer.flush()
 
     def _log_hparams(self, summary: dict[str, Any]) -> None:
@@ -553,6 +587,9 @@ class Trainer:
             "world_size": self.dist.world_size,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": format_bytes(self.peak_memory_bytes),
+            "val_peak_memory_bytes": self.other_peaks.get("val"),
+            "callbacks_peak_memory_bytes": self.other_peaks.get("callbacks"),
+            "peak_reserved_bytes": self.other_peaks.get("reserved"),
             "planned_peak_bytes": self.planned_peak_bytes,
             "memory_method": self.meter.method,
             "rss_peak_bytes": self.rss_peak_bytes,
@@ -672,6 +709,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = trainer.fit()
         if info.enabled:  # the peak of the busiest rank
             trainer.peak_memory_bytes = max_over_ranks(trainer.peak_memory_bytes, info, device)
+            for key in ("val", "callbacks", "reserved"):
+                value = max_over_ranks(trainer.other_peaks.get(key, -1), info, device)
+                if value >= 0:
+                    trainer.other_peaks[key] = value
             summary = trainer.write_summary()
     finally:
         if writer is not None:
