@@ -519,9 +519,14 @@ def trace_model(
 
 
 def _trace_step_copy(model, optimizer_factory, loss_fn, shape) -> _Trace:
-    clone = copy.deepcopy(model).cpu().train()
-    optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
-    return _trace_step(clone, optimizer, loss_fn, shape)
+    """Trace a CPU copy of ``model``. The random input, labels and any random op of the model
+    draw from a fixed seed inside a fork of the CPU generator: the caller's random stream is
+    the same with or without planning, and so is the plan from one run to the next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clone = copy.deepcopy(model).cpu().train()
+        optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
+        return _trace_step(clone, optimizer, loss_fn, shape)
 
 
 def _mean_square(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -640,7 +645,8 @@ def plan_from_config(
     Raises:
         ConfigError: the config lacks what the plan needs (one line naming the key).
     """
-    step_model = step_model_from_config(cfg, model)
+    with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
+        step_model = step_model_from_config(cfg, model)
     if spatial is None:
         spatial = input_shape_from_config(cfg)[1]
     plan = step_model.checked_plan(spatial)
