@@ -367,6 +367,33 @@ def test_mask_colours_outside_the_palette(davis_root, tmp_path):
         read_mask(tmp_path / "short.png")
 
 
+def test_mask_index_drawn_like_the_background(davis_root, tmp_path):
+    # the palette lists the sequence's objects and is padded to 256 entries with black, as many
+    # tools write it: index 5 is drawn black like the background but would train as object 5
+    root = copy_sequence(davis_root, tmp_path)
+    path = root / "Annotations" / "480p" / "blobs" / "00000.png"
+    mask = read_mask(path)
+    mask[2:4, 2:5] = 5
+    padded = np.zeros((256, 3), dtype=np.uint8)
+    padded[:3] = DAVIS_PALETTE[:3]
+    padded[VOID_INDEX] = DAVIS_PALETTE[VOID_INDEX]
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette(padded.tobytes())
+    image.save(path)
+    with Image.open(path) as check:
+        assert len(check.getpalette()) == 3 * 256
+    with pytest.raises(DataError) as info:
+        module(root).setup()
+    assert str(info.value) == (
+        f"{path}: palette index 5 (6 pixels) is drawn (0, 0, 0) like the background (index 0), "
+        "so it is no object of the sequence; fix the mask or its palette"
+    )
+    # the same mask with the DAVIS palette is object 5
+    image.putpalette(DAVIS_PALETTE.tobytes())
+    image.save(path)
+    assert (read_mask(path) == 5).sum() == 6
+
+
 def test_davis_2016_binary_masks(tmp_path):
     Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8), mode="L").save(
         tmp_path / "m.png"

@@ -160,8 +160,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     the object, returned as 1) or indices, and RGB(A) PNGs in the DAVIS colours.
 
     Raises:
-        DataError: unreadable file, an index outside the file's palette, a colour not in the
-            DAVIS palette, or an unsupported image mode (the message names the file).
+        DataError: unreadable file, an index outside the file's palette or drawn in the
+            background's colour, a colour not in the DAVIS palette, or an unsupported image
+            mode (the message names the file).
     """
     path = Path(path)
     try:
@@ -173,12 +174,23 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the mask ({err})") from None
     if mode == "P":
-        colours = len(palette or []) // 3
-        top = int(array.max(initial=0))
-        if top >= colours:
+        colours = np.asarray(palette or [], dtype=np.uint8).reshape(-1, 3)
+        present = np.unique(array)
+        top = int(present[-1]) if present.size else 0
+        if top >= len(colours):
             raise DataError(
-                f"{path}: palette index {top} is outside the file's {colours}-colour palette"
+                f"{path}: palette index {top} is outside the file's {len(colours)}-colour palette"
             )
+        # a palette padded to 256 entries (PIL reports 256 for most files) draws the indices
+        # past the objects' colours black: such a pixel looks like background, not an object
+        for index in present.tolist():
+            if index not in (0, VOID_INDEX) and (colours[index] == colours[0]).all():
+                count = int((array == index).sum())
+                raise DataError(
+                    f"{path}: palette index {index} ({count} pixels) is drawn "
+                    f"{tuple(int(c) for c in colours[0])} like the background (index 0), so it "
+                    f"is no object of the sequence; fix the mask or its palette"
+                )
         return array.astype(np.uint8)
     if mode == "1":
         return array.astype(np.uint8)
