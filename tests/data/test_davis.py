@@ -441,3 +441,35 @@ def test_training_on_an_unknown_sequence_exits_with_one_line(davis_root, tmp_pat
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: data.sequence='bear': no such sequence")
     assert lines[0].endswith("available: blobs, voided")
+
+
+def test_check_data_script_on_davis(davis_root, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["data=davis", "data.sequence=blobs"]
+    assert script.main([*args, f"data.root={davis_root}"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "DAVIS sequence blobs (480p), 12 frames" in out.err
+    assert "no problems" in out.err
+    # a mask of another size and one with an index drawn like the background: a line each
+    root = copy_sequence(davis_root, tmp_path)
+    masks = root / "Annotations" / "480p" / "blobs"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(masks / "00003.png")
+    bad = Image.fromarray(np.full((*SOURCE_SIZE,), 7, dtype=np.uint8), mode="P")
+    bad.putpalette(bytes(3 * 256))
+    bad.save(masks / "00005.png")
+    assert script.main([*args, f"data.root={root}"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["blobs", str(masks / "00003.png")],
+        ["blobs", str(masks / "00005.png")],
+    ]
+    assert "mask size 8x8 differs from its frame's 48x32" in lines[0]
+    assert "palette index 7" in lines[1]
+    assert script.main([*args, f"data.root={root}", "--quick"]) == 1  # sizes: headers only
+    assert len(capsys.readouterr().out.splitlines()) == 1

@@ -454,6 +454,14 @@ class BratsData:
             workers=self.num_workers,
         )
 
+    def describe(self) -> str:
+        """One line for reports: the layout, the label convention and the number of cases."""
+        found = self.discovery
+        return (
+            f"layout {found.layout.name}, label convention {self.convention.describe()}, "
+            f"{len(found.cases)} cases"
+        )
+
     def _handle_problems(self, problems: list[Problem]) -> set[str]:
         """Stop on ``problems`` (one line each) or, with ``skip_bad_cases``, record and skip them.
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from revseg.data.checks import Problem
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
 from revseg.training.video_metrics import VOID, VideoMetrics, overlay_frame
@@ -715,6 +716,56 @@ class DavisData:
             size=self.source_size,
             names=[self.source_frames[t].stem for t in keep],
         )
+
+    # -- checks (scripts/check_data.py) -----------------------------------------------------------
+
+    def check_data(self, full: bool = True) -> list[Problem]:
+        """Check the sequence's files: every frame and mask opens, sizes agree; with ``full``
+        also every mask's indices and colours (:func:`read_mask`) and every frame's pixels.
+
+        Returns:
+            The problems, one per file (``<sequence>: <file>: <message>``).
+
+        Raises:
+            DataError: the dataset or the sequence is missing or its frames and masks do not
+                pair up (one line naming the folder or file).
+        """
+        self._generate_if_needed()
+        frame_files, mask_files = list_frames(self.root, self.sequence, self.resolution)
+        problems: list[Problem] = []
+
+        def problem(path: Path, message: str) -> None:
+            problems.append(Problem(self.sequence, str(path), message.removeprefix(f"{path}: ")))
+
+        size = None
+        for frame, mask in zip(frame_files, mask_files):
+            try:
+                with Image.open(frame) as image:
+                    frame_size = image.size
+                    if full:
+                        image.convert("RGB").load()
+                if size is None:
+                    size = frame_size
+                elif frame_size != size:
+                    problem(frame, f"frame size {frame_size[0]}x{frame_size[1]} differs from the "
+                            f"sequence's {size[0]}x{size[1]}")  # fmt: skip
+                with Image.open(mask) as image:
+                    mask_size = image.size
+                if mask_size != frame_size:
+                    problem(mask, f"mask size {mask_size[0]}x{mask_size[1]} differs from its "
+                            f"frame's {frame_size[0]}x{frame_size[1]}")  # fmt: skip
+                elif full:
+                    read_mask(mask)
+            except DataError as error:
+                problem(mask, str(error))
+            except (OSError, ValueError) as error:
+                problem(frame, f"cannot read ({error})")
+        return problems
+
+    def describe(self) -> str:
+        """One line for reports: the sequence and its number of frames."""
+        frames, _ = list_frames(self.root, self.sequence, self.resolution)
+        return f"DAVIS sequence {self.sequence} ({self.resolution}), {len(frames)} frames"
 
     def __repr__(self) -> str:
         return (
