@@ -21,6 +21,7 @@ __all__ = [
     "check_group_overrides",
     "validate_config",
     "model_name",
+    "model_option",
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -193,6 +194,17 @@ def model_name(cfg: DictConfig) -> str:
 def data_name(cfg: DictConfig) -> str:
     """The data config-group option (``synthetic_brats``) when run through Hydra, else its class."""
     return _choice("data") or str(cfg.data._target_).rsplit(".", 1)[-1]
+
+
+def model_option(target: str, config_dir: Path = CONFIG_DIR) -> str | None:
+    """The ``configs/model/<option>.yaml`` whose ``_target_`` is ``target``, if one is."""
+    from omegaconf import OmegaConf
+
+    for option in group_options("model", config_dir):
+        node = OmegaConf.load(config_dir / "model" / f"{option}.yaml")
+        if str(node.get("_target_")) == target:
+            return option
+    return None
 
 
 def _choice(group: str) -> str | None:

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import revseg
-from revseg.config import build, data_name, model_name, validate_config
+from revseg.config import build, data_name, model_name, model_option, validate_config
 from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
@@ -242,15 +242,26 @@ class Trainer:
             save_atomic(self.state_dict(rngs), path)
         return path
 
-    def resume(self, resume: bool | str) -> None:
-        """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file."""
-        path = self.ckpt_dir / "last.pt" if resume is True else Path(str(resume))
-        if not path.is_file():
-            raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
-        # on the CPU: load_state_dict copies to the parameters' device, and the RNG states must
-        # stay on the CPU (torch.set_rng_state takes CPU byte tensors only)
-        state = load_checkpoint(path, map_location="cpu")
-        self.load_state_dict(state)
+    def resume(self, resume: bool | str, checkpoint: tuple[Path, dict] | None = None) -> None:
+        """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file.
+
+        Args:
+            resume: ``trainer.resume``.
+            checkpoint: ``(path, state)`` already read by :func:`read_resume_checkpoint`.
+
+        Raises:
+            ConfigError: no checkpoint there, or one whose weights do not fit the model (the
+                message names the checkpoint and its model).
+        """
+        path, state = checkpoint or read_resume_checkpoint(resume, self.ckpt_dir, self.cfg)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"trainer.resume: {path} does not fit this {_current_model(self.cfg)} model "
+                f"({_saved_model(state)[0]} with {_config_differences(state, self.cfg)}): {first}"
+            ) from None
         log.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
 
     # ---------------------------------------------------------------- steps
@@ -626,6 +637,60 @@ class Trainer:
         return summary
 
 
+def _saved_model(state: dict[str, Any]) -> tuple[str, DictConfig | None]:
+    """The model a checkpoint was trained with: its name (config option or class) and config."""
+    try:
+        saved = OmegaConf.create(state["config"]).get("model")
+    except Exception:  # noqa: BLE001 - an unreadable config is reported as unknown
+        saved = None
+    if saved is None or "_target_" not in saved:
+        return "an unknown model", None
+    target = str(saved._target_)
+    return model_option(target) or target, saved
+
+
+def _current_model(cfg: DictConfig) -> str:
+    return model_option(str(cfg.model._target_)) or model_name(cfg)
+
+
+def _config_differences(state: dict[str, Any], cfg: DictConfig) -> str:
+    """``model.<key>=<saved>`` for each model key whose saved value differs from ``cfg``'s."""
+    _, saved = _saved_model(state)
+    if saved is None:
+        return "an unreadable config"
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    then = OmegaConf.to_container(saved, resolve=True)
+    keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if not keys:
+        return "the same model config"
+    return ", ".join(f"model.{k}={then.get(k)!r}".replace("'", "") for k in keys)
+
+
+def read_resume_checkpoint(
+    resume: bool | str, ckpt_dir: Path, cfg: DictConfig
+) -> tuple[Path, dict[str, Any]]:
+    """Read the checkpoint ``trainer.resume`` names and check it holds the configured model.
+
+    Loaded on the CPU: ``load_state_dict`` copies to the parameters' device, and the RNG states
+    stay on the CPU. Called before the data is read, so a wrong checkpoint fails at once.
+
+    Raises:
+        ConfigError: no checkpoint there, or one of another model (the message names the
+            checkpoint and the model it holds).
+    """
+    path = ckpt_dir / "last.pt" if resume is True else Path(str(resume))
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
+    state = load_checkpoint(path, map_location="cpu")
+    name, saved = _saved_model(state)
+    if saved is None or str(saved._target_) != str(cfg.model._target_):
+        raise ConfigError(
+            f"trainer.resume: {path} holds {name}, not {_current_model(cfg)}: resume with "
+            f"model={name}, or start a new run in another directory"
+        )
+    return path, state
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the model the composed config describes; returns the run summary (``summary.json``).
 
@@ -654,6 +719,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         set_deterministic(device)
 
     model = build(cfg.model, "model").to(device)
+    checkpoint = None
+    if cfg.trainer.resume:  # before the data is read: a wrong checkpoint fails at once
+        checkpoint = read_resume_checkpoint(cfg.trainer.resume, output_dir / "checkpoints", cfg)
     optimizer = build(cfg.optimizer, "optimizer")(params=parameter_groups(model, cfg.optimizer.lr))
     scheduler = (
         build(cfg.scheduler, "scheduler")(optimizer=optimizer) if cfg.get("scheduler") else None
@@ -677,8 +745,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(
         cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device, info
     )
-    if cfg.trainer.resume:
-        trainer.resume(cfg.trainer.resume)
+    if checkpoint is not None:
+        trainer.resume(cfg.trainer.resume, checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
