@@ -16,9 +16,10 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from revseg.errors import DataError
+from revseg.errors import ConfigError, DataError
 
 __all__ = [
+    "check_writable",
     "save_atomic",
     "load_checkpoint",
     "rng_state",
@@ -67,6 +68,25 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def check_writable(folder: str | os.PathLike, key: str) -> Path:
+    """Create ``folder`` if needed and write (then remove) a temporary file in it, so that an
+    unwritable run or checkpoint directory fails before training, not at the first save.
+
+    Raises:
+        ConfigError: naming ``key``, the folder and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"{key}: cannot write to {folder} ({reason})") from None
+    return folder
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

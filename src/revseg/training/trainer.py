@@ -30,6 +30,7 @@ from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
+    check_writable,
     load_checkpoint,
     restore_rng,
     rng_state,
@@ -708,7 +709,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device = torch.device("cuda", info.local_rank)
     # every rank uses rank 0's run directory (Hydra names one per process)
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:  # before anything is read or trained: a save must not fail an epoch later
+        check_writable(output_dir, "paths.output_dir (the run directory)")
+        check_writable(output_dir / "checkpoints", "the checkpoint directory")
     seed_everything(int(cfg.seed))
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
         log.warning(
