@@ -119,3 +119,26 @@ def test_a_run_failing_on_its_config_leaves_no_run_directory(tmp_path, tiny_data
     (run / "notes.txt").write_text("mine")
     proc = run_cli("trainer.max_epochs=0", f"hydra.run.dir={run}")
     assert proc.returncode == 2 and (run / "notes.txt").read_text() == "mine"
+
+
+def test_objects_all_needs_as_many_output_channels(tmp_path):
+    from conftest import TINY_VIDEO
+
+    common = [
+        "model=hyperbolic_blr",
+        *TINY_VIDEO,
+        "trainer.max_epochs=1",
+        "trainer.progress_bar=false",
+        f"data.root={tmp_path / 'video'}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        "~logger",
+        "data.objects=all",
+    ]
+    with pytest.raises(ConfigError) as info:
+        train(compose_train(*common))
+    assert str(info.value) == (
+        "model.out_channels=1 but the data gives 2 label channels with data.objects=all "
+        "(object1, object2): set model.out_channels=2"
+    )
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    assert train(compose_train(*common, "model.out_channels=2"))["epochs_completed"] == 1

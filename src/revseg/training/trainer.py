@@ -692,6 +692,28 @@ def read_resume_checkpoint(
     return path, state
 
 
+def check_channels(cfg: DictConfig, data: Any) -> None:
+    """The model's ``in_channels`` / ``out_channels`` must be what the data gives, e.g. one
+    channel per object with ``data.objects=all`` (known once the data is read).
+
+    Raises:
+        ConfigError: naming both keys and the value the data needs.
+    """
+    for key in ("in_channels", "out_channels"):
+        wanted, given = getattr(data, key, None), cfg.model.get(key)
+        if wanted is None or given is None or int(given) == int(wanted):
+            continue
+        what = "input channels" if key == "in_channels" else "label channels"
+        reason = ""
+        if key == "out_channels" and cfg.data.get("objects") == "all":
+            names = ", ".join(getattr(data, "channel_names", ()))
+            reason = f" with data.objects=all ({names})"
+        raise ConfigError(
+            f"model.{key}={given} but the data gives {wanted} {what}{reason}: "
+            f"set model.{key}={wanted}"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the model the composed config describes; returns the run summary (``summary.json``).
 
@@ -735,6 +757,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     data = build(cfg.data, "data")
     data.setup()
+    check_channels(cfg, data)
     if hasattr(data, "write_split"):
         data.write_split(output_dir)  # the cases used for training and validation
     logging_here = cfg.get("logger") and info.is_main
