@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -142,3 +143,13 @@ def test_objects_all_needs_as_many_output_channels(tmp_path):
     )
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
     assert train(compose_train(*common, "model.out_channels=2"))["epochs_completed"] == 1
+
+
+def test_resuming_a_finished_run_keeps_its_summary(trained):
+    overrides, run = trained
+    summary = run / "summary.json"
+    before = summary.read_text()
+    assert json.loads(before)["rss_peak_bytes"] is not None
+    again = train(compose_train(*overrides, "trainer.resume=true"))
+    assert summary.read_text() == before
+    assert again == json.loads(before)

@@ -154,6 +154,7 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.should_stop = False
+        self.trained = False  # whether fit() trained (False: the run was already finished)
         self.best: dict[str, Any] = {"name": self.tcfg.monitor, "value": None, "epoch": None}
         self.final_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
@@ -180,6 +181,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "should_stop": self.should_stop,
             "best": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "history": list(self.history),
@@ -209,6 +211,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.should_stop = bool(state.get("should_stop", False))
         self.best = dict(state["best"])
         self.final_metrics = dict(state["final_metrics"])
         self.history = list(state["history"])
@@ -482,8 +485,17 @@ class Trainer:
         max_epochs = int(self.tcfg.max_epochs)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
-        if self.epoch >= max_epochs:
-            log.info("nothing to do: %d epochs already completed", self.epoch)
+        if self.epoch >= max_epochs or self.should_stop:
+            log.info(
+                "nothing to do: %d epochs already completed%s",
+                self.epoch,
+                " (stopped early)" if self.should_stop else "",
+            )
+        # decided alike on every rank (train() gathers the peaks only after training)
+        self.trained = self.epoch < max_epochs and not self.should_stop
+        written = self.output_dir / "summary.json"
+        if not self.trained and written.is_file():
+            return json.loads(written.read_text())  # a finished run resumed: summary as it was
         while self.epoch < max_epochs and not self.should_stop:
             self.epoch_peaks = {}
             logs = self.train_epoch()
@@ -801,7 +813,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer.add_text("model/memory_report", text, 0)
     try:
         summary = trainer.fit()
-        if info.enabled:  # the peak of the busiest rank
+        if info.enabled and trainer.trained:  # the peak of the busiest rank
             trainer.peak_memory_bytes = max_over_ranks(trainer.peak_memory_bytes, info, device)
             for key in ("val", "callbacks", "reserved"):
                 value = max_over_ranks(trainer.other_peaks.get(key, -1), info, device)
