@@ -25,7 +25,18 @@ __all__ = [
     "model_option",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """``configs/``: inside the installed package (a wheel ships it as ``revseg/configs``), else
+    the checkout's top-level folder (``src/revseg/config.py`` -> ``configs/``)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    if (packaged / "train.yaml").is_file():
+        return packaged
+    return here.parents[1] / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 def group_options(

@@ -1,4 +1,6 @@
-"""Shared behaviour of the command-line entry points."""
+"""The command-line entry points (``revseg-train``, ``revseg-predict``, ``revseg-evaluate``,
+``revseg-plan``, ``revseg-doctor``; ``train.py`` and ``scripts/*.py`` call the same ``run``) and
+their shared behaviour: errors as one line with exit status 2, checks before Hydra starts."""
 
 from __future__ import annotations
 
@@ -6,12 +8,12 @@ import contextlib
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from revseg.errors import ConfigError, DataError, RevsegError
 
-__all__ = ["exit_on_error", "check_run_dir", "removing_unused_run_dir", "search_dirs"]
+__all__ = ["exit_on_error", "run_main", "check_run_dir", "removing_unused_run_dir", "search_dirs"]
 
 
 @contextlib.contextmanager
@@ -22,6 +24,19 @@ def exit_on_error(status: int = 2) -> Iterator[None]:
     except RevsegError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(status)
+
+
+def run_main(main: Callable[[list[str]], int | None]) -> None:
+    """A console entry: ``main(sys.argv[1:])``; a :class:`RevsegError` or a Hydra error (an
+    unknown key, a malformed override) is one ``error:`` line and exit status 2."""
+    with exit_on_error():
+        from hydra.errors import HydraException
+
+        try:
+            status = main(sys.argv[1:])
+        except HydraException as error:
+            raise ConfigError(str(error).strip().splitlines()[0]) from None
+    sys.exit(status or 0)
 
 
 def _override(args: Sequence[str], key: str) -> str | None:
