@@ -18,12 +18,13 @@ $(1)/pip install "torch==$(TORCH_VERSION)+cpu" \
 endef
 
 # CPU machines get the CPU build of torch (a local wheel when the machine has one, else the
-# PyTorch CPU index), never the multi-GB CUDA build; machines with an NVIDIA driver get CUDA torch.
+# PyTorch CPU index), never the multi-GB CUDA build; machines with an NVIDIA driver get CUDA torch
+# from PyPI, within pyproject.toml's range (>= 2.6: see the comment there).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing CUDA torch"; \
-		$(BIN)/pip install "torch>=2.3,<3"; \
+		$(BIN)/pip install "torch>=2.6,<3"; \
 	elif ! $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
 		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
 		$(call install_cpu_torch,$(BIN)); \

@@ -104,3 +104,15 @@ def test_console_command_with_a_user_config_dir(user_configs, tmp_path):
         "error: trainer.max_epochs must be a positive int, got 0"
     ]
     assert not run.exists()
+
+
+def test_torch_range_is_the_one_the_code_needs():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    spec = next(d for d in project["dependencies"] if d.startswith("torch"))
+    # torch.nn.utils.get_total_norm came in 2.6, torch.get_autocast_dtype in 2.4
+    assert spec == "torch>=2.6,<3"
+    # the Makefile's CUDA install (machines with an NVIDIA driver) asks for the same range
+    assert f'pip install "{spec}"' in (REPO / "Makefile").read_text()
+    import torch
+
+    assert hasattr(torch.nn.utils, "get_total_norm") and hasattr(torch, "get_autocast_dtype")
