@@ -54,7 +54,8 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist
 
 # revseg as a library: build the wheel, install it (not editable) in a fresh venv with CPU
-# torch, and train one debug=fast epoch of the demo from another directory with revseg-train
+# torch, check it with revseg-doctor and train one debug=fast epoch of the demo from another
+# directory with revseg-train
 WHEEL_VENV ?= /tmp/revseg-wheel-venv
 wheel-test: setup
 	rm -rf dist build && $(BIN)/pip wheel --no-deps -w dist .
@@ -62,6 +63,7 @@ wheel-test: setup
 	$(call install_cpu_torch,$(WHEEL_VENV)/bin)
 	$(WHEEL_VENV)/bin/pip install dist/revseg-*.whl
 	work=$$(mktemp -d) && cd $$work \
+		&& $(WHEEL_VENV)/bin/revseg-doctor \
 		&& $(WHEEL_VENV)/bin/revseg-train debug=fast trainer.progress_bar=false hydra.run.dir=run \
 		&& test -f run/checkpoints/last.pt && test -f run/summary.json \
 		&& echo "wheel-test: trained from $$work" && rm -rf $$work

@@ -51,7 +51,7 @@ def test_the_wheel_ships_the_configs_and_the_commands(wheel, tmp_path):
         entry_points = next(z.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     shipped = {f"revseg/configs/{p.relative_to(CONFIG_DIR)}" for p in CONFIG_DIR.rglob("*.yaml")}
     assert shipped and shipped <= names
-    for command in ("train", "predict", "evaluate", "plan"):
+    for command in ("train", "predict", "evaluate", "plan", "doctor"):
         assert f"revseg-{command} = revseg.cli.{command}:run" in entry_points
     # installed (not editable) and imported from elsewhere, it finds its own configs
     target = tmp_path / "site"
