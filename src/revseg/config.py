@@ -267,6 +267,18 @@ def validate_config(cfg: DictConfig) -> None:
     clip = t.get("grad_clip")
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")
+    for key in ("deterministic", "cudnn_benchmark", "channels_last"):
+        if not isinstance(t.get(key, False), bool):
+            raise ConfigError(f"trainer.{key} must be true or false, got {t.get(key)!r}")
+    if t.get("cudnn_benchmark", False) and t.deterministic:
+        raise ConfigError(
+            "trainer.cudnn_benchmark=true contradicts trainer.deterministic=true (autotuning may "
+            "pick other kernels in each run); set one of them to false"
+        )
+    if t.get("compile", False) is not False:
+        from revseg.training.device import compile_backend
+
+        compile_backend(t.compile)
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError(f"trainer.monitor_mode must be max or min, got {t.monitor_mode!r}")
     lr = cfg.optimizer.get("lr")

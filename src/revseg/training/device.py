@@ -2,7 +2,10 @@
 
 ``trainer.device`` names the device (checked against the GPUs this machine has);
 ``trainer.deterministic`` asks for repeatable results (see README, "On a GPU cluster", for what is
-and is not bit-exact on CUDA).
+and is not bit-exact on CUDA); ``trainer.cudnn_benchmark`` lets cuDNN time its algorithms for
+each new input shape and keep the fastest; ``trainer.channels_last`` stores the model and the
+batches channels-last (``torch.channels_last_3d``); ``trainer.compile`` runs the training forward
+through :func:`torch.compile`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ import torch
 
 from revseg.errors import ConfigError
 
-__all__ = ["resolve_device", "set_deterministic", "NON_DETERMINISTIC_CUDA"]
+__all__ = [
+    "CHANNELS_LAST",
+    "NON_DETERMINISTIC_CUDA",
+    "compile_backend",
+    "resolve_device",
+    "set_cudnn_benchmark",
+    "set_deterministic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +74,38 @@ def set_deterministic(device: torch.device) -> None:
             "about when they run (README: On a GPU cluster)",
             " and ".join(NON_DETERMINISTIC_CUDA),
         )
+
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def set_cudnn_benchmark(enabled: bool) -> None:
+    """``torch.backends.cudnn.benchmark``: cuDNN tries its convolution algorithms on the first
+    batch of each shape and keeps the fastest (faster steps for fixed shapes; the choice, and so
+    the last bits of the results, may differ from run to run)."""
+    torch.backends.cudnn.benchmark = enabled
+
+
+def compile_backend(value: bool | str | None) -> str | None:
+    """The :func:`torch.compile` backend ``trainer.compile`` asks for: ``None`` for false,
+    ``inductor`` for true, else the backend named (e.g. ``aot_eager``, which traces without
+    generating code).
+
+    Raises:
+        ConfigError: a value that is neither a boolean nor a torch.compile backend.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "inductor"
+    if isinstance(value, str) and value:
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        if value in known:
+            return value
+        raise ConfigError(
+            f"trainer.compile={value}: no such torch.compile backend; use true (inductor), "
+            f"false, or one of {', '.join(b for b in list_backends())}"
+        )
+    raise ConfigError(f"trainer.compile must be true, false or a backend name, got {value!r}")

@@ -37,7 +37,13 @@ from revseg.training.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
-from revseg.training.device import resolve_device, set_deterministic
+from revseg.training.device import (
+    CHANNELS_LAST,
+    compile_backend,
+    resolve_device,
+    set_cudnn_benchmark,
+    set_deterministic,
+)
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -133,6 +139,9 @@ class Trainer:
         self.module = model  # the network itself (state dicts, parameters)
         self.device = device
         self.pin_memory = device.type == "cuda"  # page-locked batches only for a GPU that trains
+        self.channels_last = bool(cfg.trainer.get("channels_last", False))
+        if self.channels_last:
+            model.to(memory_format=CHANNELS_LAST)
         self.model = self._wrap(model)  # what is called in training: DDP when distributed
         self.data = data
         self.loss_fn = loss_fn
@@ -284,14 +293,26 @@ class Trainer:
         return self.loss_fn(logits, label, mask=mask)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel when distributed, else ``model`` itself."""
-        if not self.dist.enabled:
-            return model
-        return DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
-        )
+        """What training calls: ``model``, in DistributedDataParallel when distributed, then
+        compiled with ``trainer.compile`` (the reversible sequences' autograd Functions run
+        eagerly between the compiled graphs, so memory saving is kept)."""
+        if self.dist.enabled:
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+            )
+        backend = compile_backend(self.tcfg.get("compile", False))
+        if backend is not None:
+            model = torch.compile(model, backend=backend)
+        return model
+
+    def _to_device(self, t: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """A batch tensor on the training device, channels-last for 5D tensors when
+        ``trainer.channels_last``."""
+        if self.channels_last and t.ndim == 5:
+            return t.to(self.device, non_blocking=non_blocking, memory_format=CHANNELS_LAST)
+        return t.to(self.device, non_blocking=non_blocking)
 
     def sync_optimizer_params(self) -> None:
         """Make the optimizer's parameters ``list(model.parameters())``, keeping existing state.
@@ -308,6 +329,24 @@ class Trainer:
         self.optimizer.param_groups[0]["params"] = params
         # DDP's buckets are built for a fixed set of parameters
         self.model = self._wrap(self.module)
+
+    @contextlib.contextmanager
+    def _compile_errors(self) -> Any:
+        """A torch.compile failure (``trainer.compile``) as one line naming the model."""
+        if compile_backend(self.tcfg.get("compile", False)) is None:
+            yield
+            return
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            yield
+        except TorchDynamoException as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            raise TrainingError(
+                f"trainer.compile={_text(self.tcfg.compile)}: torch.compile failed on the "
+                f"{_current_model(self.cfg)} model ({type(err).__name__}: {first.strip()}); "
+                "train without it (trainer.compile=false)"
+            ) from None
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_context(self.device, self.precision)
@@ -360,13 +399,14 @@ class Trainer:
         static = self._static_tensors(image, label, *([] if mask is None else [mask]))
         with self.meter.measure(static=static) as m:
             start = time.perf_counter()
-            with self._autocast():
+            with self._autocast(), self._compile_errors():
                 loss = self.compute_loss(self.model(image), label, mask)
             value = float(loss.detach())
             if not all_ranks_agree(math.isfinite(value), self.dist, self.device):
                 self._non_finite("loss", value, cases or [])
                 return None
-            self.scaler.scale(loss).backward()
+            with self._compile_errors():
+                self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             if self.tcfg.grad_clip:
                 norm = float(
@@ -424,10 +464,10 @@ class Trainer:
                 break
             if index < self.batch_in_epoch:
                 continue  # trained before the interruption
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True)
+            image = self._to_device(batch["image"], non_blocking=True)
+            label = self._to_device(batch["label"], non_blocking=True)
             mask = batch.get("loss_mask")
-            mask = mask.to(self.device, non_blocking=True) if mask is not None else None
+            mask = self._to_device(mask, non_blocking=True) if mask is not None else None
             loss = self.training_step(image, label, mask, list(batch.get("case", [])))
             if loss is not None:
                 self.epoch_losses.append(loss)
@@ -455,10 +495,10 @@ class Trainer:
         for index, batch in enumerate(self.data.val_dataloader(pin_memory=self.pin_memory)):
             if limit and index >= limit:
                 break
-            image = batch["image"].to(self.device)
-            label = batch["label"].to(self.device)
+            image = self._to_device(batch["image"])
+            label = self._to_device(batch["label"])
             mask = batch.get("loss_mask")
-            mask = mask.to(self.device) if mask is not None else None
+            mask = self._to_device(mask) if mask is not None else None
             static = self._static_tensors(image, label, *([] if mask is None else [mask]))
             with self.meter.measure(static=static) as m:
                 with self._autocast():
@@ -662,6 +702,11 @@ def _saved_model(state: dict[str, Any]) -> tuple[str, DictConfig | None]:
     return model_option(target) or target, saved
 
 
+def _text(value: Any) -> str:
+    """A config value as the command line writes it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _current_model(cfg: DictConfig) -> str:
     return model_option(str(cfg.model._target_)) or model_name(cfg)
 
@@ -754,6 +799,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     if cfg.trainer.deterministic:
         set_deterministic(device)
+    set_cudnn_benchmark(bool(cfg.trainer.get("cudnn_benchmark", False)))
+    if compile_backend(cfg.trainer.get("compile", False)) and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.compile={_text(cfg.trainer.compile)} needs trainer.device=cuda: on {device} the "
+            "step's memory is measured under a dispatch mode, in which torch.compile does not "
+            "compile (the model would run uncompiled); use trainer.compile=false"
+        )
 
     model = build(cfg.model, "model").to(device)
     checkpoint = None
