@@ -6,21 +6,28 @@ TORCH_VERSION ?= 2.13.0
 # extra arguments for train.py, e.g. make train ARGS="model=unet_baseline"
 ARGS ?=
 
-.PHONY: setup train test test-all lint format clean
+.PHONY: setup train test test-all lint format clean wheel-test
 
 setup: $(VENV)/.installed
 
+# CPU torch into the venv whose bin/ is $(1): a local wheel when the machine has one, else the
+# PyTorch CPU index (never the multi-GB CUDA build)
+define install_cpu_torch
+$(1)/pip install "torch==$(TORCH_VERSION)+cpu" \
+	|| $(1)/pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu
+endef
+
 # CPU machines get the CPU build of torch (a local wheel when the machine has one, else the
-# PyTorch CPU index), never the multi-GB CUDA build; machines with an NVIDIA driver get CUDA torch.
+# PyTorch CPU index), never the multi-GB CUDA build; machines with an NVIDIA driver get CUDA torch
+# from PyPI, within pyproject.toml's range (>= 2.6: see the comment there).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing CUDA torch"; \
-		$(BIN)/pip install "torch>=2.3,<3"; \
+		$(BIN)/pip install "torch>=2.6,<3"; \
 	elif ! $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
 		echo "no GPU: installing CPU torch $(TORCH_VERSION)"; \
-		$(BIN)/pip install "torch==$(TORCH_VERSION)+cpu" \
-		|| $(BIN)/pip install "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+		$(call install_cpu_torch,$(BIN)); \
 	fi
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
@@ -44,7 +51,22 @@ format: setup
 	$(BIN)/ruff check --fix src tests scripts train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist
+
+# revseg as a library: build the wheel, install it (not editable) in a fresh venv with CPU
+# torch, check it with revseg-doctor and train one debug=fast epoch of the demo from another
+# directory with revseg-train
+WHEEL_VENV ?= /tmp/revseg-wheel-venv
+wheel-test: setup
+	rm -rf dist build && $(BIN)/pip wheel --no-deps -w dist .
+	rm -rf $(WHEEL_VENV) && $(PYTHON) -m venv $(WHEEL_VENV)
+	$(call install_cpu_torch,$(WHEEL_VENV)/bin)
+	$(WHEEL_VENV)/bin/pip install dist/revseg-*.whl
+	work=$$(mktemp -d) && cd $$work \
+		&& $(WHEEL_VENV)/bin/revseg-doctor \
+		&& $(WHEEL_VENV)/bin/revseg-train debug=fast trainer.progress_bar=false hydra.run.dir=run \
+		&& test -f run/checkpoints/last.pt && test -f run/summary.json \
+		&& echo "wheel-test: trained from $$work" && rm -rf $$work
 
 # peak memory and step time vs memcnn, revlib, checkpointing and plain autograd -> docs/benchmarks/
 # (make bench ARGS=--quick: tiny sizes, for CI). The peers are the `bench` extra; they are

@@ -3,10 +3,12 @@
 Usage::
 
     python scripts/check_data.py data=brats data.root=/data/BraTS2021 [data.layout=...] [--quick]
+    python scripts/check_data.py data=davis data.root=/data/DAVIS data.sequence=bear
 
 Takes the same overrides as ``train.py``. Reads every voxel (NaN/Inf, empty volumes, label
 values) besides the headers (missing or unreadable files, truncated files, shapes, affines,
-3D/4D); ``--quick`` checks the headers only, as training does at start. Exit status: 0 when every
+3D/4D); ``--quick`` checks the headers only, as training does at start. For DAVIS: every frame and
+mask opens and sizes agree (``--quick``), and every mask's palette indices and colours. Exit status: 0 when every
 case is fine (or with ``data.skip_bad_cases=true``, which lists the cases training would leave
 out), 1 when a case has a problem, 2 for a bad argument.
 """
@@ -29,7 +31,6 @@ def main(argv: list[str]) -> int:
         raise ConfigError("data.root is required: give it on the command line (data.root=...)")
     data = build(cfg.data, "data")
     start = time.perf_counter()
-    found = data.discovery
     problems = data.check_data(full=not quick)
     seconds = time.perf_counter() - start
     for problem in problems:
@@ -37,12 +38,11 @@ def main(argv: list[str]) -> int:
     bad = sorted({p.case for p in problems})
     what = "headers" if quick else "headers and voxels"
     print(
-        f"{data.root}: layout {found.layout.name}, label convention {data.convention.describe()}, "
-        f"{len(found.cases)} cases, {what} checked in {seconds:.1f} s: "
+        f"{data.root}: {data.describe()}, {what} checked in {seconds:.1f} s: "
         + (f"{len(problems)} problem(s) in {len(bad)} case(s)" if problems else "no problems"),
         file=sys.stderr,
     )
-    if problems and data.skip_bad_cases:
+    if problems and getattr(data, "skip_bad_cases", False):
         print(
             f"data.skip_bad_cases=true: training would leave out {', '.join(bad)}", file=sys.stderr
         )

@@ -1,76 +1,8 @@
-"""Predict the peak training memory of a config before training it.
+"""Predict the peak training memory of a config before training it: ``revseg-plan ...`` (see :mod:`revseg.cli.plan`)."""
 
-    python scripts/memory_plan.py [train.py overrides ...] [budget_gb=12] [max_depth=16]
+from revseg.cli.plan import main, run
 
-Takes the same overrides as ``train.py`` (``model=unet_baseline data.crop_size=[128,128,128]``),
-prints the planner's breakdown (parameters, gradients, optimizer state, batch, states kept by
-reversible parts, activations kept by non-reversible parts, workspace) and, with ``budget_gb=``,
-the largest field of view (a cube, and the configured crop scaled) and the deepest encoder that
-fit the budget. See :mod:`revseg.memory.plan` for the method.
-"""
-
-from __future__ import annotations
-
-import sys
-
-from revseg.cli import exit_on_error
-from revseg.errors import ConfigError
-
-OWN_KEYS = ("budget_gb", "max_depth")
-
-
-def _split_args(argv: list[str]) -> tuple[list[str], dict[str, float]]:
-    overrides, own = [], {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key in OWN_KEYS:
-            try:
-                own[key] = float(value)
-            except ValueError as err:
-                raise ConfigError(f"{key} must be a number, got {value!r}") from err
-            if own[key] <= 0:
-                raise ConfigError(f"{key} must be positive, got {value!r}")
-        else:
-            overrides.append(arg)
-    return overrides, own
-
-
-def main(argv: list[str]) -> None:
-    from revseg.memory.measure import format_bytes
-    from revseg.memory.plan import compose_train_config, fit_budget, plan_from_config
-
-    overrides, own = _split_args(argv)
-    cfg = compose_train_config(overrides)
-    plan = plan_from_config(cfg)
-    print(plan.table())
-    if "budget_gb" not in own:
-        return
-    budget = own["budget_gb"] * 2**30
-    fit = fit_budget(cfg, budget, max_depth=int(own.get("max_depth", 16)))
-    print(f"\nbudget {own['budget_gb']:g} GiB ({format_bytes(budget)}):")
-    if fit.cube is None and fit.scaled_crop is None:
-        print("  nothing fits: the fixed part (parameters, optimizer state) exceeds the budget")
-    for key, label in (("cube", "largest cube"), ("scaled_crop", "largest scaled crop")):
-        shape = getattr(fit, key)
-        if shape is not None:
-            peak = fit.plans[key].peak_bytes
-            print(f"  {label}: {'x'.join(map(str, shape))} (predicted peak {format_bytes(peak)})")
-    if fit.encoder_depth is not None:
-        peak = fit.plans["encoder_depth"].peak_bytes
-        bound = (
-            f" or more (search stops at max_depth={fit.encoder_depth})"
-            if fit.encoder_depth_capped
-            else ""
-        )
-        crop = "x".join(map(str, fit.plans["encoder_depth"].input_shape[2:]))
-        print(
-            f"  deepest encoder at {crop}: model.encoder_depth={fit.encoder_depth}{bound} "
-            f"(predicted peak {format_bytes(peak)})"
-        )
-    elif "encoder_depth" in cfg.model:
-        print("  deepest encoder: none fits at the configured input")
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
-    with exit_on_error():
-        main(sys.argv[1:])
+    run()

@@ -22,6 +22,10 @@ BAD = [
     ("data.crop_size=[30,32,32]", "data.crop_size"),
     ("data.patch_size=[24,24,24]", "data.patch_size"),
     ("data.crop_size=[32,32]", "data.crop_size"),
+    ("trainer.cudnn_benchmark=yes", "trainer.cudnn_benchmark"),
+    ("trainer.channels_last=1", "trainer.channels_last"),
+    ("trainer.compile=inductr", "trainer.compile"),
+    ("trainer.compile=3", "trainer.compile"),
 ]
 
 
@@ -60,3 +64,11 @@ def test_known_options_and_plain_keys_pass():
             "experiment=demo_deep",
         ]
     )
+
+
+def test_cudnn_benchmark_contradicts_deterministic(tmp_path):
+    cfg = compose_train(
+        "trainer.cudnn_benchmark=true", "trainer.deterministic=true", f"paths.output_dir={tmp_path}"
+    )
+    with pytest.raises(ConfigError, match="^trainer.cudnn_benchmark=true contradicts"):
+        validate_config(cfg)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from revseg.errors import ConfigError, RevsegError
 
@@ -19,19 +19,38 @@ __all__ = [
     "build",
     "group_options",
     "check_group_overrides",
+    "check_key_overrides",
     "validate_config",
     "model_name",
+    "model_option",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+def _config_dir() -> Path:
+    """``configs/``: inside the installed package (a wheel ships it as ``revseg/configs``), else
+    the checkout's top-level folder (``src/revseg/config.py`` -> ``configs/``)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "configs"
+    if (packaged / "train.yaml").is_file():
+        return packaged
+    return here.parents[1] / "configs"
 
 
-def group_options(group: str, config_dir: Path = CONFIG_DIR) -> list[str]:
-    """The options of a config group: the ``.yaml`` files in ``configs/<group>/``."""
-    return sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+CONFIG_DIR = _config_dir()
 
 
-def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) -> None:
+def group_options(
+    group: str, config_dir: Path = CONFIG_DIR, search: Sequence[str] = ()
+) -> list[str]:
+    """The options of a config group: the ``.yaml`` files in ``configs/<group>/`` (and in the
+    ``search`` folders, e.g. the user's ``--config-dir``)."""
+    folders = [config_dir, *map(Path, search)]
+    return sorted({p.stem for folder in folders for p in (folder / group).glob("*.yaml")})
+
+
+def check_group_overrides(
+    args: Sequence[str], config_dir: Path = CONFIG_DIR, search: Sequence[str] = ()
+) -> None:
     """Check ``group=option`` command-line overrides against the config groups.
 
     Hydra would report an unknown option over several lines; this gives one line naming the key
@@ -40,16 +59,10 @@ def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) ->
     Raises:
         ConfigError: an option that has no ``configs/<group>/<option>.yaml``.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception as err:  # noqa: BLE001 - hydra's parser raises its own error types
-        raise ConfigError(f"cannot parse command-line overrides: {err}".splitlines()[0]) from err
-    for override in parsed:
+    groups = set(_group_dirs(config_dir, search))
+    for override in _parse(args):
         group = override.key_or_group
-        if override.is_delete() or override.package or not (config_dir / group).is_dir():
+        if override.is_delete() or override.package or group not in groups:
             continue
         if group.startswith("hydra"):
             continue
@@ -58,7 +71,7 @@ def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) ->
             if override.is_sweep_override()
             else [override.get_value_element_as_str()]
         )
-        options = group_options(group, config_dir)
+        options = group_options(group, config_dir, search)
         for value in values:
             if value == "null":
                 continue
@@ -66,6 +79,103 @@ def check_group_overrides(args: Sequence[str], config_dir: Path = CONFIG_DIR) ->
                 raise ConfigError(
                     f"{group}={value}: no such option; choose one of: {', '.join(options)}"
                 )
+
+
+def _parse(args: Sequence[str]) -> list:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # noqa: BLE001 - hydra's parser raises its own error types
+        raise ConfigError(f"cannot parse command-line overrides: {err}".splitlines()[0]) from err
+
+
+def _keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (list items not included)."""
+    if not isinstance(node, DictConfig):
+        return []
+    out = []
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        out.append(name)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            out += _keys(child, f"{name}.")
+    return out
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, DictConfig) and part in node.keys():
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig) and part.lstrip("-").isdigit():
+            if not -len(node) <= int(part) < len(node):
+                return False
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def check_key_overrides(
+    name: str, args: Sequence[str], config_dir: Path = CONFIG_DIR, search: Sequence[str] = ()
+) -> None:
+    """Check that every ``key=value`` override names a key of the composed config ``name``.
+
+    Hydra reports a typo'd key (``trainer.max_epoch=3``) over five lines and exits 1; this is
+    one line with the nearest existing key. The config is composed with the group choices,
+    additions and deletions of ``args`` (so the keys are those of the chosen options).
+
+    Args:
+        search: extra config directories (``hydra.searchpath`` entries, e.g. the user's
+            ``--config-dir``).
+
+    Raises:
+        ConfigError: naming the unknown key and the nearest existing one.
+    """
+    import difflib
+
+    from hydra.core.override_parser.types import OverrideType
+
+    parsed = _parse(args)
+    groups = set(_group_dirs(config_dir, search))
+    changes = [
+        o
+        for o in parsed
+        if o.type == OverrideType.CHANGE
+        and not o.key_or_group.startswith("hydra")
+        and o.key_or_group.split("/")[0] not in groups
+        and not o.package
+    ]
+    if not changes:
+        return
+    rest = [o.input_line for o in parsed if o not in changes and not o.is_sweep_override()]
+    rest += [  # one value of each sweep over group options
+        f"{o.key_or_group}={next(iter(o.sweep_string_iterator()))}"
+        for o in parsed
+        if o not in changes and o.is_sweep_override()
+    ]
+    cfg = compose_config(name, rest, False, config_dir=config_dir, search=search, check_keys=False)
+    for override in changes:
+        key = override.key_or_group
+        if _has_key(cfg, key):
+            continue
+        near = difflib.get_close_matches(key, _keys(cfg), n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise ConfigError(
+            f"{key}: no such config key; {hint}(a new key is given as +{override.input_line})"
+        )
+
+
+def _group_dirs(config_dir: Path, search: Sequence[str] = ()) -> list[str]:
+    """The config groups: the folders of ``config_dir`` and of the ``search`` folders."""
+    names = set()
+    for folder in (config_dir, *map(Path, search)):
+        if folder.is_dir():
+            names |= {p.name for p in folder.iterdir() if p.is_dir()}
+    return sorted(names)
 
 
 def require_keys(cfg: DictConfig) -> None:
@@ -85,22 +195,30 @@ def compose_config(
     require: bool = True,
     return_hydra_config: bool = False,
     config_dir: Path = CONFIG_DIR,
+    search: Sequence[str] = (),
+    check_keys: bool = True,
 ) -> DictConfig:
     """Compose ``configs/<name>.yaml`` with command-line ``overrides``, as the scripts do.
 
     Raises:
-        ConfigError: an unknown group option, a composition error (its first line), or, with
-            ``require``, a mandatory key left unset.
+        ConfigError: an unknown group option, an unknown key (naming the nearest one), a
+            composition error (its first line), or, with ``require``, a mandatory key left
+            unset.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    check_group_overrides(overrides, config_dir)
+    check_group_overrides(overrides, config_dir, search)
+    composed = list(overrides)
+    if search:
+        composed.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in search) + "]")
     try:
         with initialize_config_dir(str(config_dir), version_base="1.3"):
-            cfg = compose(name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+            cfg = compose(name, overrides=composed, return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as err:
+        if check_keys:  # an unknown key: name the nearest one
+            check_key_overrides(name, overrides, config_dir, search)
         raise ConfigError(str(err).strip().splitlines()[0]) from None
     if require:
         require_keys(cfg)
@@ -149,6 +267,18 @@ def validate_config(cfg: DictConfig) -> None:
     clip = t.get("grad_clip")
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")
+    for key in ("deterministic", "cudnn_benchmark", "channels_last"):
+        if not isinstance(t.get(key, False), bool):
+            raise ConfigError(f"trainer.{key} must be true or false, got {t.get(key)!r}")
+    if t.get("cudnn_benchmark", False) and t.deterministic:
+        raise ConfigError(
+            "trainer.cudnn_benchmark=true contradicts trainer.deterministic=true (autotuning may "
+            "pick other kernels in each run); set one of them to false"
+        )
+    if t.get("compile", False) is not False:
+        from revseg.training.device import compile_backend
+
+        compile_backend(t.compile)
     if t.monitor_mode not in ("max", "min"):
         raise ConfigError(f"trainer.monitor_mode must be max or min, got {t.monitor_mode!r}")
     lr = cfg.optimizer.get("lr")
@@ -193,6 +323,17 @@ def model_name(cfg: DictConfig) -> str:
 def data_name(cfg: DictConfig) -> str:
     """The data config-group option (``synthetic_brats``) when run through Hydra, else its class."""
     return _choice("data") or str(cfg.data._target_).rsplit(".", 1)[-1]
+
+
+def model_option(target: str, config_dir: Path = CONFIG_DIR) -> str | None:
+    """The ``configs/model/<option>.yaml`` whose ``_target_`` is ``target``, if one is."""
+    from omegaconf import OmegaConf
+
+    for option in group_options("model", config_dir):
+        node = OmegaConf.load(config_dir / "model" / f"{option}.yaml")
+        if str(node.get("_target_")) == target:
+            return option
+    return None
 
 
 def _choice(group: str) -> str | None:

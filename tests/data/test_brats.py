@@ -143,6 +143,15 @@ def test_data_module_properties(data):
     assert (data.root / "dataset.json").is_file()
 
 
+def test_memory_is_pinned_only_when_asked(data, monkeypatch):
+    # a CPU run on a machine with a GPU: the trainer asks for page-locked batches only for CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not data.train_dataloader(seed=0).pin_memory
+    assert not data.val_dataloader().pin_memory
+    assert data.train_dataloader(seed=0, pin_memory=True).pin_memory
+    assert data.val_dataloader(pin_memory=True).pin_memory
+
+
 def test_train_batch(data):
     batch = next(iter(data.train_dataloader(seed=0)))
     assert set(batch) == {"image", "label", "case"}

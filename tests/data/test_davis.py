@@ -73,6 +73,14 @@ def test_batches_shapes_dtypes_and_sparse_loss_mask(davis_root):
     torch.testing.assert_close(image.std(dim=(1, 2, 3)), torch.ones(3), atol=1e-4, rtol=0)
 
 
+def test_memory_is_pinned_only_when_asked(davis_root, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    data = module(davis_root)
+    assert not data.train_dataloader(seed=0).pin_memory and not data.val_dataloader().pin_memory
+    assert data.train_dataloader(seed=0, pin_memory=True).pin_memory
+    assert data.val_dataloader(pin_memory=True).pin_memory
+
+
 def test_training_label_holds_only_the_annotated_frames(davis_root):
     data = module(davis_root, annotated_frames=[0, 5])
     train = next(iter(data.train_dataloader()))
@@ -359,6 +367,33 @@ def test_mask_colours_outside_the_palette(davis_root, tmp_path):
         read_mask(tmp_path / "short.png")
 
 
+def test_mask_index_drawn_like_the_background(davis_root, tmp_path):
+    # the palette lists the sequence's objects and is padded to 256 entries with black, as many
+    # tools write it: index 5 is drawn black like the background but would train as object 5
+    root = copy_sequence(davis_root, tmp_path)
+    path = root / "Annotations" / "480p" / "blobs" / "00000.png"
+    mask = read_mask(path)
+    mask[2:4, 2:5] = 5
+    padded = np.zeros((256, 3), dtype=np.uint8)
+    padded[:3] = DAVIS_PALETTE[:3]
+    padded[VOID_INDEX] = DAVIS_PALETTE[VOID_INDEX]
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette(padded.tobytes())
+    image.save(path)
+    with Image.open(path) as check:
+        assert len(check.getpalette()) == 3 * 256
+    with pytest.raises(DataError) as info:
+        module(root).setup()
+    assert str(info.value) == (
+        f"{path}: palette index 5 (6 pixels) is drawn (0, 0, 0) like the background (index 0), "
+        "so it is no object of the sequence; fix the mask or its palette"
+    )
+    # the same mask with the DAVIS palette is object 5
+    image.putpalette(DAVIS_PALETTE.tobytes())
+    image.save(path)
+    assert (read_mask(path) == 5).sum() == 6
+
+
 def test_davis_2016_binary_masks(tmp_path):
     Image.fromarray(np.array([[0, 255], [255, 0]], dtype=np.uint8), mode="L").save(
         tmp_path / "m.png"
@@ -406,3 +441,35 @@ def test_training_on_an_unknown_sequence_exits_with_one_line(davis_root, tmp_pat
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: data.sequence='bear': no such sequence")
     assert lines[0].endswith("available: blobs, voided")
+
+
+def test_check_data_script_on_davis(davis_root, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    args = ["data=davis", "data.sequence=blobs"]
+    assert script.main([*args, f"data.root={davis_root}"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "DAVIS sequence blobs (480p), 12 frames" in out.err
+    assert "no problems" in out.err
+    # a mask of another size and one with an index drawn like the background: a line each
+    root = copy_sequence(davis_root, tmp_path)
+    masks = root / "Annotations" / "480p" / "blobs"
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(masks / "00003.png")
+    bad = Image.fromarray(np.full((*SOURCE_SIZE,), 7, dtype=np.uint8), mode="P")
+    bad.putpalette(bytes(3 * 256))
+    bad.save(masks / "00005.png")
+    assert script.main([*args, f"data.root={root}"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [
+        ["blobs", str(masks / "00003.png")],
+        ["blobs", str(masks / "00005.png")],
+    ]
+    assert "mask size 8x8 differs from its frame's 48x32" in lines[0]
+    assert "palette index 7" in lines[1]
+    assert script.main([*args, f"data.root={root}", "--quick"]) == 1  # sizes: headers only
+    assert len(capsys.readouterr().out.splitlines()) == 1

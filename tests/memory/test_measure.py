@@ -271,3 +271,24 @@ def test_cuda_peak_matches_allocation():
     assert m.method == "cuda_max_memory_allocated"
     assert m.baseline_bytes >= keep.nbytes
     assert m.peak_bytes == m.baseline_bytes + b.nbytes
+
+
+def test_cuda_reports_the_reserved_peak(monkeypatch):
+    # what decides an out-of-memory error is the allocator's reserve, reported beside the peak
+    calls = []
+    fake = {
+        "synchronize": lambda device=None: None,
+        "reset_peak_memory_stats": lambda device=None: calls.append("reset"),
+        "memory_allocated": lambda device=None: 100,
+        "max_memory_allocated": lambda device=None: 300,
+        "max_memory_reserved": lambda device=None: 512,
+    }
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    with PeakMemoryMeter("cuda").measure() as m:
+        pass
+    assert calls == ["reset"]
+    assert (m.baseline_bytes, m.peak_bytes, m.reserved_bytes) == (100, 300, 512)
+    with PeakMemoryMeter("cpu").measure() as m:
+        pass
+    assert m.reserved_bytes is None

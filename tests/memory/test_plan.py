@@ -166,3 +166,19 @@ def test_memory_plan_script():
     assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
     bad = _script("budget_gb=lots")
     assert bad.returncode == 2 and "budget_gb" in bad.stderr
+
+
+def test_planning_leaves_the_random_stream_alone():
+    # the trainer plans on rank 0 only: planning must not change what the run draws next
+    cfg = _cfg()
+    model = build(cfg.model, "model")
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    first = plan_from_config(cfg, model)
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(1)
+    plan_from_config(cfg)  # building the model draws its weights: in the fork too
+    assert torch.equal(torch.rand(4), expected)
+    torch.manual_seed(2)
+    assert plan_from_config(cfg, model).peak_bytes == first.peak_bytes

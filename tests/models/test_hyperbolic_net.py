@@ -216,17 +216,19 @@ def test_peak_memory_does_not_grow_with_depth():
     assert saving[2] < plain[2]
 
 
-def test_states_stay_float32_under_autocast():
+@pytest.mark.parametrize("opening", ["repeat", "conv"])
+def test_states_stay_float32_under_autocast(opening):
     torch.manual_seed(0)
-    saving = HyperbolicNet(layers=[1, 1, 1])
+    saving = HyperbolicNet(layers=[1, 1, 1], opening=opening)
     plain = copy.deepcopy(saving)
     plain.memory_saving = False
     x = torch.randn(1, 3, 8, 8, 8)
     grads = []
     for model in (saving, plain):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            state = model.stack(model.open(x))
-        assert state.dtype == torch.float32
+            first = model.open(x)
+            state = model.stack(first)
+        assert first.dtype == state.dtype == torch.float32
         model.head(state).float().square().mean().backward()
         grads.append([p.grad for p in model.parameters()])
     # bf16 layer outputs: recomputation from reconstructed states agrees to bf16 precision

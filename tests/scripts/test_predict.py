@@ -198,3 +198,16 @@ def test_bad_input_is_one_line(run_dir, tmp_path):
         predict.main([f"run={run_dir}", f"input={tmp_path / 'none'}", f"output={tmp_path}"])
     with pytest.raises(ConfigError, match="^output is required"):
         predict.main([f"run={run_dir}", f"input={tmp_path}"])
+
+
+def test_case_missing_a_modality_names_the_file(roots, run_dir, tmp_path):
+    case = tmp_path / "BraTS2021_00000"
+    shutil.copytree(roots["brats2021"] / case.name, case)
+    missing = case / f"{case.name}_t2.nii.gz"
+    missing.unlink()
+    proc = _cli("predict.py", f"run={run_dir}", f"input={case}", f"output={tmp_path / 'p.nii.gz'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: input: case {case.name} has no t2 image: {missing} not found"
+    ]
+    assert not (tmp_path / "p.nii.gz").exists()

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from revseg.models.prev_unet import PartiallyReversibleUNet
+from revseg.training.checkpoint import load_checkpoint
 from revseg.training.losses import RegionDiceLoss
 
 from conftest import REPO, TINY, TINY_VIDEO
@@ -87,7 +88,9 @@ def test_torchrun_trains_end_to_end(tmp_path, tiny_data_root):
     assert summary["world_size"] == 2 and summary["epochs_completed"] == 1
     assert summary["global_step"] == 2  # 3 training cases over 2 ranks: 2 steps each
     assert 0.0 <= summary["final_metrics"]["val/dice_mean"] <= 1.0
-    assert (run / "checkpoints" / "last.pt").is_file()
+    assert (run / "checkpoints" / "best.pt").is_file()
+    # each rank's random streams, for a resume on as many processes
+    assert len(load_checkpoint(run / "checkpoints" / "last.pt")["rng_ranks"]) == 2
 
 
 def test_ddp_without_torchrun_is_one_line(tmp_path):
@@ -127,3 +130,27 @@ def test_torchrun_hyperbolic_ranks_grow_together(tmp_path):
     assert len(grown) == 2
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 3 and summary["ranks"]["current"] == [6, 8, 6]
+
+
+def test_sharded_loader_augments_anew_per_epoch_and_rank():
+    # identical items: what differs between the streams is the random augmentation only
+    import numpy as np
+    from monai.data import DataLoader, Dataset
+    from monai.transforms import RandGaussianNoised
+
+    from revseg.training.distributed import DistInfo, shard_loader
+
+    dataset = Dataset([{"x": np.zeros((1, 4), np.float32)}] * 4, RandGaussianNoised("x", prob=1.0))
+
+    def stream(epoch: int, rank: int) -> torch.Tensor:
+        # as the data modules build it: seeded by seed + epoch, one worker process
+        generator = torch.Generator().manual_seed(7 + epoch)
+        loader = DataLoader(dataset, batch_size=1, shuffle=True, num_workers=1, generator=generator)
+        sharded = shard_loader(loader, DistInfo(rank, 2), seed=7, epoch=epoch, shuffle=True)
+        assert type(sharded) is DataLoader
+        return torch.cat([batch["x"] for batch in sharded])
+
+    first = stream(0, 0)
+    assert not torch.allclose(first, stream(1, 0)), "the same augmentation every epoch"
+    assert not torch.allclose(first, stream(0, 1)), "the same augmentation on every rank"
+    assert torch.equal(first, stream(0, 0)), "an epoch resumed draws another stream"

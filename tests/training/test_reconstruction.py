@@ -421,3 +421,25 @@ def test_training_with_the_monitor_ends_with_the_same_weights(tmp_path, tiny_dat
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert plain["final_metrics"] == watched["final_metrics"]
+
+
+def analysis_peak(depth: int) -> int:
+    """Peak tensor bytes of a monitor's check of a ``depth``-block sequence, less the model."""
+    from revseg.memory import PeakMemoryMeter
+
+    torch.manual_seed(0)
+    model = coupling_model(depth, channels=4)
+    x = torch.randn(1, 4, 16, 16, 16)
+    params = list(model.parameters())
+    with PeakMemoryMeter("cpu").measure(static=[params, x]) as m:
+        analyze_reconstruction(model, x, alpha=False)
+    return m.peak_bytes - sum(p.nbytes for p in params)
+
+
+def test_analysis_holds_about_sqrt_depth_states():
+    # the monitor used to keep every block's true input (copied to host memory on a GPU): at
+    # the full field of view, GBs per check. Now about 2 sqrt(N) states are held at once.
+    state = 4 * 16**3 * 4
+    peaks = {depth: analysis_peak(depth) for depth in (4, 36)}
+    assert peaks[36] < 20 * state, {d: p / state for d, p in peaks.items()}
+    assert peaks[36] < 3 * peaks[4]

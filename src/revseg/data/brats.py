@@ -454,6 +454,14 @@ class BratsData:
             workers=self.num_workers,
         )
 
+    def describe(self) -> str:
+        """One line for reports: the layout, the label convention and the number of cases."""
+        found = self.discovery
+        return (
+            f"layout {found.layout.name}, label convention {self.convention.describe()}, "
+            f"{len(found.cases)} cases"
+        )
+
     def _handle_problems(self, problems: list[Problem]) -> set[str]:
         """Stop on ``problems`` (one line each) or, with ``skip_bad_cases``, record and skip them.
 
@@ -659,12 +667,13 @@ class BratsData:
                 val_ds, _ = self._prepare(self._split[1], train=False)
         self._train_ds, self._val_ds = train_ds, val_ds
 
-    def train_dataloader(self, seed: int | None = None) -> DataLoader:
+    def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
         """Shuffled training batches ``{"image": (B, 4, *input_shape), "label": (B, 3, ...), "case"}``.
 
         Args:
             seed: seeds the shuffling and the random transforms (patches, flips) for a
                 reproducible epoch order; None uses torch's global RNG.
+            pin_memory: batches in page-locked memory (for faster copies to a GPU that trains).
         """
         self.setup()
         generator = None
@@ -677,11 +686,11 @@ class BratsData:
             shuffle=True,
             num_workers=self.num_workers,
             generator=generator,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, pin_memory: bool = False) -> DataLoader:
         """Validation batches of one whole crop: ``(1, 4, *crop_size)``, in case order."""
         self.setup()
         return _Loader(
@@ -689,7 +698,7 @@ class BratsData:
             batch_size=1,
             shuffle=False,
             num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=pin_memory,
         )
 
     def __repr__(self) -> str:

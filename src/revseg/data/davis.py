@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from revseg.data.checks import Problem
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
 from revseg.training.video_metrics import VOID, VideoMetrics, overlay_frame
@@ -160,8 +161,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     the object, returned as 1) or indices, and RGB(A) PNGs in the DAVIS colours.
 
     Raises:
-        DataError: unreadable file, an index outside the file's palette, a colour not in the
-            DAVIS palette, or an unsupported image mode (the message names the file).
+        DataError: unreadable file, an index outside the file's palette or drawn in the
+            background's colour, a colour not in the DAVIS palette, or an unsupported image
+            mode (the message names the file).
     """
     path = Path(path)
     try:
@@ -173,12 +175,23 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the mask ({err})") from None
     if mode == "P":
-        colours = len(palette or []) // 3
-        top = int(array.max(initial=0))
-        if top >= colours:
+        colours = np.asarray(palette or [], dtype=np.uint8).reshape(-1, 3)
+        present = np.unique(array)
+        top = int(present[-1]) if present.size else 0
+        if top >= len(colours):
             raise DataError(
-                f"{path}: palette index {top} is outside the file's {colours}-colour palette"
+                f"{path}: palette index {top} is outside the file's {len(colours)}-colour palette"
             )
+        # a palette padded to 256 entries (PIL reports 256 for most files) draws the indices
+        # past the objects' colours black: such a pixel looks like background, not an object
+        for index in present.tolist():
+            if index not in (0, VOID_INDEX) and (colours[index] == colours[0]).all():
+                count = int((array == index).sum())
+                raise DataError(
+                    f"{path}: palette index {index} ({count} pixels) is drawn "
+                    f"{tuple(int(c) for c in colours[0])} like the background (index 0), so it "
+                    f"is no object of the sequence; fix the mask or its palette"
+                )
         return array.astype(np.uint8)
     if mode == "1":
         return array.astype(np.uint8)
@@ -626,22 +639,27 @@ class DavisData:
             present,
         )
 
-    def train_dataloader(self, seed: int | None = None) -> DataLoader:
+    def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
         """``steps_per_epoch`` batches of the video with the sparse ``loss_mask``.
 
         Args:
             seed: seeds the random flips and shifts; None uses torch's global RNG.
+            pin_memory: batches in page-locked memory (for faster copies to a GPU that trains).
         """
         self.setup()
         dataset = _VideoDataset(
             self._train_sample, self.steps_per_epoch, self.flip_prob, seed, self.roll
         )
-        return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+        return DataLoader(
+            dataset, batch_size=1, shuffle=False, num_workers=0, pin_memory=pin_memory
+        )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self, pin_memory: bool = False) -> DataLoader:
         """One batch: the video with the labels of every frame (void = ``VOID``)."""
         self.setup()
-        return DataLoader(_VideoDataset(self._val_sample, 1), batch_size=1, shuffle=False)
+        return DataLoader(
+            _VideoDataset(self._val_sample, 1), batch_size=1, shuffle=False, pin_memory=pin_memory
+        )
 
     # -- metrics, images, outputs ------------------------------------------------------------
 
@@ -698,6 +716,56 @@ class DavisData:
             size=self.source_size,
             names=[self.source_frames[t].stem for t in keep],
         )
+
+    # -- checks (scripts/check_data.py) -----------------------------------------------------------
+
+    def check_data(self, full: bool = True) -> list[Problem]:
+        """Check the sequence's files: every frame and mask opens, sizes agree; with ``full``
+        also every mask's indices and colours (:func:`read_mask`) and every frame's pixels.
+
+        Returns:
+            The problems, one per file (``<sequence>: <file>: <message>``).
+
+        Raises:
+            DataError: the dataset or the sequence is missing or its frames and masks do not
+                pair up (one line naming the folder or file).
+        """
+        self._generate_if_needed()
+        frame_files, mask_files = list_frames(self.root, self.sequence, self.resolution)
+        problems: list[Problem] = []
+
+        def problem(path: Path, message: str) -> None:
+            problems.append(Problem(self.sequence, str(path), message.removeprefix(f"{path}: ")))
+
+        size = None
+        for frame, mask in zip(frame_files, mask_files):
+            try:
+                with Image.open(frame) as image:
+                    frame_size = image.size
+                    if full:
+                        image.convert("RGB").load()
+                if size is None:
+                    size = frame_size
+                elif frame_size != size:
+                    problem(frame, f"frame size {frame_size[0]}x{frame_size[1]} differs from the "
+                            f"sequence's {size[0]}x{size[1]}")  # fmt: skip
+                with Image.open(mask) as image:
+                    mask_size = image.size
+                if mask_size != frame_size:
+                    problem(mask, f"mask size {mask_size[0]}x{mask_size[1]} differs from its "
+                            f"frame's {frame_size[0]}x{frame_size[1]}")  # fmt: skip
+                elif full:
+                    read_mask(mask)
+            except DataError as error:
+                problem(mask, str(error))
+            except (OSError, ValueError) as error:
+                problem(frame, f"cannot read ({error})")
+        return problems
+
+    def describe(self) -> str:
+        """One line for reports: the sequence and its number of frames."""
+        frames, _ = list_frames(self.root, self.sequence, self.resolution)
+        return f"DAVIS sequence {self.sequence} ({self.resolution}), {len(frames)} frames"
 
     def __repr__(self) -> str:
         return (

@@ -264,11 +264,16 @@ def predict(
     Returns:
         One record per case: ``{"case", "output", "seconds", "shape"}``.
     """
-    from revseg.training.trainer import resolve_device
+    from revseg.training.device import resolve_device
 
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, "predict.device")
     found, single = resolve_input(input, layout)
     selected = found.cases if single else _select(found, Path(run), cases)
+    for case in selected:  # every image must be there (a missing segmentation is fine)
+        absent = [(what, path) for what, path in case.missing if what != "seg"]
+        if absent:
+            what, path = absent[0]
+            raise DataError(f"input: case {case.case} has no {what} image: {path} not found")
     paths = output_paths(selected, output, single)
     model, cfg = load_run(run, checkpoint, torch_device)
     data = cfg.get("data") or {}

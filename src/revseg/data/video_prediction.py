@@ -54,7 +54,7 @@ def predict_video(
     """
     from revseg.data.davis import DavisData
     from revseg.data.prediction import load_run
-    from revseg.training.trainer import resolve_device
+    from revseg.training.device import resolve_device
 
     if (
         isinstance(threshold, bool)

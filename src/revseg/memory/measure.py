@@ -143,6 +143,10 @@ class MemoryMeasurement:
         baseline_bytes: tensor bytes live at entry (CUDA: allocated; CPU: the ``static`` storages).
         end_bytes: tensor bytes still live at exit (on CPU: baseline plus what the block kept).
         rss_peak_bytes: peak resident set size of the whole process (Linux), else ``None``.
+        reserved_bytes: CUDA only (else ``None``): ``torch.cuda.max_memory_reserved``, the peak
+            of what the caching allocator held from the driver during the block. This, not the
+            allocated peak, decides an out-of-memory error; the CUDA context (a few hundred MiB
+            per process, outside PyTorch's allocator) comes on top of it.
     """
 
     method: str
@@ -150,6 +154,7 @@ class MemoryMeasurement:
     baseline_bytes: int = 0
     end_bytes: int = 0
     rss_peak_bytes: int | None = None
+    reserved_bytes: int | None = None
 
 
 class _TrackedRef(weakref.ref):
@@ -288,6 +293,7 @@ class PeakMemoryMeter:
                 yield result
                 torch.cuda.synchronize(self.device)
                 result.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+                result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
                 result.end_bytes = torch.cuda.memory_allocated(self.device)
             else:
                 tracker = _StorageTracker(self.device.type)

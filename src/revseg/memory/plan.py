@@ -532,10 +532,14 @@ def trace_model(
 
 
 def _trace_step_copy(model, optimizer_factory, loss_fn, shape, planned_voxels) -> _Trace:
-    clone = copy.deepcopy(model).cpu().train()
-    optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
+    """Trace a CPU copy of ``model``. The random input, labels and any random op of the model
+    draw from a fixed seed inside a fork of the CPU generator: the caller's random stream is
+    the same with or without planning, and so is the plan from one run to the next."""
     scale = 1.0 if planned_voxels is None else planned_voxels / math.prod(shape[2:])
-    with fused_step.auto_chunks_as_if_scaled(scale):
+    with torch.random.fork_rng(devices=[]), fused_step.auto_chunks_as_if_scaled(scale):
+        torch.manual_seed(0)
+        clone = copy.deepcopy(model).cpu().train()
+        optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
         return _trace_step(clone, optimizer, loss_fn, shape)
 
 
@@ -661,7 +665,8 @@ def plan_from_config(
     """
     if spatial is None:
         spatial = input_shape_from_config(cfg)[1]
-    step_model = step_model_from_config(cfg, model, spatial)
+    with torch.random.fork_rng(devices=[]):  # building a model draws its initial weights
+        step_model = step_model_from_config(cfg, model, spatial)
     plan = step_model.checked_plan(spatial)
     if writer is not None:
         writer.add_text("memory/plan", plan.table(), 0)

@@ -44,7 +44,7 @@ from torch import nn
 
 from revseg.nn.haar import haar3d, inverse_haar3d
 from revseg.nn.low_rank import SymmetricBlockLowRankConv3d
-from revseg.nn.reversible import _AutocastState
+from revseg.nn.reversible import _AutocastState, _float32_states
 
 __all__ = [
     "HyperbolicNet",
@@ -334,7 +334,9 @@ class HyperbolicNet(nn.Module):
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         if self.opening is not None:
-            return self.opening(x)
+            # under autocast the convolution gives half precision; the states stay float32, as
+            # everywhere in revseg's reversible parts, so the leapfrog reverse is float32-exact
+            return _float32_states(self.opening(x))
         return x.repeat(1, self.stack.channels // self.in_channels, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,17 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from revseg.errors import DataError
+from revseg.errors import ConfigError, DataError
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state", "write_text_atomic"]
+__all__ = [
+    "check_writable",
+    "save_atomic",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "restore_rng",
+    "write_text_atomic",
+]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -62,6 +70,25 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     return path
 
 
+def check_writable(folder: str | os.PathLike, key: str) -> Path:
+    """Create ``folder`` if needed and write (then remove) a temporary file in it, so that an
+    unwritable run or checkpoint directory fails before training, not at the first save.
+
+    Raises:
+        ConfigError: naming ``key``, the folder and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"{key}: cannot write to {folder} ({reason})") from None
+    return folder
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
     return _write_atomic(path, lambda f: torch.save(obj, f))
@@ -90,38 +117,86 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA) RNG states in ``weights_only``-loadable types."""
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def _byte_tensor(value: bytes | torch.Tensor) -> torch.Tensor:
+    """A CPU uint8 tensor from saved bytes (or from a tensor of an older checkpoint)."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    return torch.frombuffer(bytearray(value), dtype=torch.uint8)
+
+
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (for a CUDA ``device``) that GPU's RNG states.
+
+    States are stored as ``bytes``, not tensors, so that ``map_location`` (which moves tensors to
+    a GPU, or to ``meta``) cannot change them. Only the training device's CUDA state is saved:
+    a run resumed on another GPU, or on a machine with fewer GPUs, restores it on its own device.
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - global state
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": {
             "kind": kind,
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "keys": np.asarray(keys, dtype=np.uint32).tobytes(),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached),
         },
-        "torch": torch.get_rng_state(),
+        "torch": _bytes(torch.get_rng_state()),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        state["cuda"] = _bytes(torch.cuda.get_rng_state(device))
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore what :func:`rng_state` returned; the CUDA state goes to ``device`` (if CUDA).
+
+    Checkpoints of earlier versions (tensors, and a list with every GPU's CUDA state) are read
+    too: of such a list, the entry of ``device``'s index is restored when there is one.
+    """
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     n = state["numpy"]
+    keys = n["keys"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.cpu().numpy().astype(np.uint32)
+    else:
+        keys = np.frombuffer(keys, dtype=np.uint32).copy()
     np.random.set_state(  # noqa: NPY002 - the global state libraries draw from
-        (
-            n["kind"],
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
+        (n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
+    device = torch.device(device) if device is not None else None
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # every GPU's state (earlier versions)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(_byte_tensor(cuda), device)
+
+
+def restore_rng(
+    ckpt: dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+) -> bool:
+    """Restore this rank's RNG states from a checkpoint's ``rng`` (rank 0) and ``rng_ranks``.
+
+    Returns:
+        ``True`` when the checkpoint held this rank's own states; ``False`` when it was saved
+        by another number of processes and rank 0's states were restored instead.
+    """
+    ranks = ckpt.get("rng_ranks")
+    if world_size > 1 and ranks and len(ranks) == world_size:
+        set_rng_state(ranks[rank], device)
+        return True
+    set_rng_state(ckpt["rng"], device)
+    return world_size == 1 and not ranks

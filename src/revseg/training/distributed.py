@@ -18,7 +18,14 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from revseg.errors import ConfigError
 
-__all__ = ["DistInfo", "init_distributed", "shard_loader", "all_ranks_agree"]
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "shard_loader",
+    "all_ranks_agree",
+    "broadcast_object",
+    "gather_objects",
+]
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,14 @@ def shard_loader(
     loader: DataLoader, info: DistInfo, seed: int, epoch: int, shuffle: bool
 ) -> DataLoader:
     """The same loader over this rank's shard: a ``DistributedSampler`` reshuffled per epoch
-    (it repeats a few samples so that every rank takes as many steps)."""
+    (it repeats a few samples so that every rank takes as many steps).
+
+    The loader keeps its class (MONAI's ``DataLoader`` seeds the random transforms of each
+    worker through ``worker_init_fn``, and of the main process from the generator), its worker
+    settings, and a generator seeded from the data module's (``seed + epoch``) and the rank: the
+    random augmentation differs between epochs and between ranks, and a resumed epoch draws the
+    same stream again.
+    """
     sampler = DistributedSampler(
         loader.dataset,
         num_replicas=info.world_size,
@@ -80,7 +94,17 @@ def shard_loader(
         drop_last=False,
     )
     sampler.set_epoch(epoch)
-    return DataLoader(
+    base = loader.generator.initial_seed() if loader.generator is not None else seed + epoch
+    generator = torch.Generator().manual_seed(base * info.world_size + info.rank)
+    workers: dict[str, Any] = {}
+    if loader.num_workers > 0:
+        workers = {
+            "persistent_workers": loader.persistent_workers,
+            "prefetch_factor": loader.prefetch_factor,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "timeout": loader.timeout,
+        }
+    return type(loader)(
         loader.dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
@@ -88,6 +112,9 @@ def shard_loader(
         collate_fn=loader.collate_fn,
         pin_memory=loader.pin_memory,
         drop_last=loader.drop_last,
+        worker_init_fn=loader.worker_init_fn,
+        generator=generator,
+        **workers,
     )
 
 
@@ -107,6 +134,15 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:

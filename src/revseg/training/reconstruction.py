@@ -337,22 +337,51 @@ class _Noise:
         return total / self.trials
 
 
-def _chain_walk(chain: nn.Module, x_true: torch.Tensor, x_used: torch.Tensor, store) -> Iterator:
+class _ForwardStates:
+    """The input of every step of a chain, served last first, without holding them all.
+
+    The forward keeps every ``stride``-th state (``stride = ceil(sqrt(N))`` for ``N`` steps);
+    the states between two kept ones are recomputed, a segment at a time, when the reverse walk
+    reaches them. About ``2 sqrt(N)`` states are held at once instead of ``N``, on the chain's
+    own device (nothing is copied to host memory), for one extra forward of each step. Index
+    ``N`` is the chain's output.
+    """
+
+    def __init__(self, steps: list[_Step], x0: State) -> None:
+        self.steps = steps
+        self.n = len(steps)
+        self.stride = max(1, math.isqrt(max(self.n - 1, 0)) + 1)
+        self.kept: dict[int, State] = {0: x0}
+        self.segment: dict[int, State] = {}
+        state = x0
+        for k, step in enumerate(steps, start=1):
+            state = step.forward(state)
+            if k % self.stride == 0 or k == self.n:
+                self.kept[k] = state
+
+    def __getitem__(self, k: int) -> State:
+        if k in self.kept:
+            return self.kept[k]
+        if k not in self.segment:
+            start = k - k % self.stride
+            self.segment = {}  # the previous segment is no longer needed
+            state = self.kept[start]
+            for j in range(start + 1, min(start + self.stride, self.n)):
+                state = self.steps[j - 1].forward(state)
+                self.segment[j] = state
+        return self.segment[k]
+
+
+def _chain_walk(chain: nn.Module, x_true: torch.Tensor, x_used: torch.Tensor) -> Iterator:
     """``(index, step, true input, rebuilt input)`` of each layer of a layer-wise chain inside a
     coupling, last layer first, as its backward rebuilds them: the output recomputed from the
     rebuilt chain input ``x_used``, then the layers' inverses (layer 0 receives ``x_used``)."""
     steps = [_module_step(f"layers.{i}", layer) for i, layer in enumerate(chain.layers)]
-    true = [(x_true.to(store),)]
-    for step in steps[:-1]:
-        true.append(tuple(t.to(store) for t in step.forward(_to(true[-1], x_true.device))))
+    true = _ForwardStates(steps[:-1], (x_true,))
     y = (chain(x_used),)
     for index in range(len(steps) - 1, -1, -1):
         y = (x_used,) if index == 0 else steps[index].inverse(y)
-        yield index, steps[index], _to(true[index], x_true.device), y
-
-
-def _to(state: State, device: torch.device) -> State:
-    return tuple(t.to(device) for t in state)
+        yield index, steps[index], true[index], y
 
 
 def _record(part: str, step: _Step, name: str, level: str, x: State, x_hat: State, noise):
@@ -374,23 +403,19 @@ def _analyze_part(part: str, module: nn.Module, x0: State, noise: _Noise | None)
     low = x0[0].dtype in (torch.float16, torch.bfloat16)
     if low and torch.is_autocast_enabled(device.type) and not isinstance(module, LeapfrogStack):
         x0 = (x0[0].float(),)  # sequences keep their states in float32 under autocast
-    store = torch.device("cpu") if device.type == "cuda" else device  # true states off the GPU
-    true, state = [_to(x0, store)], x0
-    for step in steps:
-        state = step.forward(state)
-        true.append(_to(state, store))
+    true = _ForwardStates(steps, x0)
     keyed: list[tuple[tuple[int, int, int], LayerRecord]] = []
-    out = state  # the backward starts from the part's output
+    out = true[len(steps)]  # the backward starts from the part's output
     for k in range(len(steps) - 1, -1, -1):
         step = steps[k]
         rebuilt = step.inverse(out)
-        record = _record(part, step, step.name, "block", _to(true[k], device), rebuilt, noise)
+        record = _record(part, step, step.name, "block", true[k], rebuilt, noise)
         keyed.append(((k, 0, 0), record))
         for c, (key, chain) in enumerate(step.chains, start=1):
             # F acts on x2 (second half of the block input), G on y1 (first half of its output)
             src, used, half = (true[k], rebuilt, 1) if key == "f" else (true[k + 1], out, 0)
-            x_true = step.split(src[0].to(device))[half]
-            walk = _chain_walk(chain, x_true, step.split(used[0])[half], store)
+            x_true = step.split(src[0])[half]
+            walk = _chain_walk(chain, x_true, step.split(used[0])[half])
             for i, sub, x, x_hat in walk:
                 name = f"{step.name}.{key}.{sub.name}"
                 keyed.append(((k, c, i), _record(part, sub, name, "layer", x, x_hat, noise)))

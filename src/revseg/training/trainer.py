@@ -25,21 +25,30 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import revseg
-from revseg.config import build, data_name, model_name, validate_config
+from revseg.config import build, data_name, model_name, model_option, validate_config
 from revseg.errors import ConfigError, TrainingError
-from revseg.memory.measure import PeakMemoryMeter, format_bytes
+from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
+    check_writable,
     load_checkpoint,
+    restore_rng,
     rng_state,
     save_atomic,
-    set_rng_state,
     write_text_atomic,
+)
+from revseg.training.device import (
+    CHANNELS_LAST,
+    compile_backend,
+    resolve_device,
+    set_cudnn_benchmark,
+    set_deterministic,
 )
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
     broadcast_object,
+    gather_objects,
     init_distributed,
     max_over_ranks,
     mean_over_ranks,
@@ -51,18 +60,6 @@ from revseg.training.visualize import slice_panel
 __all__ = ["Trainer", "train", "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present; ``cuda`` without a GPU is a config error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available (use auto or cpu)")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ConfigError(f"trainer.device={name!r}: expected auto, cpu or cuda[:N]") from err
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -111,7 +108,8 @@ class Trainer:
     Args:
         cfg: the composed ``train`` config (resolved); stored in every checkpoint.
         model: the network, ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)`` logits.
-        data: a data module with ``train_dataloader(seed)``, ``val_dataloader()``, ``input_shape``.
+        data: a data module with ``train_dataloader(seed, pin_memory)``,
+            ``val_dataloader(pin_memory)``, ``input_shape``.
         loss_fn: ``loss_fn(logits, target) -> scalar``.
         optimizer: the optimizer over ``model.parameters()``.
         scheduler: an epoch-wise LR scheduler or ``None``.
@@ -140,6 +138,10 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.module = model  # the network itself (state dicts, parameters)
         self.device = device
+        self.pin_memory = device.type == "cuda"  # page-locked batches only for a GPU that trains
+        self.channels_last = bool(cfg.trainer.get("channels_last", False))
+        if self.channels_last:
+            model.to(memory_format=CHANNELS_LAST)
         self.model = self._wrap(model)  # what is called in training: DDP when distributed
         self.data = data
         self.loss_fn = loss_fn
@@ -161,10 +163,14 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.global_step = 0
         self.should_stop = False
+        self.trained = False  # whether fit() trained (False: the run was already finished)
         self.best: dict[str, Any] = {"name": self.tcfg.monitor, "value": None, "epoch": None}
         self.final_metrics: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
-        self.peak_memory_bytes = 0
+        self.peak_memory_bytes = 0  # of the training steps, over the run (contract 4)
+        # peaks over the run of what runs outside the steps, and of CUDA's reserved memory
+        self.other_peaks: dict[str, int] = {}
+        self.epoch_peaks: dict[str, int] = {}  # the same, and "train", in the current epoch
         self.rss_peak_bytes: int | None = None
         self.step_times: list[float] = []
         self.batch_in_epoch = 0  # batches of the current epoch already trained on
@@ -175,24 +181,30 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resume restores. ``rng_ranks``: every rank's RNG states (DDP), saved so
+        that each rank resumes its own random streams."""
         return {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch,
             "global_step": self.global_step,
+            "should_stop": self.should_stop,
             "best": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "history": list(self.history),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "other_peaks": dict(self.other_peaks),
+            "rss_peak_bytes": self.rss_peak_bytes,
             "step_times": list(self.step_times),
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_losses": list(self.epoch_losses),
             "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
-            "rng": rng_state(),
+            "rng": rng_state(self.device),
+            "rng_ranks": rng_ranks,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             "revseg_version": revseg.__version__,
         }
@@ -208,10 +220,13 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         self.epoch = int(state["epoch"])
         self.global_step = int(state["global_step"])
+        self.should_stop = bool(state.get("should_stop", False))
         self.best = dict(state["best"])
         self.final_metrics = dict(state["final_metrics"])
         self.history = list(state["history"])
         self.peak_memory_bytes = int(state["peak_memory_bytes"])
+        self.other_peaks = {k: int(v) for k, v in (state.get("other_peaks") or {}).items()}
+        self.rss_peak_bytes = state.get("rss_peak_bytes")
         self.step_times = [float(t) for t in state["step_times"]]
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.epoch_losses = [float(v) for v in state["epoch_losses"]]
@@ -221,21 +236,45 @@ class Trainer:
         for name, cb in self.callbacks.items():
             if name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][name])
-        set_rng_state(state["rng"])
+        own = restore_rng(state, self.dist.rank, self.dist.world_size, self.device)
+        if not own and self.dist.is_main:
+            rngs = state.get("rng_ranks")
+            log.warning(
+                "the checkpoint holds the RNG states of %d process(es), not %d: every rank "
+                "restores rank 0's, so the random streams differ from an uninterrupted run",
+                len(rngs) if rngs else 1,
+                self.dist.world_size,
+            )
 
     def save_checkpoint(self, name: str) -> Path:
         path = self.ckpt_dir / name
-        if self.dist.is_main:  # one writer; every rank reads the same file on resume
-            save_atomic(self.state_dict(), path)
+        # every rank's RNG states (a collective: every rank calls this); one writer, and every
+        # rank reads the same file on resume
+        rngs = gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
+        if self.dist.is_main:
+            save_atomic(self.state_dict(rngs), path)
         return path
 
-    def resume(self, resume: bool | str) -> None:
-        """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file."""
-        path = self.ckpt_dir / "last.pt" if resume is True else Path(str(resume))
-        if not path.is_file():
-            raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
-        state = load_checkpoint(path, map_location=self.device)
-        self.load_state_dict(state)
+    def resume(self, resume: bool | str, checkpoint: tuple[Path, dict] | None = None) -> None:
+        """Continue from ``<run>/checkpoints/last.pt`` (``True``) or from a given file.
+
+        Args:
+            resume: ``trainer.resume``.
+            checkpoint: ``(path, state)`` already read by :func:`read_resume_checkpoint`.
+
+        Raises:
+            ConfigError: no checkpoint there, or one whose weights do not fit the model (the
+                message names the checkpoint and its model).
+        """
+        path, state = checkpoint or read_resume_checkpoint(resume, self.ckpt_dir, self.cfg)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"trainer.resume: {path} does not fit this {_current_model(self.cfg)} model "
+                f"({_saved_model(state)[0]} with {_config_differences(state, self.cfg)}): {first}"
+            ) from None
         log.info("resumed from %s after epoch %d (step %d)", path, self.epoch, self.global_step)
 
     # ---------------------------------------------------------------- steps
@@ -254,14 +293,26 @@ class Trainer:
         return self.loss_fn(logits, label, mask=mask)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        """``model`` in DistributedDataParallel when distributed, else ``model`` itself."""
-        if not self.dist.enabled:
-            return model
-        return DistributedDataParallel(
-            model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
-        )
+        """What training calls: ``model``, in DistributedDataParallel when distributed, then
+        compiled with ``trainer.compile`` (the reversible sequences' autograd Functions run
+        eagerly between the compiled graphs, so memory saving is kept)."""
+        if self.dist.enabled:
+            model = DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+            )
+        backend = compile_backend(self.tcfg.get("compile", False))
+        if backend is not None:
+            model = torch.compile(model, backend=backend)
+        return model
+
+    def _to_device(self, t: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        """A batch tensor on the training device, channels-last for 5D tensors when
+        ``trainer.channels_last``."""
+        if self.channels_last and t.ndim == 5:
+            return t.to(self.device, non_blocking=non_blocking, memory_format=CHANNELS_LAST)
+        return t.to(self.device, non_blocking=non_blocking)
 
     def sync_optimizer_params(self) -> None:
         """Make the optimizer's parameters ``list(model.parameters())``, keeping existing state.
@@ -279,6 +330,24 @@ class Trainer:
         # DDP's buckets are built for a fixed set of parameters
         self.model = self._wrap(self.module)
 
+    @contextlib.contextmanager
+    def _compile_errors(self) -> Any:
+        """A torch.compile failure (``trainer.compile``) as one line naming the model."""
+        if compile_backend(self.tcfg.get("compile", False)) is None:
+            yield
+            return
+        from torch._dynamo.exc import TorchDynamoException
+
+        try:
+            yield
+        except TorchDynamoException as err:
+            first = next((line for line in str(err).splitlines() if line.strip()), "")
+            raise TrainingError(
+                f"trainer.compile={_text(self.tcfg.compile)}: torch.compile failed on the "
+                f"{_current_model(self.cfg)} model ({type(err).__name__}: {first.strip()}); "
+                "train without it (trainer.compile=false)"
+            ) from None
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast_context(self.device, self.precision)
 
@@ -294,6 +363,30 @@ class Trainer:
         kept = f"; the last good checkpoint is {last}" if last.exists() else ""
         raise TrainingError(f"non-finite {what} ({value}) at {where}{case}{kept}")
 
+    def _account(self, phase: str, m: MemoryMeasurement) -> None:
+        """Add a measurement of ``phase`` (train, val or callbacks) to the epoch's and the run's
+        peaks; on CUDA also to the reserved peak."""
+        peaks = {phase: m.peak_bytes}
+        if m.reserved_bytes is not None:
+            peaks["reserved"] = m.reserved_bytes
+        for key, value in peaks.items():
+            self.epoch_peaks[key] = max(self.epoch_peaks.get(key, 0), value)
+            if key == "train":
+                self.peak_memory_bytes = max(self.peak_memory_bytes, value)
+            else:
+                self.other_peaks[key] = max(self.other_peaks.get(key, 0), value)
+        if m.rss_peak_bytes is not None:
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
+
+    def _callbacks(self, hook: str, *args: Any) -> None:
+        """Run every callback's ``hook`` under the memory meter (phase ``callbacks``)."""
+        if not self.callbacks:
+            return
+        with self.meter.measure(static=self._static_tensors()) as m:
+            for cb in self.callbacks.values():
+                getattr(cb, hook)(self, *args)
+        self._account("callbacks", m)
+
     def training_step(
         self,
         image: torch.Tensor,
@@ -306,13 +399,14 @@ class Trainer:
         static = self._static_tensors(image, label, *([] if mask is None else [mask]))
         with self.meter.measure(static=static) as m:
             start = time.perf_counter()
-            with self._autocast():
+            with self._autocast(), self._compile_errors():
                 loss = self.compute_loss(self.model(image), label, mask)
             value = float(loss.detach())
             if not all_ranks_agree(math.isfinite(value), self.dist, self.device):
                 self._non_finite("loss", value, cases or [])
                 return None
-            self.scaler.scale(loss).backward()
+            with self._compile_errors():
+                self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             if self.tcfg.grad_clip:
                 norm = float(
@@ -332,9 +426,7 @@ class Trainer:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
         self.last_measurement = m
-        self.peak_memory_bytes = max(self.peak_memory_bytes, m.peak_bytes)
-        if m.rss_peak_bytes is not None:
-            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, m.rss_peak_bytes)
+        self._account("train", m)
         self.step_times.append(seconds)
         self.global_step += 1
         if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
@@ -351,7 +443,9 @@ class Trainer:
         ``batch_in_epoch`` batches of the same loader reproduces the uninterrupted run.
         """
         self.model.train()
-        loader = self.data.train_dataloader(seed=int(self.cfg.seed) + self.epoch)
+        loader = self.data.train_dataloader(
+            seed=int(self.cfg.seed) + self.epoch, pin_memory=self.pin_memory
+        )
         if self.dist.enabled:
             loader = shard_loader(loader, self.dist, int(self.cfg.seed), self.epoch, shuffle=True)
         limit = self.tcfg.limit_train_batches
@@ -370,16 +464,15 @@ class Trainer:
                 break
             if index < self.batch_in_epoch:
                 continue  # trained before the interruption
-            image = batch["image"].to(self.device, non_blocking=True)
-            label = batch["label"].to(self.device, non_blocking=True)
+            image = self._to_device(batch["image"], non_blocking=True)
+            label = self._to_device(batch["label"], non_blocking=True)
             mask = batch.get("loss_mask")
-            mask = mask.to(self.device, non_blocking=True) if mask is not None else None
+            mask = self._to_device(mask, non_blocking=True) if mask is not None else None
             loss = self.training_step(image, label, mask, list(batch.get("case", [])))
             if loss is not None:
                 self.epoch_losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", peak=format_bytes(self.peak_memory_bytes))
-                for cb in self.callbacks.values():
-                    cb.on_train_batch_end(self, batch, self.global_step)
+                self._callbacks("on_train_batch_end", batch, self.global_step)
             self.batch_in_epoch = index + 1
             if every and self.global_step % every == 0 and self.batch_in_epoch < total:
                 self.save_checkpoint("last.pt")
@@ -399,22 +492,20 @@ class Trainer:
         # every rank validates every case with the bare module (no DDP collectives), so all ranks
         # hold the same metrics and take the same early-stopping and checkpoint decisions
         # (MONAI's metrics gather across ranks; the repeated cases leave the means unchanged)
-        for index, batch in enumerate(self.data.val_dataloader()):
+        for index, batch in enumerate(self.data.val_dataloader(pin_memory=self.pin_memory)):
             if limit and index >= limit:
                 break
-            image = batch["image"].to(self.device)
-            label = batch["label"].to(self.device)
+            image = self._to_device(batch["image"])
+            label = self._to_device(batch["label"])
             mask = batch.get("loss_mask")
-            with self._autocast():
-                logits = self.module(image).float()
-            losses.append(
-                float(
-                    self.compute_loss(
-                        logits, label, mask.to(self.device) if mask is not None else None
-                    )
-                )
-            )
-            pred = self.metrics.update(logits, label)
+            mask = self._to_device(mask) if mask is not None else None
+            static = self._static_tensors(image, label, *([] if mask is None else [mask]))
+            with self.meter.measure(static=static) as m:
+                with self._autocast():
+                    logits = self.module(image).float()
+                losses.append(float(self.compute_loss(logits, label, mask)))
+                pred = self.metrics.update(logits, label)
+            self._account("val", m)
             if index == 0 and self.writer is not None and self.tcfg.log_images:
                 self.writer.add_image(
                     "val/slice_input_label_prediction",
@@ -434,32 +525,42 @@ class Trainer:
         max_epochs = int(self.tcfg.max_epochs)
         for cb in self.callbacks.values():
             cb.on_train_start(self)
-        if self.epoch >= max_epochs:
-            log.info("nothing to do: %d epochs already completed", self.epoch)
+        if self.epoch >= max_epochs or self.should_stop:
+            log.info(
+                "nothing to do: %d epochs already completed%s",
+                self.epoch,
+                " (stopped early)" if self.should_stop else "",
+            )
+        # decided alike on every rank (train() gathers the peaks only after training)
+        self.trained = self.epoch < max_epochs and not self.should_stop
+        written = self.output_dir / "summary.json"
+        if not self.trained and written.is_file():
+            return json.loads(written.read_text())  # a finished run resumed: summary as it was
         while self.epoch < max_epochs and not self.should_stop:
+            self.epoch_peaks = {}
             logs = self.train_epoch()
             self.epoch += 1
             if self.scheduler is not None:
                 self.scheduler.step()
             logs["lr"] = self.optimizer.param_groups[0]["lr"]
-            for cb in self.callbacks.values():
-                cb.on_train_epoch_end(self, logs)
+            self._callbacks("on_train_epoch_end", logs)
             improved = False
             if self.epoch % self.tcfg.val_every == 0 or self.epoch == max_epochs:
                 metrics = self.validate()
                 logs.update(metrics)
                 self.final_metrics = metrics
                 improved = self._update_best(metrics)
-                for cb in self.callbacks.values():
-                    cb.on_validation_end(self, metrics)
+                self._callbacks("on_validation_end", metrics)
             self._log_epoch(logs)
             self.history.append({"epoch": self.epoch, **logs})
             self.save_checkpoint("last.pt")
             if improved:
                 self.save_checkpoint("best.pt")
             self.write_summary()
-        if not (self.ckpt_dir / "best.pt").exists() and (self.ckpt_dir / "last.pt").exists():
-            self.save_checkpoint("best.pt")  # no validation yet: best is the latest
+        if self.best["epoch"] is None and self.epoch > 0:
+            # no validation yet: best is the latest (decided alike on every rank, without
+            # looking at files another rank may be writing: saving is a collective)
+            self.save_checkpoint("best.pt")
         summary = self.write_summary()
         self._log_hparams(summary)
         return summary
@@ -495,7 +596,16 @@ class Trainer:
         for key, value in logs.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, self.epoch)
-        self.writer.add_scalar("memory/peak_mib", self.peak_memory_bytes / 2**20, self.epoch)
+        # this epoch's peaks (summary.json holds the run's): training steps, validation,
+        # callbacks, and on CUDA the allocator's reserve over all three
+        for phase, tag in (
+            ("train", "peak_mib"),
+            ("val", "val_peak_mib"),
+            ("callbacks", "callbacks_peak_mib"),
+            ("reserved", "reserved_peak_mib"),
+        ):
+            if phase in self.epoch_peaks:
+                self.writer.add_scalar(f"memory/{tag}", self.epoch_peaks[phase] / 2**20, self.epoch)
         self.writer.flush()
 
     def _log_hparams(self, summary: dict[str, Any]) -> None:
@@ -541,6 +651,9 @@ class Trainer:
             "world_size": self.dist.world_size,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_memory": format_bytes(self.peak_memory_bytes),
+            "val_peak_memory_bytes": self.other_peaks.get("val"),
+            "callbacks_peak_memory_bytes": self.other_peaks.get("callbacks"),
+            "peak_reserved_bytes": self.other_peaks.get("reserved"),
             "planned_peak_bytes": self.planned_peak_bytes,
             "memory_method": self.meter.method,
             "rss_peak_bytes": self.rss_peak_bytes,
@@ -577,6 +690,87 @@ class Trainer:
         return summary
 
 
+def _saved_model(state: dict[str, Any]) -> tuple[str, DictConfig | None]:
+    """The model a checkpoint was trained with: its name (config option or class) and config."""
+    try:
+        saved = OmegaConf.create(state["config"]).get("model")
+    except Exception:  # noqa: BLE001 - an unreadable config is reported as unknown
+        saved = None
+    if saved is None or "_target_" not in saved:
+        return "an unknown model", None
+    target = str(saved._target_)
+    return model_option(target) or target, saved
+
+
+def _text(value: Any) -> str:
+    """A config value as the command line writes it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _current_model(cfg: DictConfig) -> str:
+    return model_option(str(cfg.model._target_)) or model_name(cfg)
+
+
+def _config_differences(state: dict[str, Any], cfg: DictConfig) -> str:
+    """``model.<key>=<saved>`` for each model key whose saved value differs from ``cfg``'s."""
+    _, saved = _saved_model(state)
+    if saved is None:
+        return "an unreadable config"
+    now = OmegaConf.to_container(cfg.model, resolve=True)
+    then = OmegaConf.to_container(saved, resolve=True)
+    keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if not keys:
+        return "the same model config"
+    return ", ".join(f"model.{k}={then.get(k)!r}".replace("'", "") for k in keys)
+
+
+def read_resume_checkpoint(
+    resume: bool | str, ckpt_dir: Path, cfg: DictConfig
+) -> tuple[Path, dict[str, Any]]:
+    """Read the checkpoint ``trainer.resume`` names and check it holds the configured model.
+
+    Loaded on the CPU: ``load_state_dict`` copies to the parameters' device, and the RNG states
+    stay on the CPU. Called before the data is read, so a wrong checkpoint fails at once.
+
+    Raises:
+        ConfigError: no checkpoint there, or one of another model (the message names the
+            checkpoint and the model it holds).
+    """
+    path = ckpt_dir / "last.pt" if resume is True else Path(str(resume))
+    if not path.is_file():
+        raise ConfigError(f"trainer.resume={resume}: no checkpoint at {path}")
+    state = load_checkpoint(path, map_location="cpu")
+    name, saved = _saved_model(state)
+    if saved is None or str(saved._target_) != str(cfg.model._target_):
+        raise ConfigError(
+            f"trainer.resume: {path} holds {name}, not {_current_model(cfg)}: resume with "
+            f"model={name}, or start a new run in another directory"
+        )
+    return path, state
+
+
+def check_channels(cfg: DictConfig, data: Any) -> None:
+    """The model's ``in_channels`` / ``out_channels`` must be what the data gives, e.g. one
+    channel per object with ``data.objects=all`` (known once the data is read).
+
+    Raises:
+        ConfigError: naming both keys and the value the data needs.
+    """
+    for key in ("in_channels", "out_channels"):
+        wanted, given = getattr(data, key, None), cfg.model.get(key)
+        if wanted is None or given is None or int(given) == int(wanted):
+            continue
+        what = "input channels" if key == "in_channels" else "label channels"
+        reason = ""
+        if key == "out_channels" and cfg.data.get("objects") == "all":
+            names = ", ".join(getattr(data, "channel_names", ()))
+            reason = f" with data.objects=all ({names})"
+        raise ConfigError(
+            f"model.{key}={given} but the data gives {wanted} {what}{reason}: "
+            f"set model.{key}={wanted}"
+        )
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the model the composed config describes; returns the run summary (``summary.json``).
 
@@ -594,7 +788,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         device = torch.device("cuda", info.local_rank)
     # every rank uses rank 0's run directory (Hydra names one per process)
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:  # before anything is read or trained: a save must not fail an epoch later
+        check_writable(output_dir, "paths.output_dir (the run directory)")
+        check_writable(output_dir / "checkpoints", "the checkpoint directory")
     seed_everything(int(cfg.seed))
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
         log.warning(
@@ -602,9 +798,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "2x2x2 inputs (docs/precision.md); prefer fp16 or fp32 on CPU"
         )
     if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        set_deterministic(device)
+    set_cudnn_benchmark(bool(cfg.trainer.get("cudnn_benchmark", False)))
+    if compile_backend(cfg.trainer.get("compile", False)) and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.compile={_text(cfg.trainer.compile)} needs trainer.device=cuda: on {device} the "
+            "step's memory is measured under a dispatch mode, in which torch.compile does not "
+            "compile (the model would run uncompiled); use trainer.compile=false"
+        )
 
     model = build(cfg.model, "model").to(device)
+    checkpoint = None
+    if cfg.trainer.resume:  # before the data is read: a wrong checkpoint fails at once
+        checkpoint = read_resume_checkpoint(cfg.trainer.resume, output_dir / "checkpoints", cfg)
     optimizer = build(cfg.optimizer, "optimizer")(params=parameter_groups(model, cfg.optimizer.lr))
     scheduler = (
         build(cfg.scheduler, "scheduler")(optimizer=optimizer) if cfg.get("scheduler") else None
@@ -615,6 +821,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     data = build(cfg.data, "data")
     data.setup()
+    check_channels(cfg, data)
     if hasattr(data, "write_split"):
         data.write_split(output_dir)  # the cases used for training and validation
     logging_here = cfg.get("logger") and info.is_main
@@ -628,8 +835,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer = Trainer(
         cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device, info
     )
-    if cfg.trainer.resume:
-        trainer.resume(cfg.trainer.resume)
+    if checkpoint is not None:
+        trainer.resume(cfg.trainer.resume, checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
@@ -658,8 +865,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             writer.add_text("model/memory_report", text, 0)
     try:
         summary = trainer.fit()
-        if info.enabled:  # the peak of the busiest rank
+        if info.enabled and trainer.trained:  # the peak of the busiest rank
             trainer.peak_memory_bytes = max_over_ranks(trainer.peak_memory_bytes, info, device)
+            for key in ("val", "callbacks", "reserved"):
+                value = max_over_ranks(trainer.other_peaks.get(key, -1), info, device)
+                if value >= 0:
+                    trainer.other_peaks[key] = value
             summary = trainer.write_summary()
     finally:
         if writer is not None:

@@ -1,0 +1,111 @@
+"""The device a run trains on, and the backend switches the ``trainer`` config sets for it.
+
+``trainer.device`` names the device (checked against the GPUs this machine has);
+``trainer.deterministic`` asks for repeatable results (see README, "On a GPU cluster", for what is
+and is not bit-exact on CUDA); ``trainer.cudnn_benchmark`` lets cuDNN time its algorithms for
+each new input shape and keep the fastest; ``trainer.channels_last`` stores the model and the
+batches channels-last (``torch.channels_last_3d``); ``trainer.compile`` runs the training forward
+through :func:`torch.compile`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from revseg.errors import ConfigError
+
+__all__ = [
+    "CHANNELS_LAST",
+    "NON_DETERMINISTIC_CUDA",
+    "compile_backend",
+    "resolve_device",
+    "set_cudnn_benchmark",
+    "set_deterministic",
+]
+
+log = logging.getLogger(__name__)
+
+# cuBLAS needs a fixed workspace for repeatable matrix products (CUDA >= 10.2); it must be set
+# before the first cuBLAS call of the process
+CUBLAS_WORKSPACE = ":4096:8"
+
+# CUDA kernels revseg's models run that PyTorch has no deterministic version of: their backward
+# accumulates with atomic adds, so gradients vary in the last bits from run to run
+NON_DETERMINISTIC_CUDA = (
+    "trilinear upsampling backward (upsample_trilinear3d_backward)",
+    "3D max-pooling backward (max_pool3d_with_indices_backward)",
+)
+
+
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU, or ``cuda:N`` beyond the GPUs
+    this machine has, is a config error naming ``key``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r}: expected auto, cpu or cuda[:N]") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={name} but CUDA is not available (use auto or cpu)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{key}={name} but this machine has {count} GPU(s): cuda:0 to cuda:{count - 1}"
+            )
+    return device
+
+
+def set_deterministic(device: torch.device) -> None:
+    """Make the run repeatable where PyTorch can: deterministic algorithms (a warning names any
+    op without one), cuDNN without autotuning, and cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, unless the environment already sets it)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        log.warning(
+            "trainer.deterministic=true on CUDA: repeatable except %s, which PyTorch warns "
+            "about when they run (README: On a GPU cluster)",
+            " and ".join(NON_DETERMINISTIC_CUDA),
+        )
+
+
+CHANNELS_LAST = torch.channels_last_3d
+
+
+def set_cudnn_benchmark(enabled: bool) -> None:
+    """``torch.backends.cudnn.benchmark``: cuDNN tries its convolution algorithms on the first
+    batch of each shape and keeps the fastest (faster steps for fixed shapes; the choice, and so
+    the last bits of the results, may differ from run to run)."""
+    torch.backends.cudnn.benchmark = enabled
+
+
+def compile_backend(value: bool | str | None) -> str | None:
+    """The :func:`torch.compile` backend ``trainer.compile`` asks for: ``None`` for false,
+    ``inductor`` for true, else the backend named (e.g. ``aot_eager``, which traces without
+    generating code).
+
+    Raises:
+        ConfigError: a value that is neither a boolean nor a torch.compile backend.
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "inductor"
+    if isinstance(value, str) and value:
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        if value in known:
+            return value
+        raise ConfigError(
+            f"trainer.compile={value}: no such torch.compile backend; use true (inductor), "
+            f"false, or one of {', '.join(b for b in list_backends())}"
+        )
+    raise ConfigError(f"trainer.compile must be true, false or a backend name, got {value!r}")
