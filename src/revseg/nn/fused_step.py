@@ -153,17 +153,24 @@ def _halo(fn: NormActConv) -> int:
     return fn.conv.kernel_size[0] // 2
 
 
+def _with_halo(t: torch.Tensor, start: int, stop: int, halo: int, op) -> torch.Tensor:
+    """``op(t[:, :, start - halo : stop + halo])``, zero-padded where the range leaves ``D``."""
+    lo, hi = max(start - halo, 0), min(stop + halo, t.shape[2])
+    out = op(t[:, :, lo:hi])
+    if lo > start - halo or hi < stop + halo:
+        out = F.pad(out, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
+    return out
+
+
 def _activation(
     fn: NormActConv, inp: torch.Tensor, scale, shift, start: int, stop: int
 ) -> torch.Tensor:
     """Norm -> activation of ``inp[:, :, start - halo : stop + halo]``, zero outside ``D``."""
-    halo, depth = _halo(fn), inp.shape[2]
-    lo, hi = max(start - halo, 0), min(stop + halo, depth)
-    a = torch.addcmul(shift, inp[:, :, lo:hi], scale)
-    F.leaky_relu_(a, fn.act.negative_slope)
-    if lo > start - halo or hi < stop + halo:
-        a = F.pad(a, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
-    return a
+
+    def norm_act(x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu_(torch.addcmul(shift, x, scale), fn.act.negative_slope)
+
+    return _with_halo(inp, start, stop, _halo(fn), norm_act)
 
 
 def _slab_padding(fn: NormActConv) -> tuple[int, int, int]:
@@ -314,10 +321,7 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
             dweight.add_(dw)
             del dw
         del a_c, up
-        lo, hi = max(start - halo, 0), min(stop + halo, depth)
-        up = upstream[:, :, lo:hi].to(dtype)
-        if lo > start - halo or hi < stop + halo:
-            up = F.pad(up, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
+        up = _with_halo(upstream, start, stop, halo, lambda t: t.to(dtype))
         g = F.conv_transpose3d(up, weight_c, None, 1, transposed_padding).to(inp.dtype)
         del up
         torch.ops.aten.leaky_relu_backward.grad_input(
@@ -336,16 +340,12 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
     count = per_group * inp[0, 0].numel()
     gamma = fn.norm.weight.view(1, -1)
     m1 = (gamma * sum_g).view(n, groups, per_group).sum(-1) / count
-    m2 = (gamma * (sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g)).view(
-        n, groups, per_group
-    ).sum(-1) / count
+    centred = sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g  # sum of g * (x - mu)
+    m2 = (gamma * centred).view(n, groups, per_group).sum(-1) / count
     a_coef = -(rstd**3) * m2
     b_coef = -a_coef * mean - rstd * m1
     grad_acc.addcmul_(inp, _per_channel(a_coef, channels))
     grad_acc.add_(_per_channel(b_coef, channels))
-    dgamma = (
-        (sum_gx - _per_channel(mean, channels).view(n, -1) * sum_g)
-        * _per_channel(rstd, channels).view(n, -1)
-    ).sum(0)
+    dgamma = (centred * _per_channel(rstd, channels).view(n, -1)).sum(0)
     dbeta = sum_g.sum(0)
     return _grads(fn, dgamma, dbeta, dweight)
