@@ -22,7 +22,7 @@ from revseg.config import compose_config
 
 
 def main(argv: list[str]) -> int:
-    from revseg.data.video_prediction import predict_video
+    from revseg.inference.video_prediction import predict_video
     from revseg.training.checkpoint import write_text_atomic
 
     cfg = compose_config("predict_video", argv)

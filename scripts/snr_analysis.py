@@ -107,7 +107,7 @@ def _run_config(run: str, checkpoint: str, device: Any, overrides: list[str]) ->
     """``(model, config, name)`` of a trained run, with ``data.*`` ``overrides`` applied."""
     from omegaconf import OmegaConf
 
-    from revseg.data.prediction import load_run
+    from revseg.inference.prediction import load_run
 
     for arg in overrides:
         if not arg.startswith("data.") or "=" not in arg:

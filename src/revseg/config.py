@@ -276,7 +276,7 @@ def validate_config(cfg: DictConfig) -> None:
             "pick other kernels in each run); set one of them to false"
         )
     if t.get("compile", False) is not False:
-        from revseg.training.device import compile_backend
+        from revseg.device import compile_backend
 
         compile_backend(t.compile)
     if t.monitor_mode not in ("max", "min"):

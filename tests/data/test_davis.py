@@ -20,7 +20,7 @@ from revseg.data.davis import (
 )
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
-from revseg.training.video_metrics import VOID
+from revseg.metrics.video import VOID
 
 from conftest import compose_train
 

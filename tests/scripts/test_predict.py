@@ -15,12 +15,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from revseg.data.evaluation import HD95_EMPTY, case_metrics
 from revseg.data.layouts import discover, find_case
-from revseg.data.prediction import Predictor, write_label_map
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.data.transforms import build_transforms
 from revseg.errors import ConfigError, DataError
+from revseg.inference.evaluation import HD95_EMPTY, case_metrics
+from revseg.inference.prediction import Predictor, write_label_map
 from revseg.training.checkpoint import save_atomic
 
 from conftest import TINY, compose_train

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from revseg.data.synthetic_video import DAVIS_PALETTE
-from revseg.data.video_prediction import predict_video
 from revseg.errors import DataError
+from revseg.inference.video_prediction import predict_video
 from revseg.training.trainer import train
 
 from conftest import REPO, TINY, TINY_VIDEO, compose_train

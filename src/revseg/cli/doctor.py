@@ -116,7 +116,7 @@ def check_training_step(device: torch.device) -> str:
 
 def check_autocast(device: torch.device, precision: str) -> str:
     """Forward and backward under autocast: finite loss and gradients, states float32."""
-    from revseg.training.trainer import autocast_context
+    from revseg.device import autocast_context
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     if device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():

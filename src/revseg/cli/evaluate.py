@@ -45,8 +45,8 @@ def _pairs(pred: Path, found, single: bool) -> list[tuple[str, Path, str]]:
 
 
 def main(argv: list[str]) -> int:
-    from revseg.data.evaluation import evaluate_files, summarize, write_reports
-    from revseg.data.prediction import resolve_input
+    from revseg.inference.evaluation import evaluate_files, summarize, write_reports
+    from revseg.inference.prediction import resolve_input
 
     cfg = compose_config("evaluate", argv)
     found, single = resolve_input(cfg.truth, str(cfg.data.layout))

@@ -19,7 +19,7 @@ from revseg.config import compose_config
 
 
 def main(argv: list[str]) -> int:
-    from revseg.data.prediction import predict
+    from revseg.inference.prediction import predict
 
     cfg = compose_config("predict", argv)
     p = cfg.predict

@@ -18,7 +18,7 @@ resamples it to ``frames`` frames of ``size`` and yields batches::
 Training and validation use the same video. Training batches are supervised only on the
 ``annotated_frames``: ``loss_mask`` is 1 on those frames and 0 elsewhere, and the training label
 is zeroed outside them, so nothing else of the ground truth reaches the loss. Validation batches
-carry the labels of all frames, with void voxels set to :data:`~revseg.training.video_metrics.VOID`
+carry the labels of all frames, with void voxels set to :data:`~revseg.metrics.video.VOID`
 (255) so that the metrics leave them out, and a ``loss_mask`` of ones. When the frames a mask
 selects hold void voxels, that mask is ``(1, 1, T, H, W)`` and also 0 on them (in training the
 void voxels of the label are 0). Either shape broadcasts over the label, as the loss expects.
@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from revseg.data.checks import Problem
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
-from revseg.training.video_metrics import VOID, VideoMetrics, overlay_frame
+from revseg.metrics.video import VOID, VideoMetrics, overlay_frame
 
 __all__ = [
     "DAVIS_PALETTE",

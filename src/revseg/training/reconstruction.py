@@ -546,7 +546,7 @@ class ReconstructionMonitor(Callback):
 
     def check(self, trainer: Trainer, image: torch.Tensor, step: int) -> float:
         """Measure on ``image`` now, log, warn once past the threshold; returns the worst error."""
-        from revseg.training.trainer import autocast_context
+        from revseg.device import autocast_context
 
         device = trainer.device
         autocast = autocast_context(device, getattr(trainer, "precision", "fp32"))

@@ -26,8 +26,17 @@ from tqdm.auto import tqdm
 
 import revseg
 from revseg.config import build, data_name, model_name, model_option, validate_config
+from revseg.device import (
+    CHANNELS_LAST,
+    autocast_context,
+    compile_backend,
+    resolve_device,
+    set_cudnn_benchmark,
+    set_deterministic,
+)
 from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
+from revseg.metrics.brats import RegionMetrics
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
     check_writable,
@@ -36,13 +45,6 @@ from revseg.training.checkpoint import (
     rng_state,
     save_atomic,
     write_text_atomic,
-)
-from revseg.training.device import (
-    CHANNELS_LAST,
-    compile_backend,
-    resolve_device,
-    set_cudnn_benchmark,
-    set_deterministic,
 )
 from revseg.training.distributed import (
     DistInfo,
@@ -54,21 +56,11 @@ from revseg.training.distributed import (
     mean_over_ranks,
     shard_loader,
 )
-from revseg.training.metrics import RegionMetrics
 from revseg.training.visualize import slice_panel
 
-__all__ = ["Trainer", "train", "resolve_device", "seed_everything"]
+__all__ = ["Trainer", "autocast_context", "train", "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The forward's context for ``trainer.precision``: nothing for fp32, else ``torch.autocast``
-    in bf16 or fp16 on ``device``."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def parameter_groups(model: nn.Module, lr: float) -> Any:

@@ -1,4 +1,5 @@
-"""The device a run trains on, and the backend switches the ``trainer`` config sets for it.
+"""The device a run trains on, its autocast context, and the backend switches the ``trainer``
+config sets for it.
 
 ``trainer.device`` names the device (checked against the GPUs this machine has);
 ``trainer.deterministic`` asks for repeatable results (see README, "On a GPU cluster", for what is
@@ -10,6 +11,7 @@ through :func:`torch.compile`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -20,6 +22,7 @@ from revseg.errors import ConfigError
 __all__ = [
     "CHANNELS_LAST",
     "NON_DETERMINISTIC_CUDA",
+    "autocast_context",
     "compile_backend",
     "resolve_device",
     "set_cudnn_benchmark",
@@ -109,3 +112,12 @@ def compile_backend(value: bool | str | None) -> str | None:
             f"false, or one of {', '.join(b for b in list_backends())}"
         )
     raise ConfigError(f"trainer.compile must be true, false or a backend name, got {value!r}")
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward's context for ``trainer.precision``: nothing for fp32, else ``torch.autocast``
+    in bf16 or fp16 on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)

@@ -264,7 +264,7 @@ def predict(
     Returns:
         One record per case: ``{"case", "output", "seconds", "shape"}``.
     """
-    from revseg.training.device import resolve_device
+    from revseg.device import resolve_device
 
     torch_device = resolve_device(device, "predict.device")
     found, single = resolve_input(input, layout)

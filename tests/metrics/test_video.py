@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from revseg.training.video_metrics import VOID, VideoMetrics, iou_per_frame_plot, overlay_frame
+from revseg.metrics.video import VOID, VideoMetrics, iou_per_frame_plot, overlay_frame
 
 T, H, W = 4, 8, 8
 

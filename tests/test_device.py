@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
+from revseg.device import resolve_device, set_deterministic
 from revseg.errors import ConfigError
-from revseg.training.device import resolve_device, set_deterministic
 
 
 @pytest.fixture

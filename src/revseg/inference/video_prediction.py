@@ -1,6 +1,6 @@
 """Predict a whole video with a trained run and write DAVIS palette PNG masks, one per frame.
 
-The run is rebuilt from its checkpoint alone (:func:`revseg.data.prediction.load_run`). The video
+The run is rebuilt from its checkpoint alone (:func:`revseg.inference.prediction.load_run`). The video
 is read through the run's own data module (:class:`~revseg.data.davis.DavisData`): the run's
 sequence, or another sequence / dataset root, resampled and normalised exactly as in training.
 The masks are named and sized like the source frames (``00000.png`` ...), in the DAVIS palette
@@ -53,8 +53,8 @@ def predict_video(
         DataError: the run is not a video run, or a file is missing or malformed.
     """
     from revseg.data.davis import DavisData
-    from revseg.data.prediction import load_run
-    from revseg.training.device import resolve_device
+    from revseg.device import resolve_device
+    from revseg.inference.prediction import load_run
 
     if (
         isinstance(threshold, bool)
