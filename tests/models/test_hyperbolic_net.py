@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from revseg.memory import PeakMemoryMeter, SavedTensorsCounter
-from revseg.models.hyperbolic_net import HyperbolicNet, LeapfrogStack, memory_report
+from revseg.models.hyperbolic_net import HyperbolicNet, memory_report
 from revseg.nn.haar import haar3d, inverse_haar3d
+from revseg.nn.leapfrog import LeapfrogStack
 
 from model_tester import ReversibleModelTester, rel_err
 

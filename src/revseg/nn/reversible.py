@@ -10,20 +10,25 @@ Two ideas are kept apart, as in memcnn and revlib:
 
   ``forward`` and ``inverse`` are ordinary differentiable module calls.
 
-* Two sequences run a chain of blocks inside one :class:`torch.autograd.Function` that keeps
-  only the chain's output (memory O(1) in depth) and walks the chain from the end in backward:
+* One engine runs every memory-saving chain: :func:`run_chain` applies a list of :class:`Step`
+  objects inside one :class:`torch.autograd.Function` that keeps only the chain's output state
+  (memory O(1) in depth) and walks the steps from the end in backward, each step rebuilding its
+  input and differentiating itself:
 
-  - :class:`ReversibleSequence` chains couplings. For each block it runs ``G(y1)`` and ``F(x2)``
-    once with grad enabled; those two calls *are* the inverse (they give ``x2`` and ``x1``) and
-    build the local graph that :func:`torch.autograd.grad` differentiates: one extra forward of
-    F and G per block, the method's floor (about 4/3 of plain training time), instead of the
-    inverse followed by a second forward (5/3).
-  - :class:`InvertibleSequence` wraps any module with an ``inverse``. Each block is stepped back
-    by :func:`block_backward_step`: the block's own ``backward_step`` where it has one (hybrid
-    blocks, invertible convolutions, layer-wise chains), else ``block.inverse`` followed by one
-    recomputation with grad.
+  - :class:`CouplingStep` (the blocks of :class:`ReversibleSequence`) runs ``G(y1)`` and
+    ``F(x2)`` once each with grad enabled; those two calls *are* the inverse (they give ``x2``
+    and ``x1``) and build the local graph that :func:`torch.autograd.grad` differentiates: one
+    extra forward of F and G per block, the method's floor (about 4/3 of plain training time),
+    instead of the inverse followed by a second forward (5/3). It works in place, in the saved
+    output's and the incoming gradient's storage.
+  - :class:`BlockStep` (the blocks of :class:`InvertibleSequence` and of layer-wise chains)
+    steps any module with an ``inverse`` back with :func:`block_backward_step`: the block's own
+    ``backward_step`` where it has one (hybrid blocks, invertible convolutions, layer-wise
+    chains), else ``block.inverse`` followed by one recomputation with grad.
+  - the leapfrog stack of the hyperbolic network (:mod:`revseg.nn.leapfrog`) is a chain of
+    steps on the pair of states ``(Y_{j-1}, Y_j)``.
 
-Parameter gradients leave the Functions as outputs of their ``backward`` (the parameters are
+Parameter gradients leave the Function as outputs of their ``backward`` (the parameters are
 Function inputs), so autograd accumulates them and DistributedDataParallel's hooks fire as usual;
 nothing calls ``.backward()`` inside a backward pass.
 
@@ -51,16 +56,20 @@ from revseg.nn import fused_step
 
 __all__ = [
     "AdditiveCoupling",
+    "BlockStep",
+    "CouplingStep",
     "InvertibleSequence",
     "ReversibleSequence",
+    "Step",
     "apply_invertible_sequence",
     "block_backward_step",
     "coupling_backward_step",
+    "invertible_steps",
     "is_recomputing",
     "is_reversible_part",
     "recomputing",
     "reversible_parts",
-    "reversible_sequence_function",
+    "run_chain",
 ]
 
 
@@ -182,6 +191,31 @@ def _float32_states(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "revseg_recomputing", default=False
+)
+
+
+def is_recomputing() -> bool:
+    """``True`` while a memory-saving backward reconstructs and recomputes blocks.
+
+    Modules that update state in a training forward (the power iteration of
+    :class:`~revseg.nn.lipschitz.SpectralNormConv3d`) check it, so that the recomputed forward
+    sees the forward's state instead of advancing it a second time.
+    """
+    return _RECOMPUTING.get()
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the enclosed calls as a recomputation (see :func:`is_recomputing`)."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
 # --------------------------------------------------------------------------------------------
 # the memory-saving autograd
 
@@ -219,9 +253,11 @@ class _GradientProbe(torch.autograd.Function):
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        _GradientProbe.refs.append(_python_refs(grad))
-        return grad
+    def backward(ctx, *grads):  # type: ignore[override]
+        # the same expression as at the top of _ChainFunction.backward, so the counts agree
+        refs = [_python_refs(g) for g in grads]
+        _GradientProbe.refs.append(refs[0])
+        return grads[0]
 
 
 def _unheld_gradient_refs() -> int:
@@ -328,7 +364,7 @@ def coupling_backward_step(
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
     """One coupling of a memory-saving backward, ``(x, dL/dx, grads of F's then G's params)``.
 
-    :class:`_ReversibleFunction`'s step (:func:`_coupling_step`) on copies of ``y`` and
+    :class:`CouplingStep`'s backward (:func:`_coupling_step`) on copies of ``y`` and
     ``grad_y``: ``G(y1)`` then ``F(x2)`` evaluated once each, reconstructing ``x2`` and ``x1``
     in place; a known input ``x`` is used instead of its reconstruction. For a coupling used as
     one block of an :class:`InvertibleSequence` (a ``backward_step``).
@@ -343,185 +379,8 @@ def coupling_backward_step(
     return x, grad, grads
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Runs a chain of :class:`AdditiveCoupling` blocks keeping only the chain's output.
-
-    Inputs: ``x``, the blocks, a flag for RNG preservation, the number of slabs (``chunks``,
-    resolved per call), then every trainable parameter of the blocks (so that their gradients
-    are returned through autograd).
-
-    Memory (in half-states, a half-state = half of ``x``): the forward copies ``x`` into the
-    output buffer and adds F and G into its halves in place, so it holds the input, the output
-    and one half step's temporaries. The backward works in place: the inputs are reconstructed
-    in the saved output's storage and the input gradient is accumulated in the incoming
-    gradient's storage, whenever nothing else refers to them (else in one copy each), and each
-    half step of a GN -> LReLU -> Conv unit needs at most two half-states of workspace
-    (:mod:`revseg.nn.fused_step`), a few slabs of one with ``chunks > 1``. When the output's
-    storage is reused, a second backward through the same graph (``retain_graph=True``) raises
-    autograd's "modified by an inplace operation" error instead of computing from overwritten
-    values.
-    """
-
-    @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, chunks, *params):  # type: ignore[override]
-        ctx.blocks = blocks
-        ctx.autocast = _AutocastState(x.device.type)
-        ctx.rng_states = [] if preserve_rng_state else None
-        ctx.chunks = fused_step.resolve_chunks(chunks, blocks[0].split(x)[0])
-        _unheld_gradient_refs()  # measured once, here rather than inside a backward
-        y = x.clone(memory_format=torch.contiguous_format)
-        y1, y2 = blocks[0].split(y)
-        for block in blocks:
-            if preserve_rng_state:
-                ctx.rng_states.append(_RngState(x.device))
-            _add_forward(block.f, y2, y1, ctx.chunks)
-            if preserve_rng_state:
-                ctx.rng_states.append(_RngState(x.device))
-            _add_forward(block.g, y1, y2, ctx.chunks)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        refs = _python_refs(grad_y)  # first, as in _GradientProbe.backward
-        y = ctx.saved_tensors[0].detach()
-        blocks = ctx.blocks
-        # the inputs are rebuilt in the output's storage and the gradient accumulated in the
-        # incoming gradient's, if nothing else holds them (a second backward through the graph
-        # fails on the saved output's version counter)
-        if not _sole_owner(y):
-            y = y.clone()
-        grad = grad_y if _gradient_is_ours(grad_y, refs) else grad_y.clone()
-        del grad_y
-        param_grads: list[list] = []
-        for index in range(len(blocks) - 1, -1, -1):
-            rng_f = ctx.rng_states[2 * index] if ctx.rng_states is not None else None
-            rng_g = ctx.rng_states[2 * index + 1] if ctx.rng_states is not None else None
-            with (
-                torch.enable_grad(),
-                recomputing(),
-                ctx.autocast.context(),
-                _frozen_batchnorm_stats([blocks[index]]),
-            ):
-                grads = _coupling_step(blocks[index], y, grad, None, rng_f, rng_g, ctx.chunks)
-            param_grads.append(grads)  # per block in reverse, reordered below
-        del y
-        grad_x = grad if ctx.needs_input_grad[0] else None
-        del grad
-        ordered = [g for grads in reversed(param_grads) for g in grads]
-        return (grad_x, None, None, None, *ordered)
-
-
-def _trainable_params(blocks: Sequence[AdditiveCoupling]) -> list[nn.Parameter]:
-    """Parameters in the order ``backward`` returns their gradients: per block, F's then G's."""
-    params = []
-    for block in blocks:
-        params.extend(p for p in block.f.parameters() if p.requires_grad)
-        params.extend(p for p in block.g.parameters() if p.requires_grad)
-    return params
-
-
-def reversible_sequence_function(
-    x: torch.Tensor,
-    blocks: Sequence[AdditiveCoupling],
-    preserve_rng_state: bool = True,
-    chunks: int | str | None = None,
-) -> torch.Tensor:
-    """Apply ``blocks`` to ``x`` keeping only the output for backward (see module docstring);
-    ``chunks`` as in :class:`ReversibleSequence`."""
-    return _ReversibleFunction.apply(
-        x, tuple(blocks), preserve_rng_state, chunks, *_trainable_params(blocks)
-    )
-
-
-class ReversibleSequence(nn.Module):
-    """A chain of reversible coupling blocks whose activation memory does not grow with depth.
-
-    Args:
-        blocks: the :class:`AdditiveCoupling` blocks, applied in order.
-        memory_saving: ``True`` keeps only the sequence output for backward and reconstructs the
-            blocks' inputs on the way back; ``False`` is plain autograd on the same modules (same
-            parameters, outputs and gradients), the reference in tests and benchmarks.
-        preserve_rng_state: store and restore the RNG state so that recomputation sees the same
-            random numbers (needed for dropout inside F or G; costs a small copy per call).
-        chunks: with memory saving, F and G units of GN -> LReLU -> Conv are computed (forward
-            and backward) in this many slabs along the first spatial axis, so a half step's
-            workspace is a fraction of a half-state: ``None``/``1`` (whole volume), an int, or
-            ``"auto"`` (slabs of at most :data:`~revseg.nn.fused_step.SLAB_BYTES` of a
-            half-state). Results equal the unchunked ones to rounding.
-
-    Shapes: ``(B, C, *spatial) -> (B, C, *spatial)`` with ``C`` even.
-
-    Raises:
-        ValueError: for no blocks or a bad ``chunks``.
-        TypeError: for blocks that are not couplings.
-    """
-
-    def __init__(
-        self,
-        blocks: Sequence[AdditiveCoupling],
-        memory_saving: bool = True,
-        preserve_rng_state: bool = True,
-        chunks: int | str | None = None,
-    ) -> None:
-        super().__init__()
-        if len(blocks) == 0:
-            raise ValueError("ReversibleSequence needs at least one block")
-        if not all(isinstance(b, AdditiveCoupling) for b in blocks):
-            raise TypeError("ReversibleSequence blocks must be AdditiveCoupling modules")
-        if chunks is not None and chunks != "auto":
-            fused_step.resolve_chunks(chunks, torch.empty(1, 1, 1))  # check the value early
-        self.blocks = nn.ModuleList(blocks)
-        self.memory_saving = memory_saving
-        self.preserve_rng_state = preserve_rng_state
-        self.chunks = chunks
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # mixed precision: F and G compute in low precision, but the states they are added to
-        # stay float32, so the additive inverse loses nothing to low-precision rounding
-        x = _float32_states(x)
-        if self.memory_saving and torch.is_grad_enabled():
-            return reversible_sequence_function(
-                x, list(self.blocks), self.preserve_rng_state, self.chunks
-            )
-        for block in self.blocks:
-            x = block(x)
-        return x
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the sequence input from its output."""
-        for block in reversed(self.blocks):
-            y = block.inverse(y)
-        return y
-
-
 # --------------------------------------------------------------------------------------------
-# any invertible block: inverse, then one forward with grad
-
-
-_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "revseg_recomputing", default=False
-)
-
-
-def is_recomputing() -> bool:
-    """``True`` while a memory-saving backward reconstructs and recomputes blocks.
-
-    Modules that update state in a training forward (the power iteration of
-    :class:`~revseg.nn.lipschitz.SpectralNormConv3d`) check it, so that the recomputed forward
-    sees the forward's state instead of advancing it a second time.
-    """
-    return _RECOMPUTING.get()
-
-
-@contextlib.contextmanager
-def recomputing() -> Iterator[None]:
-    """Mark the enclosed calls as a recomputation (see :func:`is_recomputing`)."""
-    token = _RECOMPUTING.set(True)
-    try:
-        yield
-    finally:
-        _RECOMPUTING.reset(token)
+# any invertible block: its own backward step, or the inverse then one forward with grad
 
 
 def _restored(rng: _RngState | None) -> contextlib.AbstractContextManager:
@@ -570,51 +429,270 @@ def block_backward_step(
     return x, grad_x, list(grads[1:])
 
 
-class _InvertibleFunction(torch.autograd.Function):
-    """Runs a chain of invertible blocks keeping only the chain's output.
+# --------------------------------------------------------------------------------------------
+# the engine: steps, and the one Function that drives any chain of them
 
-    Inputs: ``x``, the blocks, a flag for RNG preservation, then every trainable parameter of the
-    blocks (block by block, so that their gradients are returned through autograd).
+State = list[torch.Tensor]
 
-    Backward walks the blocks from the end with :func:`block_backward_step` (the block's own
-    ``backward_step``, or the inverse without grad and one forward with grad). Each step runs
-    under :func:`recomputing`, the forward's autocast and RNG state, and with the block's
-    BatchNorm running statistics frozen; only one block's recomputation is alive at a time.
+
+class Step:
+    """One block of a reversible chain, as the memory-saving engine (:func:`run_chain`) runs it.
+
+    A chain's state is a list of tensors (one tensor for couplings and invertible blocks, the
+    pair ``(Y_{j-1}, Y_j)`` for the leapfrog stack of :mod:`revseg.nn.leapfrog`). A step object
+    is made per forward call and keeps what its backward must reproduce (RNG states, the number
+    of slabs).
+
+    Subclasses implement:
+
+    * :meth:`forward` ``(state) -> state``, without grad inside the engine's forward. A step
+      with ``writes_state`` may overwrite the state it receives: the engine hands it a state of
+      its own (a contiguous copy of the chain's input, where needed).
+    * :meth:`backward` ``(state, grads) -> param grads``: given the lists of the step's output
+      state and its gradient, which it owns, replaces their contents with the step's input state
+      (reconstructed) and its gradient, and returns the gradients of :meth:`params` (``None``
+      for unused ones). It runs with grad enabled, under :func:`recomputing`, the forward's
+      autocast state, and with the running statistics of ``module``'s batch norms frozen. Holding
+      the tensors only in the lists lets a step free each one after its last use.
+    * :meth:`inverse` ``(state) -> state``: the input state from the output state, plain math.
+
+    Attributes:
+        module: the module whose trainable parameters receive the step's gradients (``None``
+            for steps without parameters).
+        writes_state: the step overwrites states and gradients in place.
+    """
+
+    module: nn.Module | None = None
+    writes_state: bool = False
+
+    def params(self) -> list[nn.Parameter]:
+        """The trainable parameters whose gradients :meth:`backward` returns, in its order."""
+        if self.module is None:
+            return []
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def forward(self, state: State) -> State:
+        raise NotImplementedError
+
+    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+    def inverse(self, state: State) -> State:
+        raise NotImplementedError
+
+
+class CouplingStep(Step):
+    """An :class:`AdditiveCoupling` stepped in place: the forward adds ``F`` and ``G`` into the
+    halves of the state, the backward evaluates ``G(y1)`` and ``F(x2)`` once each, rebuilding the
+    input in the output's storage and accumulating the input gradient in the incoming one's
+    (:func:`_coupling_step`); GN -> LReLU -> Conv units take the fused half step, in ``chunks``
+    slabs (resolved per call at the block's half-state, see
+    :func:`~revseg.nn.fused_step.resolve_chunks`)."""
+
+    writes_state = True
+
+    def __init__(
+        self, block: AdditiveCoupling, preserve_rng_state: bool, chunks: int | str | None = None
+    ) -> None:
+        self.module = block
+        self.preserve_rng_state = preserve_rng_state
+        self.chunks = chunks
+        self.rngs: list[_RngState | None] = [None, None]
+
+    def params(self) -> list[nn.Parameter]:
+        """F's trainable parameters, then G's."""
+        return [
+            p for fn in (self.module.f, self.module.g) for p in fn.parameters() if p.requires_grad
+        ]
+
+    def forward(self, state: State) -> State:
+        block = self.module
+        y = state[0]
+        y1, y2 = block.split(y)
+        self.chunks = fused_step.resolve_chunks(self.chunks, y1)
+        for i, (fn, inp, out) in enumerate(((block.f, y2, y1), (block.g, y1, y2))):
+            if self.preserve_rng_state:
+                self.rngs[i] = _RngState(y.device)
+            _add_forward(fn, inp, out, self.chunks)
+        return state
+
+    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+        rng_f, rng_g = self.rngs
+        return _coupling_step(self.module, state[0], grads[0], None, rng_f, rng_g, self.chunks)
+
+    def inverse(self, state: State) -> State:
+        return [self.module.inverse(state[0])]
+
+
+class BlockStep(Step):
+    """Any invertible block: its own ``backward_step`` where it has one, else the inverse and
+    one recomputation with grad (:func:`block_backward_step`)."""
+
+    def __init__(self, block: nn.Module, preserve_rng_state: bool) -> None:
+        self.module = block
+        self.preserve_rng_state = preserve_rng_state
+        self.rng: _RngState | None = None
+
+    def forward(self, state: State) -> State:
+        if self.preserve_rng_state:
+            self.rng = _RngState(state[0].device)
+        return [self.module(state.pop())]
+
+    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+        x, grad_x, param_grads = block_backward_step(
+            self.module, state.pop(), grads.pop(), rng=self.rng
+        )
+        state.append(x)
+        grads.append(grad_x)
+        return param_grads
+
+    def inverse(self, state: State) -> State:
+        return [self.module.inverse(state[0])]
+
+
+def _storages(tensors: Sequence[torch.Tensor]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+class _ChainFunction(torch.autograd.Function):
+    """Runs a chain of :class:`Step` objects keeping only the chain's output state.
+
+    Inputs: the steps, the number of state tensors, the state tensors, then every trainable
+    parameter of the steps in step order (so that their gradients are returned through
+    autograd, and DistributedDataParallel's hooks fire as usual). Outputs: the final state.
+
+    Backward walks the steps from the end. Where a step writes in place, the saved output is
+    used as the step's buffer when nothing else holds it (else one copy is made); the incoming
+    gradient likewise, when no Python object or other tensor refers to it (a gradient the user
+    passed to ``backward`` is copied and left unchanged). Reusing the saved output makes a second
+    backward through the same graph (``retain_graph=True``) raise autograd's "modified by an
+    inplace operation" error instead of computing from overwritten values.
     """
 
     @staticmethod
-    def forward(ctx, x, blocks, preserve_rng_state, *params):  # type: ignore[override]
-        ctx.blocks = blocks
-        ctx.autocast = _AutocastState(x.device.type)
-        ctx.rng_states = [] if preserve_rng_state else None
-        for block in blocks:
-            if preserve_rng_state:
-                ctx.rng_states.append(_RngState(x.device))
-            x = block(x)
-        ctx.save_for_backward(x)
-        return x
+    def forward(ctx, steps, n_state, *tensors):  # type: ignore[override]
+        state = list(tensors[:n_state])
+        ctx.steps = steps
+        ctx.n_state = n_state
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        ctx.autocast = _AutocastState(state[0].device.type)
+        _unheld_gradient_refs()  # measured once, here rather than inside a backward
+        inputs = _storages(state)
+        for step in steps:
+            if step.writes_state and not all(
+                t.is_contiguous() and t.untyped_storage().data_ptr() not in inputs for t in state
+            ):
+                state = [t.clone(memory_format=torch.contiguous_format) for t in state]
+            state = step.forward(state)
+        ctx.save_for_backward(*state)
+        return tuple(state) if len(state) > 1 else state[0]
 
     @staticmethod
-    def backward(ctx, grad_y):  # type: ignore[override]
-        y = ctx.saved_tensors[0].detach()
-        grad = grad_y
-        param_grads: list[list[torch.Tensor | None]] = []  # per block, last block first
-        for index in range(len(ctx.blocks) - 1, -1, -1):
-            block = ctx.blocks[index]
-            rng = ctx.rng_states[index] if ctx.rng_states is not None else None
+    def backward(ctx, *grad_out):  # type: ignore[override]
+        refs = [_python_refs(g) for g in grad_out]  # first, as in _GradientProbe.backward
+        state = [t.detach() for t in ctx.saved_tensors]
+        steps = ctx.steps
+        if any(step.writes_state for step in steps):
+            state = [t if _sole_owner(t) else t.clone() for t in state]
+        grads = [
+            torch.zeros_like(t) if g is None else g if _gradient_is_ours(g, r) else g.clone()
+            for t, g, r in zip(state, grad_out, refs)
+        ]
+        del grad_out
+        param_grads: list[list[torch.Tensor | None]] = []  # per step, last step first
+        for step in reversed(steps):
+            module = [step.module] if step.module is not None else []
             # gradients are taken inside: the graph saved the BatchNorm buffers the exit restores
-            with recomputing(), ctx.autocast.context(), _frozen_batchnorm_stats([block]):
-                y, grad, grads = block_backward_step(block, y, grad, rng=rng)
-            param_grads.append(grads)
-        del y
-        grad_x = grad if ctx.needs_input_grad[0] else None
-        ordered = [g for grads in reversed(param_grads) for g in grads]
-        return (grad_x, None, None, *ordered)
+            with (
+                torch.enable_grad(),
+                recomputing(),
+                ctx.autocast.context(),
+                _frozen_batchnorm_stats(module),
+            ):
+                param_grads.append(step.backward(state, grads))
+        del state
+        n = ctx.n_state
+        grad_in = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2 : 2 + n])]
+        del grads
+        ordered = [g for step_grads in reversed(param_grads) for g in step_grads]
+        return (None, None, *grad_in, *ordered)
 
 
-def _block_params(blocks: Sequence[nn.Module]) -> list[nn.Parameter]:
-    """Trainable parameters block by block, in ``block.parameters()`` order."""
-    return [p for block in blocks for p in block.parameters() if p.requires_grad]
+def run_chain(steps: Sequence[Step], *state: torch.Tensor) -> torch.Tensor | tuple:
+    """The memory-saving forward of a chain: ``steps`` applied to ``state`` in one
+    :class:`_ChainFunction` that keeps only the final state for backward (the tensor, or the
+    tuple of tensors of a state with several)."""
+    params = [p for step in steps for p in step.params()]
+    return _ChainFunction.apply(tuple(steps), len(state), *state, *params)
+
+
+class ReversibleSequence(nn.Module):
+    """A chain of reversible coupling blocks whose activation memory does not grow with depth.
+
+    Args:
+        blocks: the :class:`AdditiveCoupling` blocks, applied in order.
+        memory_saving: ``True`` keeps only the sequence output for backward and reconstructs the
+            blocks' inputs on the way back (:class:`CouplingStep` per block); ``False`` is plain
+            autograd on the same modules (same parameters, outputs and gradients), the reference
+            in tests and benchmarks.
+        preserve_rng_state: store and restore the RNG state so that recomputation sees the same
+            random numbers (needed for dropout inside F or G; costs a small copy per call).
+        chunks: with memory saving, F and G units of GN -> LReLU -> Conv are computed (forward
+            and backward) in this many slabs along the first spatial axis, so a half step's
+            workspace is a fraction of a half-state: ``None``/``1`` (whole volume), an int, or
+            ``"auto"`` (slabs of at most :data:`~revseg.nn.fused_step.SLAB_BYTES` of a
+            half-state). Results equal the unchunked ones to rounding.
+
+    Shapes: ``(B, C, *spatial) -> (B, C, *spatial)`` with ``C`` even.
+
+    Raises:
+        ValueError: for no blocks or a bad ``chunks``.
+        TypeError: for blocks that are not couplings.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[AdditiveCoupling],
+        memory_saving: bool = True,
+        preserve_rng_state: bool = True,
+        chunks: int | str | None = None,
+    ) -> None:
+        super().__init__()
+        if len(blocks) == 0:
+            raise ValueError("ReversibleSequence needs at least one block")
+        if not all(isinstance(b, AdditiveCoupling) for b in blocks):
+            raise TypeError("ReversibleSequence blocks must be AdditiveCoupling modules")
+        if chunks is not None and chunks != "auto":
+            fused_step.resolve_chunks(chunks, torch.empty(1, 1, 1))  # check the value early
+        self.blocks = nn.ModuleList(blocks)
+        self.memory_saving = memory_saving
+        self.preserve_rng_state = preserve_rng_state
+        self.chunks = chunks
+
+    def steps(self) -> list[Step]:
+        """One :class:`CouplingStep` per block (fresh per call: steps keep per-call state)."""
+        return [CouplingStep(b, self.preserve_rng_state, self.chunks) for b in self.blocks]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # mixed precision: F and G compute in low precision, but the states they are added to
+        # stay float32, so the additive inverse loses nothing to low-precision rounding
+        x = _float32_states(x)
+        if self.memory_saving and torch.is_grad_enabled():
+            return run_chain(self.steps(), x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the sequence input from its output."""
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
+
+
+def invertible_steps(blocks: Sequence[nn.Module], preserve_rng_state: bool) -> list[Step]:
+    """The engine's steps for invertible ``blocks``: a :class:`BlockStep` per block."""
+    return [BlockStep(block, preserve_rng_state) for block in blocks]
 
 
 def apply_invertible_sequence(
@@ -625,15 +703,14 @@ def apply_invertible_sequence(
 ) -> torch.Tensor:
     """``blocks`` applied to ``x`` in order, as :class:`InvertibleSequence` runs them.
 
-    States are float32 under autocast; with ``memory_saving`` and grad enabled one
-    :class:`torch.autograd.Function` keeps only the output, else plain autograd. For modules that
-    hold their blocks under another name (:class:`~revseg.nn.invertible.LayerwiseInvertibleChain`
-    keeps ``layers``), so that no module is registered twice.
+    States are float32 under autocast; with ``memory_saving`` and grad enabled the engine
+    (:func:`run_chain`) keeps only the output, else plain autograd. For modules that hold their
+    blocks under another name (:class:`~revseg.nn.invertible.LayerwiseInvertibleChain` keeps
+    ``layers``), so that no module is registered twice.
     """
     x = _float32_states(x)
     if memory_saving and torch.is_grad_enabled():
-        params = _block_params(blocks)
-        return _InvertibleFunction.apply(x, tuple(blocks), preserve_rng_state, *params)
+        return run_chain(invertible_steps(blocks, preserve_rng_state), x)
     for block in blocks:
         x = block(x)
     return x
@@ -645,13 +722,13 @@ class InvertibleSequence(nn.Module):
     Any module with a ``forward`` and an ``inverse`` (``block.inverse(block(x)) ~ x``) can be
     wrapped: additive couplings, hybrid blocks, invertible pooling, invertible residual blocks
     ``y = x + g(x)`` with a fixed-point inverse (:mod:`revseg.models.revup_unet`). With
-    ``memory_saving=True`` one :class:`torch.autograd.Function` keeps only the sequence output;
-    backward steps each block back with :func:`block_backward_step`: the block's own
-    ``backward_step(y, grad_y, x=None) -> (x, grad_x, param_grads)`` where it has one (the hybrid
-    block's two-phase backward), else ``block.inverse`` and one recomputation with grad (for
-    plain couplings, :class:`ReversibleSequence` is the faster path, whose backward needs one
-    forward only). Gradients are exact up to the inverse's error: rounding for exact inverses,
-    the fixed-point residual for iterative ones.
+    ``memory_saving=True`` the engine keeps only the sequence output and steps each block back
+    with a :class:`BlockStep`: the block's own ``backward_step(y, grad_y, x=None) -> (x, grad_x,
+    param_grads)`` where it has one (the hybrid block's two-phase backward), else
+    ``block.inverse`` and one recomputation with grad (for plain couplings,
+    :class:`ReversibleSequence` is the faster path, whose backward needs one forward only).
+    Gradients are exact up to the inverse's error: rounding for exact inverses, the fixed-point
+    residual for iterative ones.
 
     Args:
         blocks: the invertible modules, applied in order; each maps ``(B, C, *spatial)`` to a
@@ -686,9 +763,13 @@ class InvertibleSequence(nn.Module):
         self.memory_saving = memory_saving
         self.preserve_rng_state = preserve_rng_state
 
+    def steps(self) -> list[Step]:
+        """One :class:`BlockStep` per block (fresh per call)."""
+        return invertible_steps(self.blocks, self.preserve_rng_state)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters in the order the memory-saving backward returns their gradients."""
-        return _block_params(self.blocks)
+        return [p for step in self.steps() for p in step.params()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` through the blocks (the same shape unless a block pools)."""

@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from revseg.models.hyperbolic_net import LeapfrogStack, leapfrog_update, level_transform
 from revseg.nn.invertible import BatchPooling3d, ChannelPooling3d, InverseOf
-from revseg.nn.reversible import AdditiveCoupling, recomputing, reversible_parts
+from revseg.nn.leapfrog import LeapfrogStack
+from revseg.nn.reversible import AdditiveCoupling, Step, recomputing, reversible_parts
 from revseg.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -152,27 +152,23 @@ def _module_step(name: str, module: nn.Module) -> _Step:
     )
 
 
-def _haar_step(name: str, kind: str) -> _Step:
-    forward = lambda s: tuple(level_transform(kind, False, *s))  # noqa: E731
-    inverse = lambda s: tuple(level_transform(kind, True, *s))  # noqa: E731
-    return _Step(name, f"haar {kind}", forward, inverse, lambda: 1.0)  # orthonormal: alpha = 1
-
-
-def _leapfrog_step(name: str, layer: nn.Module, h2: float) -> _Step:
-    """``(Y_{j-1}, Y_j) -> (Y_j, Y_{j+1})`` and back (eq. 4.9), as :class:`LeapfrogStack` runs."""
-    forward = lambda s: (s[1], leapfrog_update(layer(s[1]), s[1], s[0], h2))  # noqa: E731
-    inverse = lambda s: (leapfrog_update(layer(s[0]), s[0], s[1], h2), s[0])  # noqa: E731
-    return _Step(name, "leapfrog layer", forward, inverse)
-
-
 def _leapfrog_steps(stack: LeapfrogStack) -> list[_Step]:
-    """One step per Haar transform and per leapfrog layer, on the pair ``(Y_{j-1}, Y_j)``."""
+    """One step per Haar transform and per leapfrog layer, on the pair ``(Y_{j-1}, Y_j)``: the
+    engine's own steps (:meth:`LeapfrogStack.steps`, after the start pair), named by level."""
     steps = []
+    engine_steps = iter(stack.steps()[1:])
     for i, (kind, level) in enumerate(zip(stack.transforms, stack.levels)):
         if kind is not None:
-            steps.append(_haar_step(f"levels.{i}.{kind}", kind))
-        steps += [_leapfrog_step(f"levels.{i}.{j}", f, stack.h**2) for j, f in enumerate(level)]
+            step = next(engine_steps)  # orthonormal: alpha = 1
+            steps.append(_Step(f"levels.{i}.{kind}", f"haar {kind}", *_pair(step), lambda: 1.0))
+        for j in range(len(level)):
+            steps.append(_Step(f"levels.{i}.{j}", "leapfrog layer", *_pair(next(engine_steps))))
     return steps
+
+
+def _pair(step: Step) -> tuple[Callable[[State], State], Callable[[State], State]]:
+    """A leapfrog engine step's forward and inverse on tuples."""
+    return (lambda s: tuple(step.forward(list(s)))), (lambda s: tuple(step.inverse(list(s))))
 
 
 def _steps(module: nn.Module) -> list[_Step]:
