@@ -11,12 +11,8 @@ import torch
 from torch import nn
 
 from revseg.memory import PeakMemoryMeter
-from revseg.models.hybrid_revnet import (
-    HybridBlock,
-    HybridRevNet,
-    hybrid_block,
-    pooling_plan,
-)
+from revseg.models.hybrid_revnet import HybridRevNet, pooling_plan
+from revseg.nn.hybrid import HybridBlock, hybrid_block
 from revseg.nn.invertible import (
     BatchPooling3d,
     ChannelPooling3d,
