@@ -14,14 +14,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from helpers import rel_err
 from revseg.memory.measure import SavedTensorsCounter
 from revseg.nn.reversible import ReversibleSequence, reversible_parts
 
 from conftest import compose_train
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 class ModelTester:

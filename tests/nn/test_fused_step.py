@@ -9,14 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import rel_err
 from revseg.memory import PeakMemoryMeter
 from revseg.models.prev_unet import reversible_level
 from revseg.nn import fused_step
 from revseg.nn.blocks import NormActConv
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def unit(channels: int = 6, groups: int = 3, dtype=torch.float64) -> NormActConv:

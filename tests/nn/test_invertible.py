@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import rel_err
 from revseg.memory.measure import SavedTensorsCounter
 from revseg.nn.invertible import (
     BatchPooling3d,
@@ -23,11 +24,6 @@ from revseg.nn.invertible import (
     leaky_relu_alpha,
 )
 from revseg.nn.reversible import _frozen_batchnorm_stats, block_backward_step
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
-
 
 # ------------------------------------------------------------------------------------------------
 # pooling

@@ -12,10 +12,6 @@ from revseg.nn.lipschitz import SpectralNormConv3d, fixed_point_inverse, fixup_i
 from revseg.nn.reversible import recomputing
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def layer_norm(weight: torch.Tensor, size: int, iterations: int = 500) -> float:
     """Operator norm of the zero-padded convolution on ``size^3`` inputs, by power iteration on
     the layer's own operator (conv3d and its adjoint, conv_transpose3d)."""

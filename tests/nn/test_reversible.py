@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import rel_err
 from revseg.nn.invertible import InvertibleBatchNorm3d
 from revseg.nn.reversible import (
     AdditiveCoupling,
@@ -56,10 +57,6 @@ def grads_of(
     y = seq(x)
     (y.pow(2).sum() + y.sin().sum()).backward()
     return y.detach(), [p.grad.clone() for p in seq.parameters()], x.grad.clone()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def test_coupling_inverse_is_exact():

@@ -9,13 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import rel_err
 from revseg.memory.measure import SavedTensorsCounter
 from revseg.nn.reversible import AdditiveCoupling, ReversibleSequence
 from revseg.nn.revnet import ResidualFunction, revnet_coupling, revnet_sequence
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def randomized(module: nn.Module) -> nn.Module:

@@ -129,7 +129,8 @@ class HybridRevNet(nn.Module):
             if i > 0:
                 body.append(InverseOf(pool(self.pooling[i - 1])))
         self.opening = nn.Conv3d(in_channels, channels[0], 1)
-        self.body = InvertibleSequence(body, memory_saving=memory_saving)
+        # no random ops in the body: no RNG states to keep
+        self.body = InvertibleSequence(body, memory_saving=memory_saving, preserve_rng_state=False)
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
     @property

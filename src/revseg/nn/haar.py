@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-__all__ = ["Haar3d", "haar3d", "inverse_haar3d"]
+__all__ = ["haar3d", "inverse_haar3d"]
 
 _SCALE = 1.0 / math.sqrt(8.0)
 
@@ -79,28 +78,3 @@ def inverse_haar3d(y: torch.Tensor) -> torch.Tensor:
     # (B, 2, 2, 2, C, D, H, W) -> (B, C, D, 2, H, 2, W, 2)
     y = y.permute(0, 4, 5, 1, 6, 2, 7, 3)
     return y.reshape(b, c, 2 * d, 2 * h, 2 * w)
-
-
-class Haar3d(nn.Module):
-    """Module form of :func:`haar3d` (``inverse=False``) or :func:`inverse_haar3d` (``True``).
-
-    ``forward`` applies the chosen direction and ``inverse`` the other one, so a refinement step
-    is ``Haar3d(inverse=True)`` and ``m.inverse(m(x)) == x`` up to rounding in both cases.
-
-    Args:
-        inverse: ``False`` coarsens ``(B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2)``; ``True``
-            refines ``(B, 8C, D, H, W) -> (B, C, 2D, 2H, 2W)``.
-    """
-
-    def __init__(self, inverse: bool = False) -> None:
-        super().__init__()
-        self.refine = inverse
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return inverse_haar3d(x) if self.refine else haar3d(x)
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        return haar3d(y) if self.refine else inverse_haar3d(y)
-
-    def extra_repr(self) -> str:
-        return f"inverse={self.refine}"

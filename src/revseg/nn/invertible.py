@@ -445,7 +445,9 @@ class LayerwiseInvertibleChain(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, D, H, W)`` through the layers, as an ``InvertibleSequence`` of them runs."""
-        return apply_invertible_sequence(x, self.layers, self.memory_saving)
+        return apply_invertible_sequence(
+            x, self.layers, self.memory_saving, preserve_rng_state=False
+        )
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """The chain's input from its output, layer by layer."""

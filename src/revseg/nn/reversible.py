@@ -637,6 +637,8 @@ class ReversibleSequence(nn.Module):
             in tests and benchmarks.
         preserve_rng_state: store and restore the RNG state so that recomputation sees the same
             random numbers (needed for dropout inside F or G; costs a small copy per call).
+            ``True`` by default, as in :func:`torch.utils.checkpoint.checkpoint`: the models,
+            whose blocks hold no random ops, turn it off (``model.preserve_rng_state``).
         chunks: with memory saving, F and G units of GN -> LReLU -> Conv are computed (forward
             and backward) in this many slabs along the first spatial axis, so a half step's
             workspace is a fraction of a half-state: ``None``/``1`` (whole volume), an int, or
@@ -699,7 +701,7 @@ def apply_invertible_sequence(
     x: torch.Tensor,
     blocks: Sequence[nn.Module],
     memory_saving: bool = True,
-    preserve_rng_state: bool = False,
+    preserve_rng_state: bool = True,
 ) -> torch.Tensor:
     """``blocks`` applied to ``x`` in order, as :class:`InvertibleSequence` runs them.
 
@@ -737,7 +739,9 @@ class InvertibleSequence(nn.Module):
             autograd on the same modules (same parameters, outputs and, for exact inverses,
             gradients), the reference in tests and benchmarks.
         preserve_rng_state: store the RNG state before each block and restore it for the inverse
-            and the recomputation (needed for random ops such as dropout).
+            and the recomputation (needed for random ops such as dropout). ``True`` by default, as
+            in :class:`ReversibleSequence` and :func:`torch.utils.checkpoint.checkpoint`: the
+            models, whose blocks hold no random ops, turn it off.
 
     Raises:
         ValueError: for an empty ``blocks``.
@@ -748,7 +752,7 @@ class InvertibleSequence(nn.Module):
         self,
         blocks: Sequence[nn.Module],
         memory_saving: bool = True,
-        preserve_rng_state: bool = False,
+        preserve_rng_state: bool = True,
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
