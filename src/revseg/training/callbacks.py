@@ -7,7 +7,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from revseg.training.trainer import Trainer
+    from revseg.training.contracts import TrainerView
 
 __all__ = ["Callback", "EarlyStopping"]
 
@@ -17,17 +17,17 @@ log = logging.getLogger(__name__)
 class Callback:
     """Base class. Every hook is optional; ``state_dict`` goes into each checkpoint."""
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         """Called once before the first epoch (after a resume, too)."""
 
-    def on_train_batch_end(self, trainer: Trainer, batch: dict[str, Any], step: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerView, batch: dict[str, Any], step: int) -> None:
         """Called after each optimisation step that was not skipped, with the loader's batch
         (``batch["image"]``, ...) and the step count ``trainer.global_step``."""
 
-    def on_train_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_train_epoch_end(self, trainer: TrainerView, logs: dict[str, float]) -> None:
         """Called after each training epoch with ``{"train/loss": ...}``."""
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         """Called after each validation with ``{"val/dice_mean": ..., ...}``."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class EarlyStopping(Callback):
         recent = [v for e, v in self.history if e > epoch - self.window]
         return sum(recent) / len(recent)
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.monitor not in metrics:
             raise KeyError(f"early stopping monitors {self.monitor!r}, not in {sorted(metrics)}")
         value = float(metrics[self.monitor])

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from revseg.training.callbacks import Callback
+from revseg.training.contracts import AdaptiveRanks
 
 if TYPE_CHECKING:
-    from revseg.training.trainer import Trainer
+    from revseg.training.contracts import TrainerView
 
 __all__ = ["BlockRankSchedule"]
 
@@ -29,7 +30,7 @@ class BlockRankSchedule(Callback):
     Works with any model that has ``ranks() -> list[int]`` and ``set_ranks(rank, init, scale)``
     (an int sets the block rank of the coarse levels), e.g.
     :class:`revseg.models.hyperbolic_net.HyperbolicNet`. After a change the optimizer keeps the
-    state of the existing parameters and gains the new ones (``Trainer.sync_optimizer_params``).
+    state of the existing parameters and gains the new ones (``TrainerView.sync_optimizer_params``).
 
     Args:
         ranks: the schedule of coarse-level ranks, e.g. ``[4, 8]``; the model starts at the first.
@@ -87,16 +88,16 @@ class BlockRankSchedule(Callback):
 
     # -------------------------------------------------------------- helpers
     @staticmethod
-    def _model(trainer: Trainer) -> Any:
+    def _model(trainer: TrainerView) -> Any:
         model = trainer.module
-        if not (hasattr(model, "ranks") and hasattr(model, "set_ranks")):
+        if not isinstance(model, AdaptiveRanks):
             raise TypeError(
                 f"callbacks.rank_growth needs a model with ranks()/set_ranks(); "
                 f"{type(model).__name__} has none (use model=hyperbolic_blr)"
             )
         return model
 
-    def _apply(self, trainer: Trainer, index: int, reason: str) -> None:
+    def _apply(self, trainer: TrainerView, index: int, reason: str) -> None:
         model = self._model(trainer)
         before = model.ranks()
         self.index = index
@@ -112,7 +113,7 @@ class BlockRankSchedule(Callback):
         self.best_train, self.stalled, self.overfitting = None, 0, 0
 
     # -------------------------------------------------------------- hooks
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         model = self._model(trainer)
         if not self.history:  # a fresh run starts at the schedule's first rank
             self.current = model.set_ranks(
@@ -123,11 +124,11 @@ class BlockRankSchedule(Callback):
             self.current = model.ranks()
         self._log_ranks(trainer)
 
-    def _log_ranks(self, trainer: Trainer) -> None:
+    def _log_ranks(self, trainer: TrainerView) -> None:
         if trainer.writer is not None:
             trainer.writer.add_scalar("model/block_rank", self.schedule[self.index], trainer.epoch)
 
-    def on_train_epoch_end(self, trainer: Trainer, logs: dict[str, float]) -> None:
+    def on_train_epoch_end(self, trainer: TrainerView, logs: dict[str, float]) -> None:
         loss = float(logs["train/loss"])
         self.last_train, improving = loss, self.best_train is None or loss < self.best_train
         if self.best_train is None or loss < self.best_train * (1.0 - self.threshold):
@@ -139,7 +140,7 @@ class BlockRankSchedule(Callback):
             self._apply(trainer, self.index + 1, f"training loss stalled for {self.stalled} epochs")
         self._log_ranks(trainer)
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if not self.shrink or self.monitor not in metrics:
             return
         value = float(metrics[self.monitor])

@@ -41,7 +41,7 @@ from revseg.nn.reversible import AdditiveCoupling, Step, recomputing, reversible
 from revseg.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from revseg.training.trainer import Trainer
+    from revseg.training.contracts import TrainerView
 
 __all__ = [
     "LayerRecord",
@@ -525,22 +525,22 @@ class ReconstructionMonitor(Callback):
         self.warned = False
         self.idle = False
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def on_train_start(self, trainer: TrainerView) -> None:
         self.idle = not reversible_parts(trainer.module)
         if self.idle:
             log.info("reconstruction monitor idle: no reversible parts in the model")
 
-    def on_train_batch_end(self, trainer: Trainer, batch: dict[str, Any], step: int) -> None:
+    def on_train_batch_end(self, trainer: TrainerView, batch: dict[str, Any], step: int) -> None:
         if self.on == "train" and not self.idle and step % self.every_n_steps == 0:
             self.check(trainer, batch["image"], step)
 
-    def on_validation_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+    def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
         if self.on == "val" and not self.idle:
             with torch.random.fork_rng(devices=[]):  # the loader draws a base seed
                 batch = next(iter(trainer.data.val_dataloader()))
             self.check(trainer, batch["image"], trainer.global_step)
 
-    def check(self, trainer: Trainer, image: torch.Tensor, step: int) -> float:
+    def check(self, trainer: TrainerView, image: torch.Tensor, step: int) -> float:
         """Measure on ``image`` now, log, warn once past the threshold; returns the worst error."""
         from revseg.device import autocast_context
 

@@ -46,6 +46,7 @@ from revseg.training.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
+from revseg.training.contracts import MemoryReport, ParameterGroups
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -70,11 +71,10 @@ def parameter_groups(model: nn.Module, lr: float) -> Any:
     Fixup scalars train at 0.1x the lr); each group's ``lr`` is then ``lr * lr_scale``, and the
     first group keeps the optimizer's lr (the logged ``lr``).
     """
-    groups = getattr(model, "parameter_groups", None)
-    if groups is None:
+    if not isinstance(model, ParameterGroups):
         return model.parameters()
     out = []
-    for group in groups():
+    for group in model.parameter_groups():
         group = dict(group)
         scale = group.pop("lr_scale", None)
         if scale is not None:
@@ -667,11 +667,11 @@ class Trainer:
 
     def model_memory(self) -> dict[str, Any]:
         """The model's own memory report (e.g. Peters et al.'s Table 2 terms), if it has one."""
-        report = getattr(self.module, "memory_report", None)
-        if report is None:
+        if not isinstance(self.module, MemoryReport):
             return {}
         batch = int(self.cfg.data.get("batch_size", 1))
-        return {"model_memory": report(tuple(self.data.input_shape), batch).megabytes()}
+        shape = tuple(self.data.input_shape)
+        return {"model_memory": self.module.memory_report(shape, batch).megabytes()}
 
     def write_summary(self) -> dict[str, Any]:
         summary = self.summary()
@@ -849,9 +849,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("memory plan:\n%s", plan.table())
         except Exception as err:  # noqa: BLE001 - a failed plan must not stop training
             log.warning("memory plan failed (%s: %s); training goes on", type(err).__name__, err)
-    report = getattr(model, "memory_report", None)
-    if report is not None:
-        text = str(report(tuple(data.input_shape), int(cfg.data.get("batch_size", 1))))
+    if isinstance(model, MemoryReport):
+        text = str(model.memory_report(tuple(data.input_shape), int(cfg.data.get("batch_size", 1))))
         log.info("model memory at %s: %s", "x".join(map(str, data.input_shape)), text)
         if writer is not None:
             writer.add_text("model/memory_report", text, 0)

@@ -1,0 +1,155 @@
+"""The contracts between the trainer and what it is given, as :class:`typing.Protocol` classes.
+
+Data modules, models and callbacks are built from the config by Hydra (``_target_``); these
+protocols say what the trainer relies on, and :func:`check_data_module` checks a built data
+module once, at composition time, with one clear error instead of an ``AttributeError`` an epoch
+later. Optional capabilities are separate protocols, tested with ``isinstance``:
+
+* a data module (:class:`DataModule`) may also :class:`BuildsMetrics` (its own validation metrics,
+  e.g. DAVIS's IoU / J&F per object; else BraTS region metrics), :class:`Previews` (its own
+  TensorBoard panel) and :class:`WritesSplit` (the cases used, written to the run directory);
+* a model may have :class:`ParameterGroups` (per-group learning-rate scales: RevUp's Fixup
+  scalars), a :class:`MemoryReport` (its own analytic memory terms: Peters et al.'s Table 2) and
+  :class:`AdaptiveRanks` (block ranks the rank-growth callback changes);
+* callbacks see the trainer through :class:`TrainerView` (this module, not the trainer's, so
+  callbacks and trainer do not import each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from revseg.errors import ConfigError
+
+__all__ = [
+    "AdaptiveRanks",
+    "BuildsMetrics",
+    "DataModule",
+    "MemoryReport",
+    "Metrics",
+    "ParameterGroups",
+    "Previews",
+    "TrainerView",
+    "WritesSplit",
+    "check_data_module",
+]
+
+
+@runtime_checkable
+class DataModule(Protocol):
+    """What the trainer needs of a data module (``cfg.data``'s ``_target_``).
+
+    ``setup()`` reads and checks the data; afterwards ``input_shape`` is the spatial shape of one
+    training sample, ``train_cases`` / ``val_cases`` name the cases, and the loaders yield
+    ``{"image": (B, C_in, *input_shape), "label": (B, C_out, ...), "case": [...]}`` batches
+    (plus an optional ``"mask"`` of labelled voxels). ``in_channels`` / ``out_channels``, where
+    the module knows them, are checked against the model's.
+    """
+
+    def setup(self) -> None: ...
+
+    @property
+    def input_shape(self) -> Sequence[int]: ...
+
+    @property
+    def train_cases(self) -> Sequence[str]: ...
+
+    @property
+    def val_cases(self) -> Sequence[str]: ...
+
+    def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> Iterable: ...
+
+    def val_dataloader(self, pin_memory: bool = False) -> Iterable: ...
+
+
+@runtime_checkable
+class Metrics(Protocol):
+    """Validation metrics: ``update(logits, target) -> prediction`` per batch, ``compute()`` the
+    epoch's values by name (logged as ``val/<name>``), ``reset()`` for the next epoch."""
+
+    def reset(self) -> None: ...
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Figures(Protocol):
+    """Metrics that also draw images for TensorBoard: ``figures() -> {name: (3, H, W)}``."""
+
+    def figures(self) -> dict[str, torch.Tensor]: ...
+
+
+@runtime_checkable
+class BuildsMetrics(Protocol):
+    def build_metrics(self, hd95: bool = False) -> Metrics: ...
+
+
+@runtime_checkable
+class Previews(Protocol):
+    def preview(
+        self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class WritesSplit(Protocol):
+    def write_split(self, output_dir: str | Path) -> Path: ...
+
+
+@runtime_checkable
+class ParameterGroups(Protocol):
+    """``parameter_groups() -> [{"params": [...], "lr_scale": s}, ...]``."""
+
+    def parameter_groups(self) -> list[dict[str, Any]]: ...
+
+
+@runtime_checkable
+class MemoryReport(Protocol):
+    """``memory_report(spatial_shape, batch_size)``: an object with ``megabytes()`` and a
+    readable ``str``."""
+
+    def memory_report(self, spatial_shape: Sequence[int], batch_size: int = 1) -> Any: ...
+
+
+@runtime_checkable
+class AdaptiveRanks(Protocol):
+    def ranks(self) -> list[int]: ...
+
+    def set_ranks(self, rank: Any, **kwargs: Any) -> Any: ...
+
+
+class TrainerView(Protocol):
+    """What a callback may read and change of the trainer."""
+
+    module: nn.Module  # the network itself (not the DDP wrapper)
+    data: DataModule
+    device: torch.device
+    precision: str
+    epoch: int  # epochs completed
+    global_step: int
+    should_stop: bool
+    writer: Any | None  # a TensorBoard SummaryWriter on the main process
+
+    def sync_optimizer_params(self) -> None:
+        """Make the optimizer (and DDP) follow parameters a callback added or removed."""
+
+
+def check_data_module(data: Any, key: str = "data") -> None:
+    """Raise :class:`~revseg.errors.ConfigError` naming ``key`` and what is missing unless
+    ``data`` is a :class:`DataModule`."""
+    if isinstance(data, DataModule):
+        return
+    wanted = ("setup", "input_shape", "train_cases", "val_cases")
+    wanted += ("train_dataloader", "val_dataloader")
+    missing = [name for name in wanted if not hasattr(type(data), name)]
+    raise ConfigError(
+        f"{key}: {type(data).__module__}.{type(data).__qualname__} is not a data module "
+        f"(missing {', '.join(missing)}; see revseg.training.contracts.DataModule)"
+    )
