@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from revseg.config import check_group_overrides, validate_config
+from revseg.config import build, check_group_overrides, check_input_sizes, validate_config
 from revseg.errors import ConfigError
 
 from conftest import compose_train
@@ -19,8 +21,6 @@ BAD = [
     ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps"),
     ("trainer.grad_clip=-1", "trainer.grad_clip"),
     ("trainer.monitor_mode=up", "trainer.monitor_mode"),
-    ("data.crop_size=[30,32,32]", "data.crop_size"),
-    ("data.patch_size=[24,24,24]", "data.patch_size"),
     ("data.crop_size=[32,32]", "data.crop_size"),
     ("trainer.cudnn_benchmark=yes", "trainer.cudnn_benchmark"),
     ("trainer.channels_last=1", "trainer.channels_last"),
@@ -36,6 +36,25 @@ def test_bad_value_names_the_key(override, key, tmp_path):
         validate_config(cfg)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "checkpoints").exists()
+
+
+SIZES = [
+    ("data.crop_size=[30,32,32]", "data.crop_size"),
+    ("data.patch_size=[24,24,24]", "data.patch_size"),
+    ("model=hyperbolic_blr data=synthetic_video data.frames=12", "data.frames+size"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), SIZES, ids=[s[0] for s in SIZES])
+def test_sizes_the_model_cannot_take_name_the_key_and_the_divisor(overrides, key, tmp_path):
+    cfg = compose_train(*overrides.split(), f"paths.output_dir={tmp_path}")
+    validate_config(cfg)  # well-formed sizes: the model decides
+    model = build(cfg.model, "model")
+    with pytest.raises(
+        ConfigError, match=rf"^{re.escape(key)}=.* divisible by {model.divisor} "
+    ) as err:
+        check_input_sizes(cfg, model.divisor)
+    assert "\n" not in str(err.value)
 
 
 def test_good_config_passes(tmp_path):

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig
 
 from revseg.errors import ConfigError, RevsegError
+from revseg.validation import check_divisible, positive_ints
 
 __all__ = [
     "CONFIG_DIR",
@@ -20,6 +21,7 @@ __all__ = [
     "group_options",
     "check_group_overrides",
     "check_key_overrides",
+    "check_input_sizes",
     "validate_config",
     "model_name",
     "model_option",
@@ -225,19 +227,6 @@ def compose_config(
     return cfg
 
 
-def _positive_int_list(cfg: DictConfig, key: str, length: int = 3) -> list[int] | None:
-    value = cfg.get(key.rsplit(".", 1)[-1])
-    if value is None:
-        return None
-    try:
-        values = [int(v) for v in value]
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{key} must be a list of {length} positive ints, got {value!r}") from err
-    if len(values) != length or any(v < 1 for v in values):
-        raise ConfigError(f"{key} must be a list of {length} positive ints, got {value!r}")
-    return values
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Fail early, before any data is read, on values that cannot work.
 
@@ -284,15 +273,25 @@ def validate_config(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")
-    channels = cfg.model.get("channels")
-    divisor = 2 ** (len(channels) - 1) if channels else 1
     for key in ("crop_size", "patch_size"):
-        size = _positive_int_list(cfg.data, f"data.{key}")
-        if size and any(s % divisor for s in size):
-            raise ConfigError(
-                f"data.{key}={size}: every size must be divisible by {divisor} "
-                f"(the model's {len(channels) - 1} downsamplings)"
-            )
+        if cfg.data.get(key) is not None:
+            positive_ints(cfg.data[key], f"data.{key}", 3)
+
+
+def check_input_sizes(cfg: DictConfig, divisor: int) -> None:
+    """``data.crop_size`` / ``data.patch_size`` (a video: ``[data.frames, *data.size]``) must be
+    multiples of the model's ``divisor`` (its downsampling factor, an attribute of every model),
+    checked once the model is built and before any data is read.
+
+    Raises:
+        ConfigError: naming the key, the sizes and the divisor.
+    """
+    sizes = {f"data.{k}": cfg.data[k] for k in ("crop_size", "patch_size") if cfg.data.get(k)}
+    if cfg.data.get("frames") is not None and cfg.data.get("size") is not None:  # a video
+        sizes["data.frames+size"] = [cfg.data.frames, *positive_ints(cfg.data.size, "data.size", 2)]
+    for key, value in sizes.items():
+        size = positive_ints(value, key, 3)
+        check_divisible(size, divisor, key, "the model's downsampling factor")
 
 
 def build(node: DictConfig, key: str, **kwargs: Any) -> Any:

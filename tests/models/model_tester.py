@@ -58,8 +58,18 @@ class ModelTester:
 
     def test_rejects_sizes_not_divisible_by_the_downsampling(self):
         model = self.build()
-        with pytest.raises(ValueError, match="divisible"):
+        with pytest.raises(ValueError, match=f"divisible by {model.divisor}"):
             model(torch.randn(1, self.in_channels, 10, 16, 16))
+
+    def test_divisor_is_the_rule_the_forward_applies(self):
+        # `divisor` is what train() checks data.crop_size against before reading data
+        model = self.build().eval()
+        d = model.divisor
+        assert isinstance(d, int) and d > 1
+        with torch.no_grad():
+            assert model(torch.randn(1, self.in_channels, d, 2 * d, d)).shape[2:] == (d, 2 * d, d)
+            with pytest.raises(ValueError, match=f"divisible by {d}"):
+                model(torch.randn(1, self.in_channels, d, d + d // 2, d))
 
 
 class ReversibleModelTester(ModelTester):

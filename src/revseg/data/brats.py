@@ -42,6 +42,7 @@ from revseg.data.layouts import (
 from revseg.data.synthetic import make_synthetic_brats, read_manifest
 from revseg.data.transforms import READERS, build_transforms, split_pipeline
 from revseg.errors import ConfigError, DataError, RevsegError
+from revseg.validation import positive_ints
 
 __all__ = [
     "CACHE_MODES",
@@ -148,13 +149,7 @@ def split_cases(
 
 
 def _shape(value: Any, key: str) -> tuple[int, int, int]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
-        raise ConfigError(f"data.{key} must be 3 positive ints, got {value!r}")
-    if not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise ConfigError(f"data.{key} must be 3 positive ints, got {list(value)!r}")
-    return tuple(int(v) for v in value)  # type: ignore[return-value]
+    return positive_ints(value, f"data.{key}", 3)  # type: ignore[return-value]
 
 
 def _int(value: Any, key: str, minimum: int) -> int:

@@ -43,6 +43,7 @@ from revseg.data.checks import Problem
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
 from revseg.metrics.video import VOID, VideoMetrics, overlay_frame
+from revseg.validation import positive_ints
 
 __all__ = [
     "DAVIS_PALETTE",
@@ -301,16 +302,8 @@ def _int(value: Any, key: str, minimum: int) -> int:
 
 
 def _size(value: Any, key: str) -> tuple[int, int]:
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in value
-        )
-    ):
-        raise ConfigError(f"data.{key} must be 2 positive ints [H, W], got {value!r}")
-    return int(value[0]), int(value[1])
+    """``[H, W]``: two positive ints."""
+    return positive_ints(value, f"data.{key}", 2)  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------- data module

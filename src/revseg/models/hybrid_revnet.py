@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from revseg.nn.blocks import per_level
+from revseg.nn.blocks import check_volume, per_level
 from revseg.nn.hybrid import HybridBlock, hybrid_block
 from revseg.nn.invertible import (
     BatchPooling3d,
@@ -146,13 +146,6 @@ class HybridRevNet(nn.Module):
         return [b for b in self.body.blocks if isinstance(b, HybridBlock)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"HybridRevNet expects (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}"
-            )
-        if any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"HybridRevNet needs D, H, W divisible by {self.divisor} "
-                f"({len(self.pooling)} poolings), got {tuple(x.shape[2:])}"
-            )
+        poolings = f"{len(self.pooling)} poolings"
+        check_volume(x, self.divisor, "HybridRevNet", self.in_channels, poolings)
         return self.head(self.body(self.opening(x)))

@@ -86,6 +86,11 @@ class HyperbolicNet(nn.Module):
         self.head = nn.Conv3d(state_channels, out_channels, 1)
 
     @property
+    def divisor(self) -> int:
+        """The factor ``D, H, W`` must be multiples of (the stack's Haar coarsenings)."""
+        return self.stack.divisor
+
+    @property
     def memory_saving(self) -> bool:
         return self.stack.memory_saving
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["NormActConv", "group_count", "per_level"]
+__all__ = ["NormActConv", "check_volume", "group_count", "per_level"]
 
 
 def per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
@@ -23,6 +23,25 @@ def per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
             f"{name} must be a positive int or a list of {levels} positive ints, got {value!r}"
         )
     return depths
+
+
+def check_volume(
+    x: torch.Tensor, divisor: int, name: str, channels: int | None = None, why: str = ""
+) -> None:
+    """The one input check of the models: ``x`` is ``(B, C, D, H, W)`` (``C = channels`` if
+    given) with ``D, H, W`` divisible by ``divisor`` (the model's downsampling factor).
+
+    Raises:
+        ValueError: naming ``name``, the expected layout and the shape it got.
+    """
+    c = "C" if channels is None else str(channels)
+    wrong_layout = x.ndim != 5 or (channels is not None and x.shape[1] != channels)
+    if wrong_layout or any(s % divisor for s in x.shape[2:]):
+        reason = f" ({why})" if why else ""
+        raise ValueError(
+            f"{name} expects (B, {c}, D, H, W) with D, H, W divisible by {divisor}{reason}, "
+            f"got {tuple(x.shape)}"
+        )
 
 
 def group_count(channels: int, groups: int) -> int:

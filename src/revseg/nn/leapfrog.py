@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from revseg.nn.blocks import check_volume
 from revseg.nn.haar import haar3d, inverse_haar3d
 from revseg.nn.low_rank import SymmetricBlockLowRankConv3d
 from revseg.nn.reversible import State, Step, run_chain
@@ -230,18 +231,15 @@ class LeapfrogStack(nn.Module):
             for k, (_, n, _), r in zip(layers, plan, ranks)
         )
 
+    @property
+    def divisor(self) -> int:
+        """The factor ``D, H, W`` must be multiples of: ``2^c`` for ``c`` Haar coarsenings."""
+        return 2**self.coarsenings
+
     def check_input(self, y: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``y`` is ``(B, channels, D, H, W)`` with sizes divisible."""
-        factor = 2**self.coarsenings
-        if y.ndim != 5 or y.shape[1] != self.channels:
-            raise ValueError(
-                f"expected (B, {self.channels}, D, H, W) states, got shape {tuple(y.shape)}"
-            )
-        if any(s % factor for s in y.shape[2:]):
-            raise ValueError(
-                f"input D, H, W must be divisible by {factor} ({self.coarsenings} Haar "
-                f"coarsenings), got {tuple(y.shape[2:])}"
-            )
+        why = f"{self.coarsenings} Haar coarsenings"
+        check_volume(y, self.divisor, "LeapfrogStack", self.channels, why)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters in the order the memory-saving backward returns their grads."""

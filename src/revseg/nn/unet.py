@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from revseg.nn.blocks import per_level
+from revseg.nn.blocks import check_volume, per_level
 from revseg.nn.reversible import reversible_parts
 
 __all__ = ["ConvTrilinearUp3d", "MaxPoolConv3d", "ReversibleUNet", "level_sequence", "upsample2x"]
@@ -184,11 +184,7 @@ class ReversibleUNet(nn.Module):
         return module(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"{type(self).__name__} expects (B, C, D, H, W) with D, H, W divisible by "
-                f"{self.divisor}, got {tuple(x.shape)}"
-            )
+        check_volume(x, self.divisor, type(self).__name__)
         x = self.stem(x)
         skips = []
         for i, encoder in enumerate(self.encoders):

@@ -25,7 +25,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import revseg
-from revseg.config import build, data_name, model_name, model_option, validate_config
+from revseg.config import (
+    build,
+    check_input_sizes,
+    data_name,
+    model_name,
+    model_option,
+    validate_config,
+)
 from revseg.device import (
     CHANNELS_LAST,
     autocast_context,
@@ -800,6 +807,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     model = build(cfg.model, "model").to(device)
+    check_input_sizes(cfg, int(model.divisor))
     checkpoint = None
     if cfg.trainer.resume:  # before the data is read: a wrong checkpoint fails at once
         checkpoint = read_resume_checkpoint(cfg.trainer.resume, output_dir / "checkpoints", cfg)
