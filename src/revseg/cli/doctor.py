@@ -5,7 +5,7 @@ cuDNN and NCCL versions and the devices, then on every device (the CPU always, e
 GPU):
 
 - a tiny partially reversible U-Net's gradients with memory saving against plain autograd
-  (float64, DESIGN.md's criterion: relative error < 1e-6);
+  (float64, contract 3 of docs/architecture.md: relative error < 1e-6);
 - a short training step under the peak-memory meter (:mod:`revseg.memory.measure`);
 - a forward and backward under bf16 and fp16 autocast (finite loss and gradients, reversible
   states kept float32);
@@ -30,7 +30,7 @@ from revseg.cli import run_main
 
 __all__ = ["Check", "checks", "main", "run"]
 
-GRAD_TOLERANCE = 1e-6  # float64 gradients, memory saving vs plain autograd (DESIGN.md)
+GRAD_TOLERANCE = 1e-6  # float64 gradients, memory saving vs plain autograd (docs/architecture.md, contract 3)
 
 
 class Skip(Exception):
