@@ -30,7 +30,9 @@ from revseg.cli import run_main
 
 __all__ = ["Check", "checks", "main", "run"]
 
-GRAD_TOLERANCE = 1e-6  # float64 gradients, memory saving vs plain autograd (docs/architecture.md, contract 3)
+GRAD_TOLERANCE = (
+    1e-6  # float64 gradients, memory saving vs plain autograd (docs/architecture.md, contract 3)
+)
 
 
 class Skip(Exception):
