@@ -110,26 +110,6 @@ def test_dropout_recomputation_sees_the_same_random_numbers():
     assert max(rel_err(a, b) for a, b in zip(g3, g2)) > 1e-2
 
 
-def test_batchnorm_running_stats_updated_once():
-    torch.manual_seed(0)
-    saving = make_sequence(2, batchnorm=True).double()
-    plain = copy.deepcopy(saving)
-    plain.memory_saving = False
-    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
-    _, g1, _ = grads_of(saving, x)
-    _, g2, _ = grads_of(plain, x)
-    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-6
-    # equal up to float64 rounding (the chain runs on split halves, plain autograd on views);
-    # a second update during recomputation would move running stats by ~momentum * stats
-    for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
-    assert all(
-        int(m.norm.num_batches_tracked) == 1
-        for m in saving.modules()
-        if isinstance(m, CountingConv)
-    )
-
-
 @pytest.mark.parametrize("sequence", [ReversibleSequence, InvertibleSequence])
 def test_invertible_batchnorm_in_couplings_updated_once(sequence):
     """Couplings whose F and G hold revseg's invertible batch norm (a ``stats_frozen`` flag, not
@@ -167,18 +147,6 @@ def test_exactly_one_extra_forward_of_f_and_g_per_block():
     assert [m.calls for m in plain.modules() if isinstance(m, CountingConv)] == [1] * 6
 
 
-def test_parameter_gradients_arrive_through_autograd_accumulation():
-    """DDP relies on autograd accumulating each parameter's gradient exactly once per backward."""
-    seq = make_sequence(2)
-    fired: dict[int, int] = {}
-    for p in seq.parameters():
-        p.register_post_accumulate_grad_hook(
-            lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1)
-        )
-    seq(torch.randn(1, 8, 4, 4, 4)).sum().backward()
-    assert fired == {id(p): 1 for p in seq.parameters()}
-
-
 def saved_bytes(seq: nn.Module, x: torch.Tensor) -> int:
     """Bytes of the unique non-parameter storages autograd keeps for backward."""
     params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
@@ -193,26 +161,6 @@ def saved_bytes(seq: nn.Module, x: torch.Tensor) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         seq(x)
     return sum(seen.values())
-
-
-def test_saved_memory_does_not_grow_with_depth():
-    x = torch.randn(1, 8, 8, 8, 8, requires_grad=True)
-    saving = [saved_bytes(make_sequence(d), x) for d in (1, 2, 4, 8)]
-    assert saving == [x.nbytes] * 4  # only the sequence output is kept
-    plain = [saved_bytes(make_sequence(d, memory_saving=False), x) for d in (1, 2, 4)]
-    assert plain[0] < plain[1] < plain[2]
-
-
-def test_frozen_parameters_and_no_grad_paths():
-    seq = make_sequence(2)
-    for p in seq.blocks[0].parameters():
-        p.requires_grad_(False)
-    x = torch.randn(1, 8, 4, 4, 4, requires_grad=True)
-    seq(x).sum().backward()
-    assert all(p.grad is None for p in seq.blocks[0].parameters())
-    assert all(p.grad is not None for p in seq.blocks[1].parameters())
-    with torch.no_grad():
-        assert seq(x).shape == x.shape
 
 
 def test_bad_input_is_reported():
@@ -286,14 +234,6 @@ def test_invertible_sequence_gradients_equal_plain_autograd(depth):
     assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-10
 
 
-def test_invertible_sequence_keeps_only_its_output():
-    x = torch.randn(1, 8, 8, 8, 8, requires_grad=True)
-    saving = [saved_bytes(make_invertible(d), x) for d in (1, 2, 4, 8)]
-    assert saving == [x.nbytes] * 4
-    plain = [saved_bytes(make_invertible(d, memory_saving=False), x) for d in (1, 2, 4)]
-    assert plain[0] < plain[1] < plain[2]
-
-
 def test_invertible_backward_is_one_inverse_and_one_forward_per_block_under_recomputing():
     seq = make_invertible(2)
     seq(torch.randn(1, 8, 4, 4, 4, requires_grad=True)).sum().backward()
@@ -327,43 +267,7 @@ def test_invertible_dropout_recomputation_sees_the_same_random_numbers():
     assert max(rel_err(a, b) for a, b in zip(g3, g2)) > 1e-2
 
 
-def test_invertible_batchnorm_running_stats_updated_once():
-    torch.manual_seed(0)
-    saving = make_invertible(2, batchnorm=True).double()
-    plain = copy.deepcopy(saving)
-    plain.memory_saving = False
-    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
-    _, g1, _ = grads_of(saving, x)
-    _, g2, _ = grads_of(plain, x)
-    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-6
-    for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
-        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
-    bns = [m.norm for m in saving.modules() if isinstance(m, CountingConv)]
-    assert [int(bn.num_batches_tracked) for bn in bns] == [1] * 4
-
-
-def test_invertible_parameter_gradients_arrive_through_autograd_accumulation():
-    seq = make_invertible(2)
-    fired: dict[int, int] = {}
-    for p in seq.parameters():
-        p.register_post_accumulate_grad_hook(
-            lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1)
-        )
-    seq(torch.randn(1, 8, 4, 4, 4)).sum().backward()
-    assert fired == {id(p): 1 for p in seq.parameters()}
-
-
-def test_invertible_frozen_parameters_no_grad_and_bad_blocks():
-    seq = make_invertible(2)
-    for p in seq.blocks[0].parameters():
-        p.requires_grad_(False)
-    x = torch.randn(1, 8, 4, 4, 4, requires_grad=True)
-    seq(x).sum().backward()
-    assert all(p.grad is None for p in seq.blocks[0].parameters())
-    assert all(p.grad is not None for p in seq.blocks[1].parameters())
-    assert x.grad is not None
-    with torch.no_grad():
-        assert seq(x).shape == x.shape
+def test_invertible_sequence_rejects_bad_blocks():
     with pytest.raises(ValueError, match="at least one block"):
         InvertibleSequence([])
     with pytest.raises(TypeError, match="Conv3d has none"):
@@ -469,3 +373,63 @@ def test_a_custom_step_gets_exact_gradients_and_an_unused_output_costs_nothing()
     got = torch.autograd.grad(last.square().sum(), [a, b, *params])  # `first` unused: None in
     for g, r in zip(got, reference):
         assert torch.allclose(g, r, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# both sequences: the engine's guarantees
+
+BOTH = pytest.mark.parametrize("make", [make_sequence, make_invertible], ids=["coupling", "any"])
+
+
+@BOTH
+def test_parameter_gradients_arrive_through_autograd_accumulation(make):
+    """DDP relies on autograd accumulating each parameter's gradient exactly once per backward."""
+    seq = make(2)
+    fired: dict[int, int] = {}
+    for p in seq.parameters():
+        p.register_post_accumulate_grad_hook(
+            lambda p: fired.__setitem__(id(p), fired.get(id(p), 0) + 1)
+        )
+    seq(torch.randn(1, 8, 4, 4, 4)).sum().backward()
+    assert fired == {id(p): 1 for p in seq.parameters()}
+
+
+@BOTH
+def test_saved_memory_does_not_grow_with_depth(make):
+    x = torch.randn(1, 8, 8, 8, 8, requires_grad=True)
+    saving = [saved_bytes(make(d), x) for d in (1, 2, 4, 8)]
+    assert saving == [x.nbytes] * 4  # only the sequence output is kept
+    plain = [saved_bytes(make(d, memory_saving=False), x) for d in (1, 2, 4)]
+    assert plain[0] < plain[1] < plain[2]
+
+
+@BOTH
+def test_batchnorm_running_stats_updated_once(make):
+    torch.manual_seed(0)
+    saving = make(2, batchnorm=True).double()
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(2, 8, 4, 4, 4, dtype=torch.float64)
+    _, g1, _ = grads_of(saving, x)
+    _, g2, _ = grads_of(plain, x)
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) < 1e-6
+    # equal up to float64 rounding (the chain runs on split halves, plain autograd on views);
+    # a second update during recomputation would move running stats by ~momentum * stats
+    for (name, a), (_, b) in zip(saving.named_buffers(), plain.named_buffers()):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
+    bns = [m.norm for m in saving.modules() if isinstance(m, CountingConv)]
+    assert [int(bn.num_batches_tracked) for bn in bns] == [1] * 4
+
+
+@BOTH
+def test_frozen_parameters_and_no_grad_paths(make):
+    seq = make(2)
+    for p in seq.blocks[0].parameters():
+        p.requires_grad_(False)
+    x = torch.randn(1, 8, 4, 4, 4, requires_grad=True)
+    seq(x).sum().backward()
+    assert all(p.grad is None for p in seq.blocks[0].parameters())
+    assert all(p.grad is not None for p in seq.blocks[1].parameters())
+    assert x.grad is not None
+    with torch.no_grad():
+        assert seq(x).shape == x.shape

@@ -59,6 +59,7 @@ __all__ = [
     "BlockStep",
     "CouplingStep",
     "InvertibleSequence",
+    "ReversibleChain",
     "ReversibleSequence",
     "Step",
     "apply_invertible_sequence",
@@ -626,7 +627,28 @@ def run_chain(steps: Sequence[Step], *state: torch.Tensor) -> torch.Tensor | tup
     return _ChainFunction.apply(tuple(steps), len(state), *state, *params)
 
 
-class ReversibleSequence(nn.Module):
+class ReversibleChain(nn.Module):
+    """What the sequences share: ``blocks`` applied in order, the ``memory_saving`` switch,
+    ``preserve_rng_state``, :meth:`steps` for the engine and the block-by-block :meth:`inverse`.
+    :func:`reversible_parts` finds a model's chains (and the leapfrog stack) by their
+    ``inverse`` and ``memory_saving``."""
+
+    blocks: nn.ModuleList
+    memory_saving: bool
+    preserve_rng_state: bool
+
+    def steps(self) -> list[Step]:
+        """The engine's steps, one per block, made fresh per call (steps keep per-call state)."""
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Reconstruct the sequence input from its output, block by block."""
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
+
+
+class ReversibleSequence(ReversibleChain):
     """A chain of reversible coupling blocks whose activation memory does not grow with depth.
 
     Args:
@@ -685,12 +707,6 @@ class ReversibleSequence(nn.Module):
             x = block(x)
         return x
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the sequence input from its output."""
-        for block in reversed(self.blocks):
-            y = block.inverse(y)
-        return y
-
 
 def invertible_steps(blocks: Sequence[nn.Module], preserve_rng_state: bool) -> list[Step]:
     """The engine's steps for invertible ``blocks``: a :class:`BlockStep` per block."""
@@ -718,7 +734,7 @@ def apply_invertible_sequence(
     return x
 
 
-class InvertibleSequence(nn.Module):
+class InvertibleSequence(ReversibleChain):
     """A chain of invertible blocks whose activation memory does not grow with depth.
 
     Any module with a ``forward`` and an ``inverse`` (``block.inverse(block(x)) ~ x``) can be
@@ -780,12 +796,6 @@ class InvertibleSequence(nn.Module):
         return apply_invertible_sequence(
             x, self.blocks, self.memory_saving, self.preserve_rng_state
         )
-
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Reconstruct the sequence input from its output."""
-        for block in reversed(self.blocks):
-            y = block.inverse(y)
-        return y
 
 
 # --------------------------------------------------------------------------------------------
