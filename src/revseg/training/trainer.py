@@ -841,10 +841,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     if cfg.trainer.get("plan_memory", True) and info.is_main:
-        from revseg.memory.plan import plan_from_config
+        from revseg.memory.plan import plan_run
 
         try:  # the planner's prediction, next to the measured peak in summary.json
-            plan = plan_from_config(cfg, model, spatial=tuple(data.input_shape), writer=writer)
+            plan = plan_run(cfg, model, optimizer, loss_fn, data, writer=writer)
             trainer.planned_peak_bytes = int(plan.peak_bytes)
             log.info("memory plan:\n%s", plan.table())
         except Exception as err:  # noqa: BLE001 - a failed plan must not stop training
