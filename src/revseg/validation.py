@@ -2,7 +2,7 @@
 
 Used by the config check, the data modules, the planner and the composition in
 :func:`revseg.training.trainer.train`: a list of positive ints (:func:`positive_ints`) and input
-sizes a model can take (:func:`check_divisible`, against the model's own ``divisor``).
+sizes a model can take (:func:`check_divisible`, against :func:`model_divisor`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from revseg.errors import ConfigError
 
-__all__ = ["check_divisible", "positive_ints"]
+__all__ = ["check_divisible", "model_divisor", "positive_ints"]
 
 
 def positive_ints(value: Any, key: str, length: int | None = None) -> tuple[int, ...]:
@@ -45,6 +45,22 @@ def check_divisible(sizes: Sequence[int], divisor: int, key: str, why: str = "")
     if any(int(s) % divisor for s in sizes):
         reason = f" ({why})" if why else ""
         raise ConfigError(f"{key}={list(sizes)}: every size must be divisible by {divisor}{reason}")
+
+
+def model_divisor(model: Any, key: str = "model") -> int:
+    """The factor a model's ``D, H, W`` must be multiples of: its ``divisor`` attribute (every
+    revseg model has one; docs/architecture.md, contract 2).
+
+    Raises:
+        ConfigError: naming ``key`` and the model's class, for a model without one.
+    """
+    divisor = getattr(model, "divisor", None)
+    if not isinstance(divisor, Integral) or divisor < 1:
+        raise ConfigError(
+            f"{key}: {type(model).__name__} has no positive int `divisor` (the factor its input "
+            "sizes must be multiples of; see docs/architecture.md, contract 2)"
+        )
+    return int(divisor)
 
 
 def _shown(value: Any) -> str:

@@ -10,14 +10,15 @@ FULL = [160, 192, 160]
 def test_specs_cover_every_config_measured_and_planned():
     specs = fov.specs([64, 96], [tuple(FULL)], steps=2, threads=1)
     assert len(specs) == 3 * len(fov.CONFIGS)
-    labels = {s["label"] for s in specs}
+    labels = {s.label for s in specs}
     assert labels == {c.label for c in fov.CONFIGS}
     assert {fov.REFERENCE, "prev_unet depth 4", "hybrid_revnet"} <= labels
-    planned = [s for s in specs if s.get("plan_only")]
-    assert len(planned) == len(fov.CONFIGS) and all(s["size"] == FULL for s in planned)
-    assert all(s["section"] == "f" and s["kind"] == "net" for s in specs)
+    planned = [s for s in specs if s.plan_only]
+    assert len(planned) == len(fov.CONFIGS) and all(s.size == FULL for s in planned)
+    assert all(s.section == "f" and s.kind == "net" for s in specs)
+    assert planned[0].as_dict()["plan_only"] and "plan_only" not in specs[0].as_dict()
     tiny = fov.specs([16], [], steps=1, threads=1, tiny=True)
-    assert all(set(c.tiny) <= set(s["overrides"]) for c, s in zip(fov.CONFIGS, tiny))
+    assert all(set(c.tiny) <= set(s.overrides) for c, s in zip(fov.CONFIGS, tiny))
 
 
 def result(label: str, size: list[int], peak: float, time: float | None = None) -> dict:

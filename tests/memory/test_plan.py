@@ -9,7 +9,7 @@ import torch
 from revseg.config import build
 from revseg.errors import ConfigError
 from revseg.memory import PeakMemoryMeter
-from revseg.memory.plan import CATEGORIES, fit_budget, plan_from_config
+from revseg.memory.plan import CATEGORIES, fit_budget, plan_from_config, plan_run
 
 from conftest import REPO, TINY, compose_train
 
@@ -123,6 +123,24 @@ def test_plan_leaves_the_model_alone_and_logs_to_tensorboard():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert writer.texts == [("memory/plan", plan.table(), 0)]
+
+
+def test_plan_of_the_run_uses_its_objects():
+    """The trainer's plan: the model, optimizer, loss and data module train() built, nothing
+    rebuilt from the config; the same plan as from the config, and AdamW's defaults are taken."""
+    from types import SimpleNamespace
+
+    for optimizer in ("adam", "adamw"):
+        cfg = _cfg("model=prev_unet", f"optimizer={optimizer}")
+        model = build(cfg.model, "model")
+        opt = build(cfg.optimizer, "optimizer")(params=model.parameters())
+        loss_fn = build(cfg.loss, "loss")
+        data = SimpleNamespace(input_shape=(16, 16, 24), batch_size=1)
+        plan = plan_run(cfg, model, opt, loss_fn, data)
+        assert plan == plan_from_config(cfg, model, spatial=[16, 16, 24])
+        assert all(p.grad is None for p in model.parameters()) and not opt.state
+    no_step = plan_run(cfg, model, None, loss_fn, data)
+    assert no_step.breakdown["optimizer state"] == 0 < plan.breakdown["optimizer state"]
 
 
 def test_budget_fit_is_the_largest_that_fits():

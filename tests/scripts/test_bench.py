@@ -1,4 +1,5 @@
-"""Tests of scripts/bench.py: tiny configurations end to end, peers skipped cleanly, the zoo."""
+"""Tests of scripts/bench.py over revseg.bench: tiny configurations end to end, peers skipped
+cleanly, the zoo, the report made again from docs/benchmarks/results.json."""
 
 import importlib.util
 import json
@@ -6,9 +7,13 @@ import shutil
 
 import pytest
 
+from revseg.bench import report, runner, specs
+from revseg.bench.specs import SequenceSpec
+
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"
+DOCS = REPO / "docs" / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -40,40 +45,31 @@ def test_quick_sequence_run_writes_the_report(bench, tmp_path):
     assert "| depth | plain | revseg |" in text
 
 
-def test_missing_peer_is_skipped_with_a_note(bench, monkeypatch):
+def test_missing_peer_is_skipped_with_a_note(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        bench.importlib.util, "find_spec", lambda name: None if name == "memcnn" else real(name)
+        runner.importlib.util, "find_spec", lambda name: None if name == "memcnn" else real(name)
     )
-    spec = {"kind": "sequence", "section": "c", "label": "memcnn", "impl": "memcnn"}
-    result = bench.run_spec(spec, timeout=10)
+    spec = SequenceSpec("memcnn", "memcnn", 1, 8, 1, [8] * 3, steps=1, threads=1)
+    result = runner.run_spec(spec, timeout=10)
     assert result == {"skipped": "memcnn not installed (pip install -e '.[bench]')"}
-    results = [{"spec": {**spec, "depth": 1, "channels": 8, "size": [8] * 3}, "result": result}]
-    meta = {
-        "command": "python scripts/bench.py",
-        "date": "today",
-        "wall_s": 1.0,
-        "load_start": 0.5,
-        "load_end": 0.5,
-        "machine": bench.machine_info(),
-        "memory_method": "cpu_tensor_tracker",
-        "threads": 1,
-    }
-    text, _ = bench.report(results, meta)
+    meta = runner.new_meta("python scripts/bench.py", 1, cuda=False)
+    meta.update(wall_s=1.0, load_end=0.5)
+    text, _ = report.report([{"spec": spec.as_dict(), "result": result}], meta)
     assert "Skipped: memcnn not installed" in text
 
 
-def test_every_implementation_computes_the_same_sequence(bench):
+def test_every_implementation_computes_the_same_sequence():
     """The peers run the same blocks: same output as plain autograd (when installed)."""
     import torch
 
     x = torch.randn(1, 8, 4, 4, 4)
     with torch.no_grad():
-        reference = bench.build_sequence("plain", 2, 8)(x)
-        for impl in bench.IMPLS:
-            if impl in bench.PEERS and importlib.util.find_spec(impl) is None:
+        reference = runner.build_sequence("plain", 2, 8)(x)
+        for impl in specs.IMPLS:
+            if impl in specs.PEERS and importlib.util.find_spec(impl) is None:
                 continue
-            out = bench.build_sequence(impl, 2, 8)(x.clone())
+            out = runner.build_sequence(impl, 2, 8)(x.clone())
             assert torch.allclose(out, reference, atol=1e-5), impl
 
 
@@ -89,13 +85,14 @@ def test_zoo_covers_every_brats_model_config(bench):
     """Section e: every model config with 4 input channels, each with the variants its keys name."""
     from revseg.models.revnet_unet import DOWNSAMPLE_KINDS
 
-    specs = bench.make_specs(bench.build_parser().parse_args(["--quick", "--sections", "e"]), False)
+    args = bench.build_parser().parse_args(["--quick", "--sections", "e"])
+    made = [s.as_dict() for s in specs.make_specs(args, cuda=False)]
     configs = _model_configs()
     brats = {n for n, c in configs.items() if c.get("in_channels") == 4}
-    assert {s["design"] for s in specs} == brats
+    assert {s["design"] for s in made} == brats
     assert {"prev_unet", "unet_baseline", "revnet_unet", "hybrid_revnet"} <= brats
     for name in brats:
-        mine = [s for s in specs if s["design"] == name]
+        mine = [s for s in made if s["design"] == name]
         model = configs[name]
         assert all(s["size"] == [16] * 3 and f"model={name}" in s["overrides"] for s in mine)
         kinds = set(DOWNSAMPLE_KINDS) if "downsample" in model else {""}
@@ -114,10 +111,10 @@ def test_zoo_covers_every_brats_model_config(bench):
         # saving on and off for every downsample kind and depth
         pairs = {(s["setting"], s["depth"], s["saving"]) for s in mine}
         assert pairs == {(k, d, v) for k in kinds for d in depths for v in (True, False)}, name
-    by = {s["design"]: s for s in specs}
+    by = {s["design"]: s for s in made}
     # the same small setting for every design that takes it; hybrid_revnet's channel rule refuses it
-    assert set(bench.QUICK_UNET) <= set(by["prev_unet"]["overrides"])
-    assert set(bench.QUICK_UNET) <= set(by["unet_baseline"]["overrides"])
+    assert set(specs.QUICK_UNET) <= set(by["prev_unet"]["overrides"])
+    assert set(specs.QUICK_UNET) <= set(by["unet_baseline"]["overrides"])
     assert not any(o.startswith("model.channels") for o in by["hybrid_revnet"]["overrides"])
     assert "hybrid_revnet keeps its default channels" in by["hybrid_revnet"]["zoo_note"]
     assert by["prev_unet"]["zoo_note"] is None
@@ -136,8 +133,8 @@ def test_quick_zoo_run_keeps_the_other_sections(bench, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["results"][: len(others)] == others
     assert data["meta"]["command"] == old["meta"]["command"]
-    zoo = {bench._zoo_key(r["spec"]): r["result"] for r in data["results"][len(others) :]}
-    assert len(zoo) == 4 and all(bench._ok(r) for r in zoo.values()), zoo
+    zoo = {specs.zoo_key(r["spec"]): r["result"] for r in data["results"][len(others) :]}
+    assert len(zoo) == 4 and all(specs.ok(r) for r in zoo.values()), zoo
     peak = {k: r["peak_bytes"] for k, r in zoo.items()}
     act = {k: r["planned_activation_peak_bytes"] for k, r in zoo.items()}
     for d in (1, 4):
@@ -152,3 +149,19 @@ def test_quick_zoo_run_keeps_the_other_sections(bench, tmp_path):
     assert "## e. The reversible zoo at 16x16x16" in text
     assert "| prev_unet | – | reversible | 26,363 |" in text
     assert "- section e from a later run: `python scripts/bench.py --quick --sections e" in text
+
+
+def test_report_made_again_from_the_results_is_the_committed_one(bench, tmp_path, monkeypatch):
+    """docs/benchmarks/README.md is what its results.json reports, to the byte, and so is the
+    results.json that --report-from writes (nothing run; the plots are the ones the file lists,
+    whether matplotlib is installed or not)."""
+    import revseg.bench.plots
+
+    saved = json.loads((DOCS / "results.json").read_text())
+    text, goals = report.report(saved["results"], saved["meta"])
+    assert text + "\n" == (DOCS / "README.md").read_text()
+    assert json.dumps(goals) == json.dumps(saved["goals"])
+    monkeypatch.setattr(revseg.bench.plots, "plots", lambda results, out: saved["meta"]["plots"])
+    assert bench.main(["--report-from", str(DOCS / "results.json"), "--out", str(tmp_path)]) == 0
+    for name in ("README.md", "results.json"):
+        assert (tmp_path / name).read_bytes() == (DOCS / name).read_bytes(), name

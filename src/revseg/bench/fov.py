@@ -5,8 +5,9 @@ with gradient checkpointing) does the reversible net need at the whole volume, a
 in time? Every configuration below runs one training step (Adam, Dice loss, batch 1) in its own
 process at the measured sizes, and is planned by :mod:`revseg.memory.plan` at the sizes too large
 for the machine (160x192x160, the BraTS full field of view). The configurations and the goals
-are data (:data:`CONFIGS`, :data:`GOALS`); :func:`specs` makes the runner's specs and
-:func:`report` the Markdown section and the goals' rows.
+are data (:data:`CONFIGS`, :data:`GOALS`); :func:`specs` makes the runner's specs
+(:class:`~revseg.bench.specs.NetSpec`) and :func:`report` the Markdown section and the goals'
+rows.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from revseg.bench.specs import NetSpec
 
 __all__ = ["CONFIGS", "GOALS", "Config", "Goal", "report", "specs"]
 
@@ -94,24 +97,16 @@ def specs(
     steps: int,
     threads: int | None,
     tiny: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[NetSpec]:
     """The runner's specs: every config at each measured cube side and, planner only, at each
     planned ``(D, H, W)``; ``tiny``: the configs' tiny variants."""
     out = []
     for config in CONFIGS:
         sizes = [([s] * 3, False) for s in measured] + [(list(p), True) for p in planned]
         for size, plan_only in sizes:
+            overrides = [*config.overrides, *(config.tiny if tiny else ())]
             out.append(
-                {
-                    "kind": "net",
-                    "section": SECTION,
-                    "label": config.label,
-                    "overrides": [*config.overrides, *(config.tiny if tiny else ())],
-                    "size": size,
-                    "steps": steps,
-                    "threads": threads,
-                    **({"plan_only": True} if plan_only else {}),
-                }
+                NetSpec(SECTION, config.label, overrides, size, steps, threads, plan_only=plan_only)
             )
     return out
 

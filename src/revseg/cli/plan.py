@@ -6,7 +6,7 @@ Takes the same overrides as ``train.py`` (``model=unet_baseline data.crop_size=[
 prints the planner's breakdown (parameters, gradients, optimizer state, batch, states kept by
 reversible parts, activations kept by non-reversible parts, workspace) and, with ``budget_gb=``,
 the largest field of view (a cube, and the configured crop scaled) and the deepest encoder that
-fit the budget. See :mod:`revseg.memory.plan` for the method.
+fit the budget. See :mod:`revseg.memory.trace` for the method.
 """
 
 from __future__ import annotations

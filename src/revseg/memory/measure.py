@@ -2,12 +2,11 @@
 
 On CUDA the figure is ``torch.cuda.max_memory_allocated``: the high-water mark of the bytes held
 by live tensors (the caching allocator's reserve not included). On CPU there is no such counter,
-so :class:`PeakMemoryMeter` runs the block under a ``TorchDispatchMode`` that sees every aten op
-(forward, backward run by the autograd engine, custom ``autograd.Function`` bodies, the optimizer)
-and keeps a ledger of tensor storages: a storage is counted once, by ``nbytes()``, when an op
-first returns it (views and in-place ops add nothing, ``resize_`` is followed) and subtracted when
-it is freed, which a weak reference to the ``UntypedStorage`` object reports at once (PyTorch keeps
-one Python object per storage alive for as long as the C++ storage lives). The high-water mark of
+so :class:`PeakMemoryMeter` runs the block under the storage tracker
+(:class:`~revseg.memory.tracker.StorageTracker`, a ``TorchDispatchMode`` that sees every aten op:
+forward, backward run by the autograd engine, custom ``autograd.Function`` bodies, the optimizer):
+a storage is counted once, by ``nbytes()``, when an op first returns it (views and in-place ops
+add nothing, ``resize_`` is followed) and subtracted when it is freed. The high-water mark of
 that ledger is the CPU analogue of ``max_memory_allocated``; both count everything live at the
 peak: parameters, gradients, optimizer state, the batch.
 
@@ -29,13 +28,13 @@ import contextlib
 import sys
 import threading
 import weakref
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from revseg.memory.tracker import StorageTracker, storage_of, unique_storages
 
 __all__ = [
     "MemoryMeasurement",
@@ -48,46 +47,6 @@ __all__ = [
 
 _active_lock = threading.Lock()
 _active = False  # one measurement at a time per process: nesting would corrupt the peak
-# Ops whose *input* is a tensor just built outside the dispatcher (``torch.tensor([...])``).
-_LIFT_OPS = {torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default}
-
-
-def _iter_tensors(obj: Any) -> Iterator[torch.Tensor]:
-    """Yield the tensors in ``obj``: a tensor, a mapping (its values) or any nested iterable."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, Mapping):
-        for value in obj.values():
-            yield from _iter_tensors(value)
-    elif isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
-        for item in obj:
-            yield from _iter_tensors(item)
-
-
-def _op_tensors(obj: Any, out: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Append the tensors of aten arguments or results (tensors, nested lists and tuples) to out.
-
-    Much cheaper than ``torch.utils._pytree.tree_flatten``, which dominated the per-op cost.
-    """
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            _op_tensors(item, out)
-    return out
-
-
-def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
-    """The storage of ``t``, or ``None`` for tensors without one (sparse, some subclasses)."""
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
-def _unique_storages(tensors: Any) -> dict[int, torch.UntypedStorage]:
-    storages = (_storage(t) for t in _iter_tensors(tensors))
-    return {id(s): s for s in storages if s is not None}
 
 
 def live_tensor_bytes(tensors: Any) -> int:
@@ -97,7 +56,7 @@ def live_tensor_bytes(tensors: Any) -> int:
         tensors: a tensor, an iterable of tensors (``model.parameters()``), a mapping
             (``optimizer.state``) or any nesting of these; non-tensor leaves are ignored.
     """
-    return sum(s.nbytes() for s in _unique_storages(tensors).values())
+    return sum(s.nbytes() for s in unique_storages(tensors).values())
 
 
 def format_bytes(n: int | float) -> str:
@@ -157,82 +116,29 @@ class MemoryMeasurement:
     reserved_bytes: int | None = None
 
 
-class _TrackedRef(weakref.ref):
-    """Weak reference to a storage that remembers its ledger key and counted size."""
+class _PeakTracker(StorageTracker):
+    """The storage ledger as a running total of live bytes and its high-water mark.
 
-    __slots__ = ("key", "nbytes")
-
-
-class _StorageTracker(TorchDispatchMode):
-    """Dispatch mode keeping the live-bytes ledger of storages on one device type.
-
-    A storage met as an op *input* that is not in the ledger existed before the block began, so
-    it was live all along: it is added to the live bytes and, retroactively, to the peak.
-    Weakref callbacks only append to a deque (they may fire on any thread, or inside the
-    bookkeeping itself); the deque is drained under the lock before each op is accounted.
+    A storage found alive (an op's input not yet in the ledger, or a ``static`` one) existed
+    before the block began, so it was live all along: it is added to the live bytes and,
+    retroactively, to the peak.
     """
 
     def __init__(self, device_type: str) -> None:
-        super().__init__()
-        self.device_type = device_type
+        super().__init__(device_type)
         self.live = 0
         self.peak = 0
-        self._refs: dict[int, _TrackedRef] = {}
-        self._freed: deque[_TrackedRef] = deque()
-        self._lock = threading.Lock()
 
-    def _drain(self) -> None:
-        while self._freed:
-            ref = self._freed.popleft()
-            self.live -= ref.nbytes
-            if self._refs.get(ref.key) is ref:
-                del self._refs[ref.key]
-
-    def _see(self, t: torch.Tensor, pre_existing: bool) -> None:
-        if t.device.type != self.device_type or (s := _storage(t)) is None:
-            return
-        key, nbytes = id(s), s.nbytes()
-        ref = self._refs.get(key)
-        if ref is not None and ref() is s:  # known storage: only a resize_ changes it
-            if nbytes != ref.nbytes:
-                self.live += nbytes - ref.nbytes
-                ref.nbytes = nbytes
-                self.peak = max(self.peak, self.live)
-            return
-        ref = _TrackedRef(s, self._freed.append)  # a dead entry under `key` is in the deque
-        ref.key, ref.nbytes = key, nbytes
-        self._refs[key] = ref
+    def born(self, uid: int, nbytes: int, found: bool) -> None:
         self.live += nbytes
-        self.peak = self.peak + nbytes if pre_existing else max(self.peak, self.live)
+        self.peak = self.peak + nbytes if found else max(self.peak, self.live)
 
-    def add(self, tensors: Any) -> None:
-        """Count ``tensors`` as live since entry (the static baseline), once per storage."""
-        with self._lock:
-            for t in _iter_tensors(tensors):
-                self._see(t, pre_existing=True)
+    def resized(self, uid: int, delta: int) -> None:
+        self.live += delta
+        self.peak = max(self.peak, self.live)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = _op_tensors(args, _op_tensors(tuple(kwargs.values()), []))
-        with self._lock:
-            self._drain()
-            fresh = func in _LIFT_OPS
-            for t in inputs:
-                self._see(t, pre_existing=not fresh)
-        out = func(*args, **kwargs)
-        with self._lock:
-            self._drain()
-            for t in _op_tensors(out, []):
-                self._see(t, pre_existing=False)
-        return out
-
-    def close(self) -> tuple[int, int]:
-        """Account the last frees, drop every weak reference; return ``(peak, live)`` bytes."""
-        with self._lock:
-            self._drain()
-            self._refs.clear()
-            self._freed.clear()
-        return self.peak, self.live
+    def freed(self, uid: int, nbytes: int) -> None:
+        self.live -= nbytes
 
 
 class PeakMemoryMeter:
@@ -296,7 +202,7 @@ class PeakMemoryMeter:
                 result.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
                 result.end_bytes = torch.cuda.memory_allocated(self.device)
             else:
-                tracker = _StorageTracker(self.device.type)
+                tracker = _PeakTracker(self.device.type)
                 tracker.add(static)
                 result.baseline_bytes = tracker.live
                 _reset_rss_peak()
@@ -304,7 +210,8 @@ class PeakMemoryMeter:
                     with tracker:
                         yield result
                 finally:
-                    result.peak_bytes, result.end_bytes = tracker.close()
+                    tracker.close()
+                    result.peak_bytes, result.end_bytes = tracker.peak, tracker.live
             result.rss_peak_bytes = rss_peak_bytes()
         finally:
             with _active_lock:
@@ -335,12 +242,12 @@ class SavedTensorsCounter:
     """
 
     def __init__(self, exclude: Any = ()) -> None:
-        self._exclude = _unique_storages(exclude)  # strong refs: ids stay valid
+        self._exclude = unique_storages(exclude)  # strong refs: ids stay valid
         self.bytes = 0
         self.count = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = _storage(t)
+        s = storage_of(t)
         if s is None or id(s) in self._exclude:
             return t
         ref = self._seen.get(id(s))

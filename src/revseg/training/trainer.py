@@ -65,6 +65,7 @@ from revseg.training.distributed import (
     shard_loader,
 )
 from revseg.training.visualize import slice_panel
+from revseg.validation import model_divisor
 
 __all__ = ["Trainer", "autocast_context", "train", "resolve_device", "seed_everything"]
 
@@ -807,7 +808,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
 
     model = build(cfg.model, "model").to(device)
-    check_input_sizes(cfg, int(model.divisor))
+    check_input_sizes(cfg, model_divisor(model))
     checkpoint = None
     if cfg.trainer.resume:  # before the data is read: a wrong checkpoint fails at once
         checkpoint = read_resume_checkpoint(cfg.trainer.resume, output_dir / "checkpoints", cfg)
@@ -849,10 +850,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir,
     )
     if cfg.trainer.get("plan_memory", True) and info.is_main:
-        from revseg.memory.plan import plan_from_config
+        from revseg.memory.plan import plan_run
 
         try:  # the planner's prediction, next to the measured peak in summary.json
-            plan = plan_from_config(cfg, model, spatial=tuple(data.input_shape), writer=writer)
+            plan = plan_run(cfg, model, optimizer, loss_fn, data, writer=writer)
             trainer.planned_peak_bytes = int(plan.peak_bytes)
             log.info("memory plan:\n%s", plan.table())
         except Exception as err:  # noqa: BLE001 - a failed plan must not stop training
