@@ -23,6 +23,8 @@ TINY = (
     "trainer.hd95=false",
     "optimizer.lr=1e-3",
 )
+# the same for models without normalisation groups (revup_unet, hybrid_revnet)
+TINY_NO_GROUPS = tuple(o for o in TINY if not o.startswith("model.norm_groups="))
 
 # with model=hyperbolic_blr: a tiny network with its adaptive rank, on a tiny generated video
 TINY_VIDEO = (

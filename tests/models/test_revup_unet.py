@@ -78,7 +78,7 @@ def grads(model: nn.Module, x: torch.Tensor):
 class TestRevUpUNet(ReversibleModelTester):
     config_name = "revup_unet"
     expected_params = default_params()  # 12,429,773: within 0.5% of prev_unet's 12.37M
-    tiny = ("model.channels=[8,16,24]", "model.norm_groups=2")
+    tiny = ("model.channels=[8,16,24]",)
     tiny_shape = (8, 8, 8)
     checkpointable = True
     # its down (a strided conv) and up (1x1x1 conv, trilinear) keep only their inputs, which the
@@ -139,7 +139,7 @@ class TestRevUpUNet(ReversibleModelTester):
     def test_fixup_start_is_the_identity_without_normalisation_layers(self):
         """Fixup: ``conv2`` and the head start at zero (every block is the identity, the model
         outputs 0), ``conv1`` at He init times ``L^(-1/2)`` with ``L`` the blocks of the model;
-        no normalisation layers even with ``norm_groups`` set."""
+        no normalisation layers."""
         model = self.build(*self.depth_overrides(2))
         blocks = model.blocks()
         assert len(blocks) == 12  # 3 levels x (encoder + decoder) x 2

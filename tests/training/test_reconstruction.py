@@ -36,7 +36,7 @@ from revseg.training.reconstruction import (
 )
 from revseg.training.trainer import train
 
-from conftest import REPO, TINY, compose_train
+from conftest import REPO, TINY, TINY_NO_GROUPS, compose_train
 
 # tiny variants of the reversible models, with an input they accept
 TINY_MODELS = {
@@ -395,7 +395,7 @@ def test_training_with_the_monitor_ends_with_the_same_weights(tmp_path, tiny_dat
     """Invertible batch norms hold running and batch statistics: the monitor must leave them,
     and the RNG, as they were (CPU, deterministic)."""
     common = [
-        *TINY,
+        *TINY_NO_GROUPS,
         "model=hybrid_revnet",
         "model.channels=[4,32,32]",
         f"data.root={tiny_data_root}",

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from revseg.config import group_options
+from revseg.config import CONFIG_DIR, group_options
 from revseg.training.checkpoint import load_checkpoint
 from revseg.training.trainer import train
 
-from conftest import REPO, TINY, TINY_VIDEO, compose_train
+from conftest import REPO, TINY, TINY_NO_GROUPS, TINY_VIDEO, compose_train
 
 SUMMARY_KEYS = {
     "model",
@@ -142,7 +143,9 @@ def test_every_model_trains(tmp_path, tiny_data_root, model):
             "trainer.progress_bar=false",
         ]
     else:
-        overrides = [*TINY, *TINY_CHANNELS.get(model, ()), f"data.root={tiny_data_root}"]
+        has_groups = "norm_groups" in OmegaConf.load(CONFIG_DIR / "model" / f"{model}.yaml")
+        tiny = TINY if has_groups else TINY_NO_GROUPS
+        overrides = [*tiny, *TINY_CHANNELS.get(model, ()), f"data.root={tiny_data_root}"]
     summary = train(
         compose_train(f"model={model}", *overrides, f"paths.output_dir={tmp_path}", "~logger")
     )
@@ -170,7 +173,12 @@ def test_every_model_trains(tmp_path, tiny_data_root, model):
 
 def test_resume_keeps_a_models_own_parameter_groups(tmp_path, tiny_data_root):
     """RevUp's Fixup scalars live in a second optimizer group (0.1x lr): resume restores both."""
-    overrides = [*TINY, f"data.root={tiny_data_root}", f"paths.output_dir={tmp_path}", "~logger"]
+    overrides = [
+        *TINY_NO_GROUPS,
+        f"data.root={tiny_data_root}",
+        f"paths.output_dir={tmp_path}",
+        "~logger",
+    ]
     train(compose_train("model=revup_unet", *overrides))
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     groups = state["optimizer"]["param_groups"]

@@ -76,8 +76,6 @@ class HybridRevNet(nn.Module):
         negative_slope: slope ``n`` of the invertible LeakyReLU (SNR factor
             :func:`~revseg.nn.invertible.leaky_relu_alpha`).
         scale_eps: lower bound ``eps_i`` of the invertible batch norm scale.
-        norm_groups: accepted for config compatibility with the GroupNorm U-Nets; unused
-            (normalisation is the invertible batch norm).
         memory_saving: ``True`` keeps only the body's output for backward; ``False`` is plain
             autograd (same parameters, outputs, gradients; memory growing with depth).
 
@@ -97,11 +95,9 @@ class HybridRevNet(nn.Module):
         kernel_size: int = 3,
         negative_slope: float = 0.2,
         scale_eps: float = 0.1,
-        norm_groups: int | None = None,
         memory_saving: bool = True,
     ) -> None:
         super().__init__()
-        del norm_groups  # unused, see the docstring
         channels = [int(c) for c in channels]
         levels = len(channels)
         self.in_channels = in_channels

@@ -173,8 +173,6 @@ class RevUpUNet(ReversibleUNet):
         power_grid_size: side of the periodic grid of the power iterations.
         fixup_lr_scale: learning-rate factor of Fixup's scalar biases and multipliers (the paper:
             0.1), applied by the trainer through :meth:`parameter_groups`.
-        norm_groups: accepted and ignored: RevUp has no normalisation layers (Fixup replaces
-            them); kept so the U-Nets share overrides such as the tiny test config's.
         memory_saving: ``True`` keeps only each sequence's output and reconstructs the blocks'
             inputs in backward; ``False`` is plain autograd on the same modules (same parameters
             and outputs; same gradients once the fixed point has converged).
@@ -201,12 +199,10 @@ class RevUpUNet(ReversibleUNet):
         inverse_iterations: int = 1,
         power_grid_size: int = 8,
         fixup_lr_scale: float = 0.1,
-        norm_groups: int | None = None,
         memory_saving: bool = True,
         preserve_rng_state: bool = False,
         checkpointing: bool = False,
     ) -> None:
-        del norm_groups  # no normalisation layers in RevUp
         if not fixup_lr_scale > 0:
             raise ValueError(f"fixup_lr_scale must be > 0, got {fixup_lr_scale}")
         levels = len(channels)
