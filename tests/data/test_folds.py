@@ -79,3 +79,36 @@ def test_no_fold_keeps_the_val_fraction_split(tiny_data_root, tmp_path):
 def test_data_module_rejects_bad_fold_settings(tiny_data_root, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         BratsData(tiny_data_root, crop_size=(16, 16, 16), cache="none", **kwargs)
+
+
+def test_make_train_folds_runs_one_multirun_over_every_fold(tmp_path):
+    """The Makefile target's command line (with a stand-in python that prints its arguments)."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    (venv / ".installed").touch()  # newer than pyproject.toml: no set-up
+    os.utime(venv / ".installed", (2**31, 2**31))
+    done = subprocess.run(
+        ["make", "-s", "train-folds", f"VENV={venv}", "FOLDS=3", "ARGS=data=brats data.root=/d"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "train.py",
+        "-m",
+        "data.num_folds=3",
+        "data.fold=0,1,2",
+        "hydra.sweep.subdir=fold_${data.fold}",
+        "data=brats",
+        "data.root=/d",
+    ]

@@ -143,3 +143,40 @@ def test_submission_needs_a_folder(roots, run_dir, tmp_path):
             [f"run={run_dir}", f"input={roots['msd']}", f"output={tmp_path / 'one.nii.gz'}",
              "predict.submission=true"]
         )  # fmt: skip
+
+
+def _check_main():
+    spec = importlib.util.spec_from_file_location(
+        "check_submission", REPO / "scripts" / "check_submission.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_check_submission_command(roots, tmp_path, capsys):
+    root = roots["brats2021"]
+    found = discover(root)
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    for case in found.cases:
+        shutil.copy(case.label, folder / submission_name(case))
+    main = _check_main()
+    assert main([f"pred={folder}", f"input={root}"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{folder}: 2 files pass (brats2021, labels 0/1/2/4)"
+    )
+    # only the validation cases of a run's split
+    split = tmp_path / "split.json"
+    split.write_text('{"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]}')
+    (folder / "BraTS2021_00000.nii.gz").unlink()
+    assert main([f"pred={folder}", f"input={root}", f"cases.split={split}", "cases.which=val"]) == 0
+    assert main([f"pred={folder}", f"input={root}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {folder / 'BraTS2021_00000.nii.gz'}: missing (the submission file of case "
+        "BraTS2021_00000)",
+        f"1 problem(s) in {folder}",
+    ]
+    with pytest.raises(ConfigError, match=r"^cases.which=val needs cases.split"):
+        main([f"pred={folder}", f"input={root}", "cases.which=val"])

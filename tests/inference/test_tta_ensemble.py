@@ -236,3 +236,24 @@ def test_runs_of_different_tasks_are_one_clear_error(root, runs, tmp_path):
                 f"predict.checkpoint={runs[0] / 'checkpoints' / 'best.pt'}",
             ]
         )
+
+
+@pytest.mark.slow
+def test_train_two_folds_then_predict_with_their_ensemble(tmp_path):
+    """The whole cross-validation: one multirun trains the folds, the folder of runs predicts."""
+    import subprocess
+    import sys
+
+    sweep, data = tmp_path / "folds", tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "train.py", "-m", *TINY, "data.num_folds=2", "data.fold=0,1",
+         "hydra.sweep.subdir=fold_${data.fold}", f"hydra.sweep.dir={sweep}", f"data.root={data}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    vals = [json.loads((sweep / f"fold_{k}" / "split.json").read_text())["val"] for k in (0, 1)]
+    assert sorted(vals[0] + vals[1]) == sorted(p.name for p in data.iterdir() if p.is_dir())
+    out = tmp_path / "pred"
+    main = _predict_main()
+    assert main([f"run={sweep}", f"input={data}", f"output={out}", "predict.tta=true"]) == 0
+    assert len(list(out.iterdir())) == 4
