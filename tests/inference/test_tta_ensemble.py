@@ -184,7 +184,8 @@ def test_predict_with_a_list_of_runs_and_a_folder_of_runs(root, runs, tmp_path, 
     assert main([f"run=[{a},{a}]", f"input={root}", f"output={out['aa']}"]) == 0
     assert main([f"run=[{a},{b}]", f"input={root}", f"output={out['ab']}"]) == 0
     assert main([f"run={a.parent}", f"input={root}", f"output={out['folder']}"]) == 0
-    assert "2 runs" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"ensemble of 2 runs: {a}, {b}" in printed and ", 2 runs)" in printed
     assert run_dirs(a.parent) == [a, b]
 
     found = discover(root)
@@ -208,7 +209,8 @@ def test_folds_predict_their_own_validation_cases(root, runs, tmp_path, capsys):
     a, b = runs
     oof, single = tmp_path / "oof", tmp_path / "single"
     assert main([f"run={a.parent}", f"input={root}", f"output={oof}", "predict.cases=val"]) == 0
-    assert "2 runs" not in capsys.readouterr().out  # every case by one fold
+    printed = capsys.readouterr().out
+    assert "ensemble of 2 runs" in printed and ", 2 runs)" not in printed  # each case by one fold
     assert sorted(p.name for p in oof.iterdir()) == [
         "BraTS2021_00000.nii.gz",
         "BraTS2021_00001.nii.gz",

@@ -48,9 +48,14 @@ def main(argv: list[str]) -> int:
 
 
 def _predict(predict, cfg) -> list[dict]:
+    from revseg.inference.prediction import run_dirs
+
     p = cfg.predict
+    runs = run_dirs(list(cfg.run) if isinstance(cfg.run, ListConfig) else cfg.run)
+    if len(runs) > 1:
+        print(f"ensemble of {len(runs)} runs: {', '.join(map(str, runs))}")
     return predict(
-        list(cfg.run) if isinstance(cfg.run, ListConfig) else cfg.run,
+        runs,
         cfg.input,
         cfg.output,
         checkpoint=str(p.checkpoint),

@@ -51,8 +51,16 @@ def submission_name(case: CaseFiles) -> str:
     return f"{case.case}.nii.gz"
 
 
+def _number(value: np.generic) -> int | float:
+    number = value.item()
+    return int(number) if float(number).is_integer() else number
+
+
 def _file_problems(path: Path, case: CaseFiles, allowed: tuple[int, ...]) -> list[str]:
-    reference = nib.load(case.image[0])
+    try:
+        reference = nib.load(case.image[0])
+    except Exception as error:  # noqa: BLE001 - nibabel raises many types for a bad file
+        return [f"cannot read the input image {case.image[0]}: {str(error).splitlines()[0]}"]
     try:
         image = nib.load(os.fspath(path))
         data = np.asanyarray(image.dataobj)
@@ -66,7 +74,7 @@ def _file_problems(path: Path, case: CaseFiles, allowed: tuple[int, ...]) -> lis
     dtype = image.get_data_dtype()
     if not np.issubdtype(dtype, np.integer):
         problems.append(f"data type {dtype} is not an integer type")
-    values = sorted(int(v) for v in np.unique(data) if float(v) not in allowed)
+    values = [_number(v) for v in np.unique(data) if v not in allowed]
     if values:
         problems.append(
             f"labels {values} outside {'/'.join(map(str, allowed))} (the layout's convention)"
