@@ -259,3 +259,20 @@ def test_train_two_folds_then_predict_with_their_ensemble(tmp_path):
     main = _predict_main()
     assert main([f"run={sweep}", f"input={data}", f"output={out}", "predict.tta=true"]) == 0
     assert len(list(out.iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    ("arg", "match"),
+    [
+        ("run=[]", r"^run: an empty list"),
+        ("predict.tta=maybe", r"^predict.tta must be true or false, got 'maybe'"),
+        ("predict.et_min_voxels=-1", r"^predict.et_min_voxels must be an int >= 0, got -1"),
+        ("predict.et_min_mode=largest", r"^predict.et_min_mode must be one of total, component"),
+        ("predict.submission=1", r"^predict.submission must be true or false, got 1"),
+    ],
+)
+def test_bad_settings_are_one_line(root, runs, tmp_path, arg, match):
+    args = [f"run={runs[0]}", f"input={root}", f"output={tmp_path / 'o'}", arg]
+    with pytest.raises(ConfigError, match=match):
+        _predict_main()(args)
+    assert not (tmp_path / "o").exists()
