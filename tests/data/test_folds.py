@@ -112,3 +112,17 @@ def test_make_train_folds_runs_one_multirun_over_every_fold(tmp_path):
         "data=brats",
         "data.root=/d",
     ]
+
+
+@pytest.mark.parametrize("data", ["synthetic_brats", "brats"])
+def test_fold_keys_compose_and_reach_the_data_module(data, tiny_data_root):
+    from revseg.config import build
+
+    from conftest import compose_train
+
+    common = (f"data={data}", f"data.root={tiny_data_root}", "data.cache=none",
+              "data.num_cases=4", "data.volume_shape=[24,24,24]")  # fmt: skip
+    cfg = compose_train(*common, "data.fold=1", "data.num_folds=4")
+    module = build(cfg.data, "data")
+    assert (module.fold, module.num_folds) == (1, 4) and len(module.val_cases) == 1
+    assert build(compose_train(*common).data, "data").fold is None
