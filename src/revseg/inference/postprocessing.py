@@ -4,7 +4,7 @@ The BraTS score of enhancing tumour (ET) is all or nothing on cases without ET i
 (Dice 1 for an empty prediction, 0 for a single false-positive voxel), and many low-grade cases
 have none. Isensee et al. ("No New-Net", BraTS 2018; nnU-Net for BraTS 2020) therefore relabel the
 predicted ET as necrosis / non-enhancing core when its volume is below a threshold chosen on the
-cross-validation (500 voxels in No New-Net). The voxels stay in the tumour core and the whole
+cross-validation. The voxels stay in the tumour core and the whole
 tumour: only the ET region changes, and the label map then shows the dataset's necrotic label
 (1 in BraTS, 2 in MSD) there.
 """
