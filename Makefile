@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # extra arguments for train.py, e.g. make train ARGS="model=unet_baseline"
 ARGS ?=
 
-.PHONY: setup train test test-all lint format clean wheel-test
+.PHONY: setup train train-folds test test-all lint format clean wheel-test
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,14 @@ $(VENV)/.installed: pyproject.toml
 
 train: setup
 	$(BIN)/python train.py $(ARGS)
+
+# k-fold cross-validation: one Hydra multirun training every fold (data.fold=0..FOLDS-1) into
+# outputs/multirun_<time>/fold_<k>/; predict with the ensemble of the folds by giving that folder
+# as run=. e.g. make train-folds FOLDS=5 ARGS="data=brats data.root=/data/BraTS2021"
+FOLDS ?= 5
+train-folds: setup
+	$(BIN)/python train.py -m data.num_folds=$(FOLDS) data.fold=$$(seq -s, 0 $$(($(FOLDS) - 1))) \
+		'hydra.sweep.subdir=fold_$${data.fold}' $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -52,6 +52,7 @@ __all__ = [
     "BratsData",
     "Layout",
     "find_cases",
+    "fold_cases",
     "read_split_file",
     "split_cases",
 ]
@@ -143,6 +144,44 @@ def split_cases(
         return list(cases), []
     num_val = min(max(round(n * val_fraction), 1), n - 1)
     val_index = set(np.random.default_rng(seed).permutation(n)[:num_val].tolist())
+    train = [c for i, c in enumerate(cases) if i not in val_index]
+    val = [c for i, c in enumerate(cases) if i in val_index]
+    return train, val
+
+
+def fold_cases(
+    cases: Sequence[T], fold: int, num_folds: int = 5, seed: int = 0
+) -> tuple[list[T], list[T]]:
+    """Fold ``fold`` of a seeded k-fold cross-validation: ``(train, val)``.
+
+    The cases are permuted with ``seed`` and cut into ``num_folds`` parts whose sizes differ by at
+    most one (as ``numpy.array_split``); part ``fold`` is the validation set and the rest is the
+    training set. The validation sets of the folds ``0 .. num_folds - 1`` are disjoint and cover
+    every case. Both lists keep the input order.
+
+    Args:
+        cases: the cases (any items, e.g. the sorted cases of a dataset).
+        fold: the validation part, ``0 <= fold < num_folds``.
+        num_folds: number of folds, ``2 <= num_folds <= len(cases)``.
+        seed: seed of the random permutation.
+
+    Raises:
+        ConfigError: ``fold`` or ``num_folds`` out of range (naming ``data.fold`` /
+            ``data.num_folds``).
+        DataError: fewer cases than folds.
+    """
+    for key, value in (("fold", fold), ("num_folds", num_folds)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"data.{key} must be an int, got {value!r}")
+    if num_folds < 2:
+        raise ConfigError(f"data.num_folds must be >= 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ConfigError(f"data.fold must be in 0..{num_folds - 1} (data.num_folds), got {fold}")
+    n = len(cases)
+    if n < num_folds:
+        raise DataError(f"data.num_folds={num_folds}: only {n} cases to split into folds")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), num_folds)
+    val_index = set(parts[fold].tolist())
     train = [c for i, c in enumerate(cases) if i not in val_index]
     val = [c for i, c in enumerate(cases) if i in val_index]
     return train, val
@@ -251,7 +290,7 @@ class BratsData:
     """Data module for BraTS datasets in any public layout (or the generated demo dataset).
 
     Setup finds the cases (layout auto-detected or ``layout``), checks them (``check``), splits
-    them (seeded 80/20 or ``split_file``) and prepares the deterministic part of the pipeline for
+    them (seeded 80/20, fold ``fold`` of a seeded k-fold cross-validation, or ``split_file``) and prepares the deterministic part of the pipeline for
     every case (``cache``): read the four modalities in the order t1, t1ce, t2, flair, label ->
     WT/TC/ET in the dataset's convention, crop to the brain's bounding box, z-score per channel,
     centre-crop or pad to ``crop_size``. Training then takes random ``patch_size`` patches (or the
@@ -272,7 +311,10 @@ class BratsData:
             ``patch_size`` is None.
         patch_size: random training patch ``(D, H, W)``, each <= ``crop_size``; None: whole crop.
         val_fraction: fraction of the cases for validation, in (0, 1).
-        split_seed: seed of the train/val split.
+        split_seed: seed of the train/val split (and of the folds).
+        fold: None: the ``val_fraction`` split; else the validation fold of a seeded
+            ``num_folds``-fold cross-validation (:func:`fold_cases`; ``val_fraction`` unused).
+        num_folds: number of folds for ``fold``.
         batch_size: training batch size (validation uses 1).
         num_workers: data loader worker processes (also used to fill the caches).
         flip_prob: flip probability per axis in training; 0 disables flips.
@@ -331,6 +373,8 @@ class BratsData:
         elastic_spacing: int = 40,
         deform_prob: float = 1.0,
         intensity_shift: float = 0.0,
+        fold: int | None = None,
+        num_folds: int = 5,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ConfigError(f"data.root must be a path, got {root!r}")
@@ -374,6 +418,14 @@ class BratsData:
         self.check = _choice(check, "check", CHECK_MODES)
         self.skip_bad_cases = _bool(skip_bad_cases, "skip_bad_cases")
         self.split_file = Path(split_file) if split_file else None
+        self.num_folds = _int(num_folds, "num_folds", 2)
+        self.fold = None if fold is None else _int(fold, "fold", 0)
+        if self.fold is not None and self.fold >= self.num_folds:
+            raise ConfigError(
+                f"data.fold must be in 0..{self.num_folds - 1} (data.num_folds), got {self.fold}"
+            )
+        if self.fold is not None and self.split_file is not None:
+            raise ConfigError("data.fold and data.split_file both set: give one of them")
         self.augment = {
             "rotate_deg": _float(rotate_deg, "rotate_deg", 0.0, 180.0),
             "scale_max": _float(scale_max, "scale_max", 1.0),
@@ -479,6 +531,8 @@ class BratsData:
         return {problem.case for problem in problems}
 
     def _split_cases(self, cases: list) -> tuple[list, list]:
+        if self.fold is not None:
+            return fold_cases(cases, self.fold, self.num_folds, self.split_seed)
         if self.split_file is None:
             return split_cases(cases, self.val_fraction, self.split_seed)
         train_ids, val_ids = read_split_file(self.split_file)
@@ -548,7 +602,9 @@ class BratsData:
             "layout": self.discovery.layout.name,
             "label_convention": self.convention.name,
             "split_seed": self.split_seed,
-            "val_fraction": self.val_fraction,
+            "val_fraction": None if self.fold is not None else self.val_fraction,
+            "fold": self.fold,
+            "num_folds": None if self.fold is None else self.num_folds,
             "split_file": None if self.split_file is None else os.fspath(self.split_file),
             "train": [c.case for c in train],
             "val": [c.case for c in val],
