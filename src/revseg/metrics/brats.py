@@ -114,10 +114,21 @@ def surface_distances(
         ``(a_to_b, b_to_a)``: 1D arrays, one distance per border voxel.
     """
     sampling = _spacing(spacing, a.ndim)
-    border_a, border_b = _border(a), _border(b)
-    a_to_b = ndimage.distance_transform_edt(~border_b, sampling=sampling)[border_a]
-    b_to_a = ndimage.distance_transform_edt(~border_a, sampling=sampling)[border_b]
-    return a_to_b, b_to_a
+    box = ndimage.find_objects((a | b).astype(np.uint8))[0]  # exact: both borders lie inside
+    border_a, border_b = _border(a[box]), _border(b[box])
+    return _to_nearest(border_a, border_b, sampling), _to_nearest(border_b, border_a, sampling)
+
+
+def _to_nearest(source: np.ndarray, target: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each ``source`` voxel to the nearest ``target`` voxel: the index
+    difference to it times the spacing, as the official tool computes it (so that distances
+    equal to the surface Dice tolerance compare the same way)."""
+    nearest = ndimage.distance_transform_edt(
+        ~target, sampling=sampling, return_distances=False, return_indices=True
+    )
+    where = np.nonzero(source)
+    steps = np.stack([nearest[axis][where] - where[axis] for axis in range(source.ndim)])
+    return np.sqrt(((steps.astype(np.float64) * sampling[:, None]) ** 2).sum(axis=0))
 
 
 def _hd95_of(a_to_b: np.ndarray, b_to_a: np.ndarray, convention: str) -> float:
@@ -276,8 +287,8 @@ def case_metrics(
         lesion_wise: add the lesion-wise metrics (:data:`LESION_KEYS`).
 
     Returns:
-        ``dice_<region>``, ``hd95_<region>``, their means over the regions (``dice_mean``,
-        ``hd95_mean``; NaN cells left out), and ``<key>_<region>`` of the lesion-wise metrics.
+        ``dice_<region>``, ``hd95_<region>``, their means over WT, TC, ET (``dice_mean``,
+        ``hd95_mean``; NaN cells left out; the resection cavity is not tumour), and ``<key>_<region>`` of the lesion-wise metrics.
     """
     _check_convention(convention)
     if pred.shape != truth.shape or pred.shape[0] != len(regions):
@@ -325,8 +336,9 @@ def _nanmean(values: Sequence[float]) -> float:
 
 
 def _add_means(out: dict[str, float], regions: Sequence[str]) -> None:
+    tumour = [r for r in regions if r in REGIONS] or list(regions)  # RC is not in the means
     for metric in ("dice", "hd95"):
-        out[f"{metric}_mean"] = _nanmean([out[f"{metric}_{r}"] for r in regions])
+        out[f"{metric}_mean"] = _nanmean([out[f"{metric}_{r}"] for r in tumour])
 
 
 def summarize(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
