@@ -8,8 +8,8 @@ Definitions follow the official BraTS evaluation (``brats-evaluation`` on ``pano
   masks, in mm (voxel spacing along the array axes).
 - **HD95**, ``convention="official"``: the 95th percentile (linear interpolation) of the
   distances of both directions pooled. ``"strict"``: the larger of the two one-way 95th
-  percentiles (MONAI's ``HausdorffDistanceMetric``, revseg's earlier definition): never lower,
-  and not blind to a small distant false positive.
+  percentiles (MONAI's ``HausdorffDistanceMetric``, revseg's earlier definition): not lower
+  but for the percentile's interpolation, and not blind to a small distant false positive.
 - **edge cases of the legacy metrics**:
 
   ==========================  ======================  ==================================
