@@ -16,6 +16,7 @@ from PIL import Image
 
 from revseg.errors import ConfigError, DataError
 from revseg.inference.evaluation import find_inputs
+from revseg.inference.report_plot import box_statistics
 from revseg.metrics.brats import HD95_MAX
 
 REPO = Path(__file__).resolve().parents[2]
@@ -155,6 +156,8 @@ def test_bad_input_is_one_line(flat, tmp_path):
     with pytest.raises(ConfigError, match="^evaluate.labels: cannot tell"):
         save(tmp_path / "odd" / "case1.nii.gz", tumour())
         find_inputs(pred, tmp_path / "odd")
+    with pytest.raises(DataError, match="^pred: no file in .* names a truth case"):
+        find_inputs(pred / "notes.nii.gz", truth)
     bad = tmp_path / "bad"
     save(bad / "BraTS-GLI-00001-000-seg.nii.gz", tumour() * 3)  # label 9
     done = run_cli(f"pred={pred}", f"truth={bad}", f"output={tmp_path / 'r'}")
@@ -164,3 +167,10 @@ def test_bad_input_is_one_line(flat, tmp_path):
         "(labels brats2024; BraTS 2018-2021: 0/1/2/4, 2023: 0/1/2/3, 2024: 0/1/2/3/4 with "
         "4 = resection cavity, MSD: 0/1/2/3 with 1 = oedema)"
     )
+
+
+def test_box_statistics():
+    stats = box_statistics([1.0, 2.0, 3.0, 4.0, 100.0, math.nan])
+    assert (stats["q1"], stats["median"], stats["q3"]) == (2.0, 3.0, 4.0)
+    assert (stats["low"], stats["high"], stats["outliers"], stats["n"]) == (1.0, 4.0, [100.0], 5)
+    assert box_statistics([math.nan]) is None

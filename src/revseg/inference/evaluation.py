@@ -182,6 +182,11 @@ def _match(pred: Path, truth: Mapping[str, Path]) -> tuple[dict[str, Path], list
         if case in matched:
             raise DataError(f"pred: {matched[case]} and {path} are both predictions of {case}")
         matched[case] = path
+    if not matched:
+        raise DataError(
+            f"pred: no file in {pred} names a truth case (e.g. {files[0].name}; truth cases "
+            f"such as {next(iter(truth))})"
+        )
     return matched, unmatched
 
 
@@ -198,7 +203,8 @@ def find_inputs(
             resection cavity) or one of :data:`LABEL_SETS`.
 
     Raises:
-        DataError: a path is missing or holds no cases; a case has two predictions.
+        DataError: a path is missing or holds no cases; no prediction names a truth case; a
+            case has two predictions.
         ConfigError: unknown ``labels``, or ``auto`` cannot tell the convention.
     """
     if labels != "auto" and labels not in LABEL_SETS:
