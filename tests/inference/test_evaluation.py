@@ -156,6 +156,8 @@ def test_bad_input_is_one_line(flat, tmp_path):
     with pytest.raises(ConfigError, match="^evaluate.labels: cannot tell"):
         save(tmp_path / "odd" / "case1.nii.gz", tumour())
         find_inputs(pred, tmp_path / "odd")
+    odd = find_inputs(tmp_path / "odd" / "case1.nii.gz", tmp_path / "odd", layout="brats2021")
+    assert odd.convention.name == "brats2018-2021" and odd.layout == "flat"
     with pytest.raises(DataError, match="^pred: no file in .* names a truth case"):
         find_inputs(pred / "notes.nii.gz", truth)
     bad = tmp_path / "bad"

@@ -32,6 +32,7 @@ from revseg.data.layouts import (
     LabelConvention,
     discover,
     find_case,
+    get_layout,
 )
 from revseg.errors import ConfigError, DataError
 from revseg.metrics.brats import (
@@ -215,9 +216,11 @@ def find_inputs(
     cases, convention, found_layout = _find_truth(truth_path, layout)
     if labels != "auto":
         convention = LABEL_SETS[labels]
+    elif convention is None and layout != "auto":
+        convention = get_layout(layout).convention
     elif convention is None:
         convention = _labels_from_ids(list(cases), truth_path)
-    elif convention.name == "brats2023":
+    if convention.name == "brats2023":
         convention = BRATS2024
     matched, unmatched = _match(Path(pred), cases)
     return EvaluationInputs(
