@@ -31,7 +31,7 @@ Definitions follow the official BraTS evaluation (``brats-evaluation`` on ``pano
   neither mask has a lesion, else Dice 0, NSD 0, HD95 373.
 
 Deliberate differences from the official package (each shown by a test in
-``tests/metrics/test_brats.py``): its legacy (global) HD95 ignores the voxel spacing, revseg
+``tests/metrics/test_brats_metrics.py``): its legacy (global) HD95 ignores the voxel spacing, revseg
 uses it; its lesion-wise HD95 and NSD read the spacing in reversed axis order (SimpleITK's
 x, y, z against the z, y, x array), revseg uses each axis's own spacing; it reports lesion-wise
 HD95 ``inf`` with no matched lesion, revseg 373. On isotropic 1 mm data (all published BraTS
