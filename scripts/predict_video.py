@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
     m = result["metrics"]
     print(
         f"{result['sequence']}: {result['masks']} masks in {result['output']} "
-        f"({result['seconds']:.1f} s); IoU mean {m['iou_mean']:.4f}, J mean {m['j_mean']:.4f}"
+        f"({result['seconds']:.1f} s); IoU mean {m['iou_mean']:.4f}, J mean {m['j_mean']:.4f}, "
+        f"F mean {m['f_mean']:.4f}, J&F mean {m['jf_mean']:.4f}"
     )
     return 0
 

@@ -53,14 +53,16 @@ def test_masks_have_the_source_names_size_and_palette(video_run, tmp_path):
     # the prediction of the best checkpoint scores what validation scored for it
     best = summary["best_metric"]
     assert result["metrics"][best["name"].removeprefix("val/")] == pytest.approx(best["value"])
-    assert len(result["metrics"]["iou_per_frame"]) == 8
+    assert len(result["metrics"]["iou_per_frame"]) == len(result["metrics"]["f_per_frame"]) == 8
+    m = result["metrics"]
+    assert m["jf_mean"] == pytest.approx((m["j_mean"] + m["f_mean"]) / 2)
 
 
 def test_command_line_writes_masks_and_metrics(video_run, tmp_path):
     run, _ = video_run
     proc = run_script(f"run={run}", f"output={tmp_path / 'out'}", "predict.checkpoint=last")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "8 masks" in proc.stdout and "J mean" in proc.stdout
+    assert "8 masks" in proc.stdout and "J mean" in proc.stdout and "J&F mean" in proc.stdout
     record = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert record["sequence"] == "blobs" and 0 <= record["metrics"]["j_mean"] <= 1
 

@@ -45,7 +45,7 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
     run = tmp_path / "run"
     args = [*TINY, "trainer.hd95=true", f"data.root={tiny_data_root}", f"hydra.run.dir={run}"]
-    first = run_cli(*args)
+    first = run_cli(*args, "trainer.lesion_wise=true")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
@@ -56,6 +56,7 @@ def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
     )
     assert 0.0 <= summary["final_metrics"]["val/dice_mean"] <= 1.0
     assert "val/hd95_WT" in summary["final_metrics"]
+    assert {"val/lesion_dice_WT", "val/tp_ET", "val/fn_TC"} <= summary["final_metrics"].keys()
     # the peak includes parameters, gradients and Adam's two moments at least
     assert summary["peak_memory_bytes"] > 4 * 4 * summary["params"]
     assert summary["bytes_per_voxel"] == pytest.approx(summary["peak_memory_bytes"] / 16**3)

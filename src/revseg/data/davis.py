@@ -657,7 +657,7 @@ class DavisData:
     # -- metrics, images, outputs ------------------------------------------------------------
 
     def build_metrics(self, hd95: bool = False) -> VideoMetrics:
-        """IoU / Dice / DAVIS J metrics over all frames (``hd95`` is ignored for video)."""
+        """IoU / Dice / DAVIS J, F and J&F metrics over all frames (``hd95`` is ignored for video)."""
         return VideoMetrics(self.channel_names, annotated_frames=self.annotated_frames)
 
     def preview(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

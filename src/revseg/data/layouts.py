@@ -33,6 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from revseg.errors import ConfigError, DataError
+from revseg.metrics.regions import (  # re-exported: the label conventions go with the layouts
+    BRATS,
+    BRATS2023,
+    BRATS2024,
+    MSD,
+    REGIONS,
+    LabelConvention,
+)
 
 __all__ = [
     "BRATS",
@@ -40,7 +48,9 @@ __all__ = [
     "LAYOUTS",
     "LAYOUT_NAMES",
     "MODALITIES",
+    "BRATS2024",
     "MSD",
+    "REGIONS",
     "CaseFiles",
     "Discovery",
     "LabelConvention",
@@ -56,36 +66,6 @@ MODALITIES = ("t1", "t1ce", "t2", "flair")
 """Channel order of the image, by modality name (never by file order)."""
 
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-@dataclass(frozen=True)
-class LabelConvention:
-    """The label values of a dataset's segmentation maps (0 is always background).
-
-    The three nested regions the networks predict are WT = ``label != 0``,
-    TC = ``label in {necrotic, enhancing}``, ET = ``label == enhancing``.
-    """
-
-    name: str
-    necrotic: int
-    oedema: int
-    enhancing: int
-
-    @property
-    def values(self) -> tuple[int, ...]:
-        """The allowed label values, sorted."""
-        return tuple(sorted((0, self.necrotic, self.oedema, self.enhancing)))
-
-    def describe(self) -> str:
-        return "/".join(str(v) for v in self.values)
-
-
-BRATS = LabelConvention("brats2018-2021", necrotic=1, oedema=2, enhancing=4)
-"""BraTS 2018-2021: 1 necrotic / non-enhancing core, 2 oedema, 4 enhancing tumour."""
-BRATS2023 = LabelConvention("brats2023", necrotic=1, oedema=2, enhancing=3)
-"""BraTS 2023 and later: 1 necrotic core, 2 oedema (SNFH), 3 enhancing tumour."""
-MSD = LabelConvention("msd", necrotic=2, oedema=1, enhancing=3)
-"""Decathlon Task01: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour."""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from monai.transforms import (
 )
 from monai.utils import ensure_tuple
 
+from revseg.data.layouts import REGIONS
 from revseg.errors import ConfigError, DataError, RevsegError
 
 __all__ = [
@@ -69,8 +70,6 @@ __all__ = [
 READERS = ("nibabel", "simpleitk")
 """Names accepted by ``data.reader``."""
 
-REGIONS = ("WT", "TC", "ET")
-"""Output channels of :class:`LabelToRegionsd`: whole tumour, tumour core, enhancing tumour."""
 
 ArrayLike = np.ndarray | torch.Tensor
 PathOrPaths = Sequence[os.PathLike | str] | os.PathLike | str

@@ -46,7 +46,8 @@ def predict_video(
 
     Returns:
         ``{"sequence", "output", "masks", "seconds", "metrics"}``; ``metrics`` holds the
-        validation metrics of the prediction against the sequence's masks.
+        validation metrics of the prediction against the sequence's masks (IoU, DAVIS J, F and
+            J&F; ``iou_per_frame`` and ``f_per_frame``).
 
     Raises:
         ConfigError: ``threshold`` is not in (0, 1).
@@ -87,6 +88,7 @@ def predict_video(
     paths = data.write_prediction(pred[0], output)
     scores = metrics.compute()
     scores["iou_per_frame"] = metrics.per_frame_iou().mean(dim=1).tolist()
+    scores["f_per_frame"] = metrics.per_frame_f().mean(dim=1).tolist()
     return {
         "sequence": data.sequence,
         "output": os.fspath(Path(output)),

@@ -1,8 +1,17 @@
-"""Video segmentation metrics: IoU over the whole video and per frame (DAVIS J), Dice, plots.
+"""Video segmentation metrics: IoU over the whole video and per frame (DAVIS J), the DAVIS
+boundary F measure, J&F, Dice, plots.
 
 A video is a volume ``(C, T, H, W)`` with time as depth. Targets mark "void" voxels (DAVIS
 palette index 255, e.g. unsure object boundaries) with the value :data:`VOID`; they are left out
 of every metric, as in the DAVIS evaluation (Perazzi et al. 2016; Pont-Tuset et al. 2017).
+
+The boundary F measure is the DAVIS benchmark's (``davis2017-evaluation``, ``f_measure``): the
+one-pixel boundaries of prediction and truth (``seg2bmap``, void pixels removed from both),
+matched within ``ceil(0.008 * frame diagonal)`` pixels (a disk); precision = fraction of the
+predicted boundary near the true one, recall the converse, F = 2PR / (P + R) (0 when P + R = 0).
+No boundary in either: F = 1; in only one of them: P, R = 1, 0 or 0, 1, hence F = 0. J&F is the
+mean of J and F. Metrics are computed on the network's grid, and over every frame (the DAVIS 2017
+toolkit leaves out the first and last frames, and scores the source-resolution masks).
 
 Per-frame IoU is Peters et al.'s "prediction accuracy per time-slice" (their Figure 4), and
 :meth:`VideoMetrics.figures` draws it.
@@ -17,8 +26,20 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric, compute_iou
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
-__all__ = ["VOID", "VideoMetrics", "iou_per_frame_plot", "overlay_frame"]
+__all__ = [
+    "BOUND_TH",
+    "VOID",
+    "VideoMetrics",
+    "boundary_f",
+    "boundary_map",
+    "iou_per_frame_plot",
+    "overlay_frame",
+]
+
+BOUND_TH = 0.008
+"""Boundary match tolerance of the DAVIS F measure, as a fraction of the frame diagonal."""
 
 VOID = 255.0
 """Target value of void voxels: excluded from the metrics (and, by the data's ``loss_mask``, from
@@ -34,6 +55,51 @@ def _one_hot_with_background(objects: torch.Tensor, valid: torch.Tensor) -> torc
     objects = objects.bool()
     background = ~objects.any(dim=1, keepdim=True)
     return (torch.cat([background, objects], dim=1) & valid).float()
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """One-pixel boundary of a 2D mask, offset half a pixel towards the origin (DAVIS
+    ``seg2bmap``): a pixel whose right, lower or lower-right neighbour differs from it; along
+    the last row only the right neighbour counts, along the last column only the lower one."""
+    seg = np.asarray(mask, dtype=bool)
+    right, down, diagonal = (np.zeros_like(seg) for _ in range(3))
+    right[:, :-1] = seg[:, 1:]
+    down[:-1, :] = seg[1:, :]
+    diagonal[:-1, :-1] = seg[1:, 1:]
+    edge = (seg ^ right) | (seg ^ down) | (seg ^ diagonal)
+    edge[-1, :] = seg[-1, :] ^ right[-1, :]
+    edge[:, -1] = seg[:, -1] ^ down[:, -1]
+    edge[-1, -1] = False
+    return edge
+
+
+def boundary_f(
+    pred: np.ndarray, truth: np.ndarray, void: np.ndarray | None = None, bound_th: float = BOUND_TH
+) -> float:
+    """DAVIS boundary F measure of one frame (module docstring).
+
+    Args:
+        pred, truth: ``(H, W)`` masks.
+        void: ``(H, W)`` pixels left out (removed from both masks first), or None.
+        bound_th: tolerance; below 1 a fraction of the frame diagonal, else pixels.
+    """
+    pred, truth = np.asarray(pred, dtype=bool), np.asarray(truth, dtype=bool)
+    if void is not None:
+        keep = ~np.asarray(void, dtype=bool)
+        pred, truth = pred & keep, truth & keep
+    radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*pred.shape))
+    pred_edge, true_edge = boundary_map(pred), boundary_map(truth)
+    n_pred, n_true = int(pred_edge.sum()), int(true_edge.sum())
+    if n_pred == 0 or n_true == 0:
+        precision, recall = (1.0 if n_pred == 0 else 0.0), (1.0 if n_true == 0 else 0.0)
+    else:
+        # within the disk of the radius <=> Euclidean distance to the other boundary <= radius
+        near_true = ndimage.distance_transform_edt(~true_edge)[pred_edge] <= radius
+        near_pred = ndimage.distance_transform_edt(~pred_edge)[true_edge] <= radius
+        precision, recall = near_true.mean(), near_pred.mean()
+    if precision + recall == 0:
+        return 0.0
+    return float(2 * precision * recall / (precision + recall))
 
 
 class VideoMetrics:
@@ -57,6 +123,10 @@ class VideoMetrics:
         j_recall         DAVIS J recall: fraction of (frame, object) pairs with IoU > 0.5
         j_mean_annotated, j_mean_unannotated   J mean over the frames that were / were not
                          supervised (when ``annotated_frames`` is given)
+        f_mean           DAVIS F mean: per-frame boundary F, averaged over frames and objects
+        f_recall         fraction of (frame, object) pairs with F > 0.5
+        jf_mean          DAVIS J&F mean: (j_mean + f_mean) / 2
+        j_<name>, f_<name>   J and F of object channel <name>, averaged over the frames
 
     Args:
         names: names of the object channels, in order (``("object",)`` for binary masks).
@@ -81,6 +151,7 @@ class VideoMetrics:
         self.dice.reset()
         self._volume_iou: list[torch.Tensor] = []  # per video: (1 + C,)
         self._frame_iou: list[torch.Tensor] = []  # per video: (T, C)
+        self._frame_f: list[torch.Tensor] = []  # per video: (T, C)
 
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """``(B, C, T, H, W)`` logits -> ``(B, C, T, H, W)`` float {0, 1} object masks."""
@@ -114,6 +185,20 @@ class VideoMetrics:
             frames_pred = (pred[b] * valid[b]).transpose(0, 1)
             frames_true = objects[b].float().transpose(0, 1)
             self._frame_iou.append(compute_iou(frames_pred, frames_true, ignore_empty=False))
+            void = ~valid[b, 0].cpu().numpy()  # (T, H, W)
+            pred_np, true_np = pred[b].cpu().numpy() > 0.5, objects[b].cpu().numpy()
+            self._frame_f.append(
+                torch.tensor(
+                    [
+                        [
+                            boundary_f(pred_np[c, t], true_np[c, t], void[t])
+                            for c in range(len(self.names))
+                        ]
+                        for t in range(pred_np.shape[1])
+                    ],
+                    dtype=torch.float64,
+                )
+            )
         return pred
 
     def per_frame_iou(self) -> torch.Tensor:
@@ -121,10 +206,17 @@ class VideoMetrics:
 
         Videos of different lengths are averaged over their common first frames.
         """
-        if not self._frame_iou:
+        return self._per_frame(self._frame_iou)
+
+    def per_frame_f(self) -> torch.Tensor:
+        """``(T, C)``: boundary F per frame and object channel, as :meth:`per_frame_iou`."""
+        return self._per_frame(self._frame_f)
+
+    def _per_frame(self, values: list[torch.Tensor]) -> torch.Tensor:
+        if not values:
             return torch.empty(0, len(self.names))
-        length = min(f.shape[0] for f in self._frame_iou)
-        return torch.stack([f[:length].float() for f in self._frame_iou]).mean(0)
+        length = min(f.shape[0] for f in values)
+        return torch.stack([f[:length].float() for f in values]).mean(0)
 
     def compute(self) -> dict[str, float]:
         """The metrics of the class docstring; NaN for all of them before any update."""
@@ -132,6 +224,8 @@ class VideoMetrics:
         if not self._volume_iou:
             keys = [f"iou_{n}" for n in self.names] + ["iou_background", "iou_mean"]
             keys += [f"dice_{n}" for n in self.names] + ["dice_mean", "j_mean", "j_recall"]
+            keys += ["f_mean", "f_recall", "jf_mean"]
+            keys += [f"{m}_{n}" for n in self.names for m in ("j", "f")]
             return dict.fromkeys(keys, math.nan)
         volume = torch.stack(self._volume_iou).float().mean(0)  # (1 + C,)
         for i, name in enumerate(self.names, start=1):
@@ -145,6 +239,13 @@ class VideoMetrics:
         frames = torch.cat(self._frame_iou).float()  # (sum of T, C)
         out["j_mean"] = float(frames.mean())
         out["j_recall"] = float((frames > 0.5).float().mean())
+        boundary = torch.cat(self._frame_f).float()  # (sum of T, C)
+        out["f_mean"] = float(boundary.mean())
+        out["f_recall"] = float((boundary > 0.5).float().mean())
+        out["jf_mean"] = (out["j_mean"] + out["f_mean"]) / 2
+        for i, name in enumerate(self.names):
+            out[f"j_{name}"] = float(frames[:, i].mean())
+            out[f"f_{name}"] = float(boundary[:, i].mean())
         if self.annotated_frames is not None:
             per_video = [f.float() for f in self._frame_iou]
             annotated = [f[[t for t in self.annotated_frames if t < f.shape[0]]] for f in per_video]

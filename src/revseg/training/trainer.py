@@ -71,6 +71,9 @@ __all__ = ["Trainer", "autocast_context", "train", "resolve_device", "seed_every
 
 log = logging.getLogger(__name__)
 
+_NOT_PRINTED = ("hd95_", "lesion_", "tp_", "fp_", "fn_")
+"""Metric name prefixes left out of the epoch's log line (still in TensorBoard and summary.json)."""
+
 
 def parameter_groups(model: nn.Module, lr: float) -> Any:
     """What the optimizer is built on: ``model.parameters()``, or the model's own groups.
@@ -156,7 +159,9 @@ class Trainer:
         self.metrics = (
             build_metrics(hd95=bool(self.tcfg.hd95))
             if build_metrics is not None
-            else RegionMetrics(hd95=bool(self.tcfg.hd95))
+            else RegionMetrics(
+                hd95=bool(self.tcfg.hd95), lesion_wise=bool(self.tcfg.get("lesion_wise", False))
+            )
         )
         self.preview = getattr(data, "preview", slice_panel)
         # state that a resume restores
@@ -582,7 +587,9 @@ class Trainer:
 
     def _log_epoch(self, logs: dict[str, float]) -> None:
         parts = [
-            f"{k}={v:.4f}" for k, v in logs.items() if isinstance(v, float) and "/hd95_" not in k
+            f"{k}={v:.4f}"
+            for k, v in logs.items()
+            if isinstance(v, float) and not k.startswith(_NOT_PRINTED, k.find("/") + 1)
         ]
         log.info(
             "epoch %d/%d %s peak=%s",
