@@ -30,6 +30,7 @@ __all__ = [
     "AdaptiveRanks",
     "BuildsMetrics",
     "DataModule",
+    "Figures",
     "MemoryReport",
     "Metrics",
     "ParameterGroups",

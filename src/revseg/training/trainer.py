@@ -53,7 +53,17 @@ from revseg.training.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
-from revseg.training.contracts import MemoryReport, ParameterGroups
+from revseg.training.contracts import (
+    BuildsMetrics,
+    DataModule,
+    Figures,
+    MemoryReport,
+    Metrics,
+    ParameterGroups,
+    Previews,
+    WritesSplit,
+    check_data_module,
+)
 from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -111,8 +121,8 @@ class Trainer:
     Args:
         cfg: the composed ``train`` config (resolved); stored in every checkpoint.
         model: the network, ``(B, C_in, D, H, W) -> (B, C_out, D, H, W)`` logits.
-        data: a data module with ``train_dataloader(seed, pin_memory)``,
-            ``val_dataloader(pin_memory)``, ``input_shape``.
+        data: a :class:`~revseg.training.contracts.DataModule` (optionally with its own
+            metrics, preview and split file: see :mod:`revseg.training.contracts`).
         loss_fn: ``loss_fn(logits, target) -> scalar``.
         optimizer: the optimizer over ``model.parameters()``.
         scheduler: an epoch-wise LR scheduler or ``None``.
@@ -126,7 +136,7 @@ class Trainer:
         self,
         cfg: DictConfig,
         model: nn.Module,
-        data: Any,
+        data: DataModule | None,
         loss_fn: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any | None,
@@ -155,15 +165,16 @@ class Trainer:
         self.output_dir = output_dir
         self.ckpt_dir = output_dir / "checkpoints"
         self.meter = PeakMemoryMeter(device)
-        build_metrics = getattr(data, "build_metrics", None)
-        self.metrics = (
-            build_metrics(hd95=bool(self.tcfg.hd95))
-            if build_metrics is not None
+        # the data module's own metrics and preview where it has them (contracts.BuildsMetrics,
+        # contracts.Previews), else BraTS region metrics and a slice panel
+        self.metrics: Metrics = (
+            data.build_metrics(hd95=bool(self.tcfg.hd95))
+            if isinstance(data, BuildsMetrics)
             else RegionMetrics(
                 hd95=bool(self.tcfg.hd95), lesion_wise=bool(self.tcfg.get("lesion_wise", False))
             )
         )
-        self.preview = getattr(data, "preview", slice_panel)
+        self.preview = data.preview if isinstance(data, Previews) else slice_panel
         # state that a resume restores
         self.epoch = 0  # epochs completed
         self.global_step = 0
@@ -518,9 +529,8 @@ class Trainer:
                     self.epoch,
                 )
         metrics = {f"val/{k}": v for k, v in self.metrics.compute().items()}
-        figures = getattr(self.metrics, "figures", None)
-        if figures is not None and self.writer is not None and self.tcfg.log_images:
-            for name, image in figures().items():  # (3, H, W) images, e.g. IoU per frame
+        if isinstance(self.metrics, Figures) and self.writer is not None and self.tcfg.log_images:
+            for name, image in self.metrics.figures().items():  # (3, H, W), e.g. IoU per frame
                 self.writer.add_image(f"val/{name}", image, self.epoch)
         metrics["val/loss"] = sum(losses) / max(len(losses), 1)
         return metrics
@@ -828,9 +838,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         name: build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c
     }
     data = build(cfg.data, "data")
+    check_data_module(data)
     data.setup()
     check_channels(cfg, data)
-    if hasattr(data, "write_split"):
+    if isinstance(data, WritesSplit):
         data.write_split(output_dir)  # the cases used for training and validation
     logging_here = cfg.get("logger") and info.is_main
     writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if logging_here else None
