@@ -4,8 +4,24 @@ tests/conftest.py)."""
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from revseg.memory import PeakMemoryMeter
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``|a - b| / |b|`` in the Frobenius norm (``b`` = the reference; 0 vs 0 gives 0)."""
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def activation_peak(module: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes of forward + backward of ``module`` on ``x`` (``square().mean()`` loss), less
+    the input, the parameters and gradients of their size (set to zeros first, so that the
+    gradients a memory-saving backward returns at once count like accumulated ones): the
+    activation memory (CPU tensor tracker)."""
+    params = list(module.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    with PeakMemoryMeter("cpu").measure(static=[params, [p.grad for p in params], x]) as m:
+        module(x).square().mean().backward()
+    return m.peak_bytes - m.baseline_bytes - sum(p.nbytes for p in params)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from revseg.memory import PeakMemoryMeter
+from helpers import activation_peak
 from revseg.models.hybrid_revnet import HybridRevNet, pooling_plan
 from revseg.nn.hybrid import HybridBlock, hybrid_block
 from revseg.nn.invertible import (
@@ -189,13 +189,7 @@ def backward_peak(units: int, hybrid: bool) -> int:
     the hybrid backward, or RevNet's (F and G recomputed whole, their graph kept at once)."""
     block = hybrid_block(16, units=units)
     seq = InvertibleSequence([block]) if hybrid else ReversibleSequence([block])
-    x = torch.randn(1, 16, 16, 16, 16)
-    params = list(seq.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    with PeakMemoryMeter("cpu").measure(static=[params, [p.grad for p in params], x]) as m:
-        seq(x).square().mean().backward()
-    return m.peak_bytes - m.baseline_bytes - sum(p.nbytes for p in params)
+    return activation_peak(seq, torch.randn(1, 16, 16, 16, 16))
 
 
 def test_hybrid_backward_has_no_local_memory_bottleneck():

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from revseg.memory import PeakMemoryMeter, SavedTensorsCounter
+from helpers import activation_peak
+from revseg.memory import SavedTensorsCounter
 from revseg.models.hyperbolic_net import HyperbolicNet, memory_report
 from revseg.nn.haar import haar3d, inverse_haar3d
 from revseg.nn.leapfrog import LeapfrogStack
@@ -199,13 +200,7 @@ def peak_bytes(depth: int, memory_saving: bool) -> int:
     what is left is the activation memory."""
     torch.manual_seed(0)
     model = HyperbolicNet(layers=[depth] * 3, memory_saving=memory_saving)
-    x = torch.randn(1, 3, 16, 16, 16)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    with PeakMemoryMeter("cpu").measure(static=[params, [p.grad for p in params], x]) as m:
-        model(x).square().mean().backward()
-    return m.peak_bytes - m.baseline_bytes - sum(p.nbytes for p in params)
+    return activation_peak(model, torch.randn(1, 3, 16, 16, 16))
 
 
 def test_peak_memory_does_not_grow_with_depth():
