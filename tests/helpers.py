@@ -3,10 +3,29 @@ tests/conftest.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from revseg.memory import PeakMemoryMeter
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    script: str, *args: str, cwd: Path = REPO, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """``python <REPO>/<script> args...`` in ``cwd`` as a user runs it: output captured as text."""
+    return subprocess.run(
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,8 +1,6 @@
 """Tests of the generated BraTS-like dataset (revseg.data.synthetic, scripts/make_synthetic.py)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from helpers import run_python
 from revseg.data import synthetic
 from revseg.data.synthetic import make_synthetic_brats, read_manifest, synthesize_case
 from revseg.errors import DataError
@@ -181,12 +180,7 @@ def test_invalid_arguments(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "make_synthetic.py"), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    return run_python("scripts/make_synthetic.py", *args, cwd=Path.cwd())
 
 
 def test_cli(tmp_path):

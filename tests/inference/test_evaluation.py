@@ -5,8 +5,6 @@ the reports (metrics.csv columns kept, lesionwise.csv, summary.csv, metrics.json
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_python
 from revseg.errors import ConfigError, DataError
 from revseg.inference.evaluation import find_inputs
 from revseg.inference.report_plot import box_statistics
@@ -58,13 +57,7 @@ def flat(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "scripts/evaluate.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_python("scripts/evaluate.py", *args, timeout=180)
 
 
 def test_flat_truth_with_missing_and_unmatched_predictions(flat, tmp_path):

@@ -1,17 +1,15 @@
 """Tests of revseg.memory.plan: the planner agrees with the measured peak, budgets, the script."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from helpers import run_python
 from revseg.config import build
 from revseg.errors import ConfigError
 from revseg.memory import PeakMemoryMeter
 from revseg.memory.plan import CATEGORIES, fit_budget, plan_from_config, plan_run
 
-from conftest import REPO, TINY, compose_train
+from conftest import TINY, compose_train
 
 # the planner traces at the model's divisor (4 for three levels) and 2x in one dimension; the
 # checks are at sizes 4 times larger in voxels and more, so the extrapolation is tested
@@ -164,13 +162,7 @@ def test_bad_sizes_are_config_errors():
 
 
 def _script(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "memory_plan.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-    )
+    return run_python("scripts/memory_plan.py", *args)
 
 
 def test_memory_plan_script():

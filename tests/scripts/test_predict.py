@@ -5,8 +5,6 @@ import csv
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -15,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import run_python
 from revseg.data.layouts import discover, find_case
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.data.transforms import build_transforms
@@ -114,13 +113,7 @@ def run_dir(tmp_path_factory, roots):
 
 
 def _cli(script, *args):
-    return subprocess.run(
-        [sys.executable, f"scripts/{script}", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    return run_python(f"scripts/{script}", *args, timeout=180)
 
 
 def _script(name):

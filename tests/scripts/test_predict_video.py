@@ -3,18 +3,18 @@ metrics of validation; bad runs give one error line."""
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import run_python
 from revseg.data.synthetic_video import DAVIS_PALETTE
 from revseg.errors import DataError
 from revseg.inference.video_prediction import predict_video
 from revseg.training.trainer import train
 
-from conftest import REPO, TINY, TINY_VIDEO, compose_train
+from conftest import TINY, TINY_VIDEO, compose_train
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,7 @@ def video_run(tmp_path_factory):
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "scripts/predict_video.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python("scripts/predict_video.py", *args)
 
 
 def test_masks_have_the_source_names_size_and_palette(video_run, tmp_path):

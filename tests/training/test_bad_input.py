@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
+from helpers import run_python
 from revseg.config import check_key_overrides, compose_config
 from revseg.errors import ConfigError
 from revseg.training.trainer import train
@@ -58,13 +58,7 @@ def test_resume_with_other_model_settings_names_them(trained):
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python("train.py", *args, cwd=cwd)
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, line: str) -> None:

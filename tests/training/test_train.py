@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import run_python
 from revseg.config import CONFIG_DIR, group_options
 from revseg.training.checkpoint import load_checkpoint
 from revseg.training.trainer import train
 
-from conftest import REPO, TINY, TINY_NO_GROUPS, TINY_VIDEO, compose_train
+from conftest import TINY, TINY_NO_GROUPS, TINY_VIDEO, compose_train
 
 SUMMARY_KEYS = {
     "model",
@@ -33,13 +33,7 @@ SUMMARY_KEYS = {
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "train.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_python("train.py", *args, timeout=timeout)
 
 
 def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
