@@ -452,7 +452,8 @@ class Step:
     * :meth:`backward` ``(state, grads) -> param grads``: given the lists of the step's output
       state and its gradient, which it owns, replaces their contents with the step's input state
       (reconstructed) and its gradient, and returns the gradients of :meth:`params` (``None``
-      for unused ones). It runs with grad enabled, under :func:`recomputing`, the forward's
+      for unused ones). The gradients are the engine's own (an incoming gradient that anything
+      else holds is copied first), so any step may overwrite them. It runs with grad enabled, under :func:`recomputing`, the forward's
       autocast state, and with the running statistics of ``module``'s batch norms frozen. Holding
       the tensors only in the lists lets a step free each one after its last use.
     * :meth:`inverse` ``(state) -> state``: the input state from the output state, plain math.
@@ -460,7 +461,8 @@ class Step:
     Attributes:
         module: the module whose trainable parameters receive the step's gradients (``None``
             for steps without parameters).
-        writes_state: the step overwrites states and gradients in place.
+        writes_state: the step overwrites the states it is given in place (the engine then hands
+            it a state nothing else reads: the saved output if it is the sole owner, else a copy).
     """
 
     module: nn.Module | None = None
@@ -562,10 +564,10 @@ class _ChainFunction(torch.autograd.Function):
     parameter of the steps in step order (so that their gradients are returned through
     autograd, and DistributedDataParallel's hooks fire as usual). Outputs: the final state.
 
-    Backward walks the steps from the end. Where a step writes in place, the saved output is
-    used as the step's buffer when nothing else holds it (else one copy is made); the incoming
-    gradient likewise, when no Python object or other tensor refers to it (a gradient the user
-    passed to ``backward`` is copied and left unchanged). Reusing the saved output makes a second
+    Backward walks the steps from the end. Where a step writes states in place, the saved output
+    is used as its buffer when nothing else holds it (else one copy is made); the incoming
+    gradient is used as the gradient buffer when no Python object or other tensor refers to it
+    (a gradient the user passed to ``backward`` is copied and left unchanged). Reusing the saved output makes a second
     backward through the same graph (``retain_graph=True``) raise autograd's "modified by an
     inplace operation" error instead of computing from overwritten values.
     """
