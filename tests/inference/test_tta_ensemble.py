@@ -142,6 +142,27 @@ def test_ensemble_of_two_runs_is_the_mean_of_their_probabilities(root):
     assert set(np.unique(a.label_map(found, case))) == {0, 4}  # a alone: ET
 
 
+def test_runs_with_the_same_preprocessing_read_a_case_once(root, monkeypatch):
+    """The folds of a cross-validation share their preprocessing: the ensemble reads and
+    prepares the case once for them, sums on that grid and maps back once, which gives the mean
+    of their probabilities on the case's grid to the bit (the map back only crops and pads)."""
+    found = discover(root)
+    case = found.cases[0]
+    a = Predictor(Constant([3.0, 2.0, -2.0]), crop_size=CROP)
+    b = Predictor(Ramp(), crop_size=CROP, tta=True)
+    c = Predictor(Constant([-1.0, -3.0, -3.0]), crop_size=(16, 16, 16), sliding_window=True,
+                  roi_size=(8, 8, 8))  # fmt: skip
+    pa, pb, pc = (p.probabilities(case) for p in (a, b, c))
+    reads = []
+    prepared = Predictor.prepared
+    monkeypatch.setattr(
+        Predictor, "prepared", lambda self, *args: reads.append(self) or prepared(self, *args)
+    )
+    mean = Ensemble([a, b, c]).probabilities(case)
+    assert reads == [a, c]  # one read for a and b, one for c
+    np.testing.assert_array_equal(mean, (pa + pb + pc) / 3)
+
+
 def _make_run(path, seed, split=None, *overrides):
     cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={path}", *overrides)
     from hydra.utils import instantiate

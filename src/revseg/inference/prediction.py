@@ -244,30 +244,41 @@ class Predictor:
             logits = self.model(inputs)
         return torch.sigmoid(torch.as_tensor(logits).float())
 
+    def preprocessing(self) -> tuple:
+        """What this predictor's preprocessing depends on: predictors with equal keys read and
+        prepare a case the same way (an :class:`Ensemble` does it once for them)."""
+        crop = None if self.sliding_window else tuple(self.crop_size)
+        return self.sliding_window, crop, self.reader
+
+    def prepared(self, case: CaseFiles, channel_order: Sequence[int] | None = None) -> tuple:
+        """``(pipeline, image)``: the case read and preprocessed as this predictor's model saw its
+        training data (the pipeline also maps predictions back, :func:`on_case_grid`)."""
+        _, crop, reader = self.preprocessing()
+        pipeline = build_transforms(
+            train=False,
+            crop_size=crop,
+            reader=reader,
+            with_label=False,
+            track_meta=True,
+            channel_order=channel_order,
+        )
+        return pipeline, pipeline({"image": case.item()["image"]})["image"]
+
     @torch.no_grad()
+    def grid_probabilities(self, image: MetaTensor) -> torch.Tensor:
+        """Region probabilities ``(3, D, H, W)`` on the preprocessed grid of ``image``."""
+        inputs = image.as_tensor()[None].to(self.device)
+        if self.tta:
+            return mirrored(self._probabilities, inputs)[0].cpu()
+        return self._probabilities(inputs)[0].cpu()
+
     def probabilities(
         self, case: CaseFiles, channel_order: Sequence[int] | None = None
     ) -> np.ndarray:
         """Region probabilities ``(3, X, Y, Z)`` float32 (WT, TC, ET) on the grid of the case's
         files (0 outside the brain's bounding box and the crop)."""
-        pipeline = build_transforms(
-            train=False,
-            crop_size=None if self.sliding_window else tuple(self.crop_size),
-            reader=self.reader,
-            with_label=False,
-            track_meta=True,
-            channel_order=channel_order,
-        )
-        image = pipeline({"image": case.item()["image"]})["image"]
-        inputs = image.as_tensor()[None].to(self.device)
-        if self.tta:
-            probabilities = mirrored(self._probabilities, inputs)
-        else:
-            probabilities = self._probabilities(inputs)
-        pred = MetaTensor(probabilities[0].cpu(), meta=dict(image.meta))
-        pred.applied_operations = list(image.applied_operations)
-        back = pipeline.inverse({"image": pred})["image"]  # undo pad/crop and the brain crop
-        return torch.as_tensor(back).numpy().astype(np.float32, copy=False)
+        pipeline, image = self.prepared(case, channel_order)
+        return on_case_grid(pipeline, image, self.grid_probabilities(image))
 
     def regions(self, case: CaseFiles, channel_order: Sequence[int] | None = None) -> np.ndarray:
         """Predicted regions ``(3, X, Y, Z)`` bool (WT, TC, ET) on the grid of the case's files."""
@@ -279,6 +290,16 @@ class Predictor:
         return regions_to_label(
             self.regions(case, found.channel_order), c.enhancing, c.necrotic, c.oedema
         )
+
+
+def on_case_grid(pipeline: Any, image: MetaTensor, probabilities: torch.Tensor) -> np.ndarray:
+    """``probabilities`` ``(3, D, H, W)`` on ``image``'s preprocessed grid, mapped back to the
+    grid of the case's files by ``pipeline``'s inverse (the crop and pad undone: a copy, zeros
+    outside), as float32."""
+    pred = MetaTensor(probabilities, meta=dict(image.meta))
+    pred.applied_operations = list(image.applied_operations)
+    back = pipeline.inverse({"image": pred})["image"]  # undo pad/crop and the brain crop
+    return torch.as_tensor(back).numpy().astype(np.float32, copy=False)
 
 
 def _check_threshold(threshold: float) -> None:
@@ -319,10 +340,22 @@ class Ensemble:
         """Mean region probabilities ``(3, X, Y, Z)`` of the ``members`` (indices of
         ``predictors``; None: all) on the grid of the case's files."""
         members = range(len(self.predictors)) if members is None else members
-        total: np.ndarray | None = None
+        # the case is read and preprocessed once per preprocessing (the folds of a
+        # cross-validation share one); the sum is taken on that grid and mapped back once (the
+        # inverse only crops and pads, so this equals summing the mapped-back probabilities)
+        groups: dict[tuple, list[Predictor]] = {}
         for i in members:
-            p = self.predictors[i].probabilities(case, channel_order)
-            total = p if total is None else total + p
+            predictor = self.predictors[i]
+            groups.setdefault(predictor.preprocessing(), []).append(predictor)
+        total: np.ndarray | None = None
+        for predictors in groups.values():
+            pipeline, image = predictors[0].prepared(case, channel_order)
+            grid: torch.Tensor | None = None
+            for predictor in predictors:
+                p = predictor.grid_probabilities(image)
+                grid = p if grid is None else grid + p
+            back = on_case_grid(pipeline, image, grid)
+            total = back if total is None else total + back
         if total is None:
             raise ValueError("members must name at least one predictor")
         return total / len(members)
