@@ -13,6 +13,7 @@ matches no case is listed as unmatched and skipped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -45,6 +46,7 @@ from revseg.metrics.brats import (
     missing_case_metrics,
     summarize,
 )
+from revseg.training.checkpoint import write_text_atomic
 
 __all__ = [
     "LABEL_SETS",
@@ -324,10 +326,12 @@ def _cell(value: Any) -> str:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(header)
-        writer.writerows([[_cell(v) for v in row] for row in rows])
+    """The CSV file, written atomically like every other output (never half-written)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows([[_cell(v) for v in row] for row in rows])
+    write_text_atomic(text.getvalue(), path)
 
 
 def _json_value(value: Any) -> Any:
@@ -411,7 +415,7 @@ def write_reports(
         "cases": per_case,
     }
     written.append(output / "metrics.json")
-    written[-1].write_text(json.dumps(_json_value(content), indent=2) + "\n")
+    write_text_atomic(json.dumps(_json_value(content), indent=2) + "\n", written[-1])
     if plot and cases:
         written.append(output / "boxplot.png")
         box_plot(per_case, regions).save(written[-1])
