@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from revseg.errors import ConfigError
+from revseg.memory.autocast_rules import autocast_dtype, rules_for_device
 from revseg.memory.trace import CATEGORIES, Plan, StepModel, trace_model
 from revseg.validation import model_divisor, positive_ints
 
@@ -42,6 +43,7 @@ __all__ = [
     "fit_budget",
     "input_shape_from_config",
     "compose_train_config",
+    "precision_from_config",
 ]
 
 
@@ -127,6 +129,7 @@ def _trace(
 ) -> StepModel:
     """:func:`trace_model` with the input channels, divisor and name found in ``cfg``."""
     in_channels = int(cfg.model.get("in_channels", 0) or 0) or _first_conv_channels(model)
+    precision, rules = precision_from_config(cfg)
     return trace_model(
         model,
         batch,
@@ -136,7 +139,23 @@ def _trace(
         loss_fn=loss_fn,
         name=_name(cfg),
         planned_voxels=None if spatial is None else math.prod(spatial),
+        precision=precision,
+        rules=rules,
     )
+
+
+def precision_from_config(cfg: DictConfig) -> tuple[str, str]:
+    """``(precision, rules)`` of the run: ``trainer.precision`` (fp32 when unset) and the autocast
+    rules of ``trainer.device`` (:func:`~revseg.memory.autocast_rules.rules_for_device`: a CPU
+    machine plans ``trainer.device=cuda`` with CUDA's rules).
+
+    Raises:
+        ConfigError: an unknown precision or device name (one line naming the key).
+    """
+    trainer = cfg.get("trainer") or {}
+    precision = str(trainer.get("precision", "fp32") or "fp32")
+    autocast_dtype(precision)
+    return precision, rules_for_device(str(trainer.get("device", "auto") or "auto"))
 
 
 def _first_conv_channels(model: nn.Module) -> int:

@@ -51,6 +51,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from revseg.errors import ConfigError
+from revseg.memory.autocast_rules import (
+    RULES,
+    autocast_dtype,
+    forward_autocast,
+    trace_precision,
+)
 from revseg.memory.measure import format_bytes
 from revseg.memory.tracker import StorageTracker
 from revseg.nn import fused_step
@@ -166,9 +173,13 @@ def _trace_step(
     optimizer: torch.optim.Optimizer | None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape: Sequence[int],
+    precision: str = "fp32",
+    rules: str = "cpu",
 ) -> _Trace:
     """Trace a training step on a random ``shape`` input, with the optimizer state in place (as
-    in every step after the first)."""
+    in every step after the first); the forward and the loss under ``precision``'s autocast with
+    ``rules``' op policy (:func:`~revseg.memory.autocast_rules.trace_precision`), fp16 with a
+    gradient scaler, as the trainer runs them."""
     dtype = next(model.parameters()).dtype
     image = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
@@ -186,6 +197,7 @@ def _trace_step(
         ledger.add_as(list(optimizer.state.values()), _CAT["optimizer state"])
     ledger.add_as([image, label], _CAT["batch"])
 
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     depth = [0]
 
     def enter(*_: Any) -> None:
@@ -203,17 +215,21 @@ def _trace_step(
             handles.append(module.register_forward_hook(leave))
     try:
         ledger.phase_kind = _FWD_PLAIN
-        with ledger:
-            loss = loss_fn(model(image), label)
+        with ledger, trace_precision(precision, rules):
+            with forward_autocast(precision):
+                loss = loss_fn(model(image), label)
             forward_end = len(ledger.points)
             ledger.phase_kind = _CAT["workspace"]
-            loss.backward()
+            scaler.scale(loss).backward()
+            if scaler.is_enabled() and optimizer is not None:
+                scaler.unscale_(optimizer)
             backward_end = len(ledger.points)
             for p in model.parameters():
                 if p.grad is not None:
                     ledger.kind[ledger.see(p.grad)] = _CAT["gradients"]
             if optimizer is not None:
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
             del loss
     finally:
         ledger.close()
@@ -242,6 +258,8 @@ class Plan:
             and by non-reversible parts.
         params: number of parameters.
         notes: caveats of this plan (e.g. a surrogate loss).
+        precision: ``trainer.precision`` the step was traced at (fp32, bf16, fp16).
+        rules: whose autocast op policy the trace applied (``cpu`` or ``cuda``).
     """
 
     model: str
@@ -252,6 +270,8 @@ class Plan:
     kept_after_forward: dict[str, int]
     params: int
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    rules: str = "cpu"
 
     @property
     def voxels(self) -> int:
@@ -267,7 +287,8 @@ class Plan:
         shape = "x".join(map(str, self.input_shape[2:]))
         lines = [
             f"memory plan: {self.model}, {self.params:,} parameters, batch {self.input_shape[0]}"
-            f" x {self.input_shape[1]} x {shape}",
+            f" x {self.input_shape[1]} x {shape}, {self.precision}"
+            + ("" if self.precision == "fp32" else f" with {self.rules.upper()} autocast rules"),
             "",
             "| part | bytes | size | share |",
             "|---|---:|---:|---:|",
@@ -301,6 +322,8 @@ class Plan:
             "bytes_per_voxel": self.bytes_per_voxel,
             "params": self.params,
             "notes": list(self.notes),
+            "precision": self.precision,
+            "rules": self.rules,
         }
 
 
@@ -321,6 +344,8 @@ class StepModel:
     per_voxel: np.ndarray  # (categories, points)
     phases: tuple[int, int]
     notes: list[str]
+    precision: str = "fp32"
+    rules: str = "cpu"
 
     def live(self, voxels: int) -> np.ndarray:
         return self.fixed + self.per_voxel * voxels
@@ -347,6 +372,8 @@ class StepModel:
             },
             params=self.params,
             notes=list(self.notes),
+            precision=self.precision,
+            rules=self.rules,
         )
 
     def checked_plan(self, spatial: Sequence[int]) -> Plan:
@@ -378,6 +405,8 @@ def trace_model(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     name: str | None = None,
     planned_voxels: int | None = None,
+    precision: str = "fp32",
+    rules: str = "cpu",
 ) -> StepModel:
     """Trace two training steps of a CPU copy of ``model`` and fit the affine memory model.
 
@@ -395,7 +424,17 @@ def trace_model(
             with ``chunks="auto"`` are traced with the slabs they take at that size
             (:func:`~revseg.nn.fused_step.auto_chunks_as_if_scaled`); ``None``: at the traced
             sizes (usually whole volumes, so an upper bound for larger inputs).
+        precision: ``trainer.precision``: fp32, or bf16 / fp16 autocast (fp16 with a gradient
+            scaler), as the trainer runs the step.
+        rules: the autocast op policy of the device the run will use, ``cpu`` or ``cuda``
+            (:mod:`revseg.memory.autocast_rules`); the trace runs on the CPU either way.
+
+    Raises:
+        ConfigError: an unknown precision or rules name.
     """
+    autocast_dtype(precision)
+    if rules not in RULES:
+        raise ConfigError(f"autocast rules {rules!r}: expected one of {', '.join(RULES)}")
     notes: list[str] = []
     if loss_fn is None:
         loss_fn = _mean_square
@@ -416,6 +455,8 @@ def trace_model(
                     loss_fn,
                     (batch, in_channels, *spatial),
                     planned_voxels,
+                    precision,
+                    rules,
                 )
                 for spatial in ((side,) * 3, (2 * side, side, side))
             )
@@ -446,10 +487,14 @@ def trace_model(
         per_voxel=per_voxel,
         phases=phases,
         notes=notes,
+        precision=precision,
+        rules=rules,
     )
 
 
-def _trace_step_copy(model, optimizer_factory, loss_fn, shape, planned_voxels) -> _Trace:
+def _trace_step_copy(
+    model, optimizer_factory, loss_fn, shape, planned_voxels, precision, rules
+) -> _Trace:
     """Trace a CPU copy of ``model``. The random input, labels and any random op of the model
     draw from a fixed seed inside a fork of the CPU generator: the caller's random stream is
     the same with or without planning, and so is the plan from one run to the next."""
@@ -458,7 +503,7 @@ def _trace_step_copy(model, optimizer_factory, loss_fn, shape, planned_voxels) -
         torch.manual_seed(0)
         clone = copy.deepcopy(model).cpu().train()
         optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
-        return _trace_step(clone, optimizer, loss_fn, shape)
+        return _trace_step(clone, optimizer, loss_fn, shape, precision, rules)
 
 
 def _mean_square(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from revseg.nn.blocks import NormActConv, per_level
+from revseg.nn.blocks import NormActConv, checkpointed, per_level
+from revseg.nn.reversible import fork
 
 __all__ = ["UNetBaseline", "ConvBlock"]
 
@@ -122,7 +122,7 @@ class UNetBaseline(nn.Module):
 
     def _run(self, block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
+            return checkpointed(block, x)
         return block(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,8 @@ class UNetBaseline(nn.Module):
             x = self._run(encoder, F.max_pool3d(x, 2) if i > 0 else x)
             for extra in self.extra_encoders[i]:
                 x = self._run(extra, x)
-            skips.append(x)
+            skip, x = fork(x)
+            skips.append(skip)
         x = self._run(self.bottom, F.max_pool3d(x, 2))
         for extra in self.extra_encoders[-1]:
             x = self._run(extra, x)

@@ -2,13 +2,53 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["NormActConv", "check_volume", "group_count", "per_level"]
+__all__ = [
+    "FunctionModes",
+    "NormActConv",
+    "check_volume",
+    "checkpointed",
+    "group_count",
+    "per_level",
+]
+
+
+class FunctionModes:
+    """The :class:`~torch.overrides.TorchFunctionMode` objects active when it is made, to
+    re-enter for a recomputation in backward (autograd runs backward without them, as it runs it
+    without the forward's autocast state): the planner traces CUDA's autocast rules with one
+    (:mod:`revseg.memory.autocast_rules`)."""
+
+    def __init__(self) -> None:
+        self.modes = list(_get_current_function_mode_stack())
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        active = {id(m) for m in _get_current_function_mode_stack()}
+        with contextlib.ExitStack() as stack:
+            for mode in self.modes:
+                if id(mode) not in active:
+                    stack.enter_context(mode)
+            yield
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` under non-reentrant gradient checkpointing
+    (:func:`torch.utils.checkpoint.checkpoint`): only ``x`` is kept, the module is recomputed in
+    backward under the forward's autocast state and function modes."""
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), FunctionModes().restored()
+
+    return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
 
 
 def per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:

@@ -20,12 +20,18 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from revseg.nn.blocks import check_volume, per_level
-from revseg.nn.reversible import reversible_parts
+from revseg.nn.blocks import check_volume, checkpointed, per_level
+from revseg.nn.reversible import fork, reversible_parts
 
-__all__ = ["ConvTrilinearUp3d", "MaxPoolConv3d", "ReversibleUNet", "level_sequence", "upsample2x"]
+__all__ = [
+    "ConvTrilinearUp3d",
+    "MaxPoolConv3d",
+    "ReversibleUNet",
+    "head_in_state_dtype",
+    "level_sequence",
+    "upsample2x",
+]
 
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +61,10 @@ class MaxPoolConv3d(nn.Conv3d):
 class ConvTrilinearUp3d(nn.Conv3d):
     """Up between levels: a 1x1x1 conv (with bias) then trilinear x2 (:func:`upsample2x`).
 
+    Under autocast the convolution runs in low precision and its output returns to the input's
+    dtype (the float32 states) *before* the upsampling: the full-resolution output and its
+    gradient are then never copied between dtypes (a half-state copy at the top level).
+
     Args:
         in_channels: channels of the coarser level.
         out_channels: channels of the finer level.
@@ -66,7 +76,18 @@ class ConvTrilinearUp3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return upsample2x(super().forward(x))
+        return upsample2x(super().forward(x).to(x.dtype))
+
+
+def head_in_state_dtype(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(x)`` in ``x``'s dtype, autocast off: the 1x1x1 head reads the last (float32)
+    state, which is kept anyway, so under autocast it neither keeps a low-precision copy of it
+    nor returns a low-precision gradient that the state's backward copies back to float32 (one
+    and a half states at the top level; the head is a negligible share of the work)."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+        with torch.autocast(x.device.type, enabled=False):
+            return head(x)
+    return head(x)
 
 
 def level_sequence(
@@ -180,7 +201,7 @@ class ReversibleUNet(nn.Module):
 
     def _resample(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, x, use_reentrant=False)
+            return checkpointed(module, x)
         return module(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,10 +212,11 @@ class ReversibleUNet(nn.Module):
             if i > 0:
                 x = self._resample(self.down[i - 1], x)
             x = encoder(x)
-            skips.append(x)
-        skips.pop()  # the bottom level has no skip
+            if i < len(self.encoders) - 1:  # the bottom level has no skip
+                skip, x = fork(x)
+                skips.append(skip)
         for i in range(len(self.decoders) - 1, -1, -1):
             x = self.decoders[i](x)
             if i > 0:
                 x = self._resample(self.up[i - 1], x) + skips.pop()
-        return self.head(x)
+        return head_in_state_dtype(self.head, x)
