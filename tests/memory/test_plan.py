@@ -29,9 +29,12 @@ def _cfg(*overrides: str, size: int = 16):
     return compose_train(*MODEL, *overrides, f"data.crop_size=[{size},{size},{size}]")
 
 
-def measured_peak(cfg, size: int) -> int:
-    """Peak of the second training step, measured as the trainer does."""
+def measured_peak(cfg, size: int, precision: str = "fp32") -> int:
+    """Peak of the second training step, measured as the trainer does (CPU autocast for bf16
+    and fp16, a gradient scaler for fp16)."""
     torch.manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     model = build(cfg.model, "model")
     optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
     loss_fn = build(cfg.loss, "loss")
@@ -44,9 +47,13 @@ def measured_peak(cfg, size: int) -> int:
         optimizer.zero_grad(set_to_none=True)
         state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         with meter.measure(static=[*model.parameters(), image, label, *state]) as m:
-            loss = loss_fn(model(image), label)
-            loss.backward()
-            optimizer.step()
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                loss = loss_fn(model(image), label)
+            scaler.scale(loss).backward()
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
         peaks.append(m.peak_bytes)
     return max(peaks)
 
@@ -70,6 +77,50 @@ def test_plan_matches_measured_peak(overrides):
     assert abs(plan.peak_bytes / measured - 1) < 0.15, (plan.peak_bytes, measured)
     # the method resolves the step in time, so on the CPU tracker it is exact up to rounding
     assert abs(plan.peak_bytes - measured) <= 64, (plan.peak_bytes, measured)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("model=prev_unet",),
+        ("model=prev_unet", "model.state_dtype=autocast", "model.encoder_depth=2"),
+        ("model=unet_baseline", "model.checkpointing=true"),
+    ],
+)
+def test_plan_follows_the_precision(overrides, precision):
+    """trainer.precision is planned as the trainer runs it (CPU rules on the CPU), to the byte."""
+    size = 8
+    cfg = _cfg(*overrides, f"trainer.precision={precision}", "trainer.device=cpu", size=size)
+    plan = plan_from_config(cfg)
+    assert (plan.precision, plan.rules) == (precision, "cpu")
+    assert f"{precision} with CPU autocast rules" in plan.table().splitlines()[0]
+    measured = measured_peak(cfg, size, precision)
+    assert abs(plan.peak_bytes - measured) <= 64, (plan.peak_bytes, measured)
+
+
+def test_low_precision_plans_less_and_cuda_rules_keep_float32_norms():
+    """The baseline's convolutions shrink under bf16; under CUDA's rules its GroupNorms run in
+    float32 (their inputs cast up and kept), under CPU's in bf16."""
+    cfg = _cfg("model=unet_baseline", "model.checkpointing=true", size=32)
+    peaks = {}
+    for precision, device in (("fp32", "cpu"), ("bf16", "cpu"), ("bf16", "cuda")):
+        c = cfg.copy()
+        c.trainer.precision, c.trainer.device = precision, device
+        plan = plan_from_config(c)
+        assert (plan.precision, plan.rules) == (precision, "cuda" if device == "cuda" else "cpu")
+        peaks[precision, device] = plan.as_dict()["breakdown"]["workspace"] + sum(
+            plan.kept_after_forward.values()
+        )
+    assert peaks["bf16", "cpu"] < peaks["bf16", "cuda"] < peaks["fp32", "cpu"] * 1.2
+    assert peaks["bf16", "cpu"] < 0.8 * peaks["fp32", "cpu"]
+
+
+def test_precision_and_device_errors_name_the_key():
+    with pytest.raises(ConfigError, match="trainer.precision"):
+        plan_from_config(_cfg("model=prev_unet", "trainer.precision=fp64"))
+    with pytest.raises(ConfigError, match="trainer.device"):
+        plan_from_config(_cfg("model=prev_unet", "trainer.device=tpu"))
 
 
 def test_breakdown_adds_up_and_names_the_reversible_states():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from revseg.nn.leapfrog import LeapfrogStack, Rank, level_plan, resolve_ranks
-from revseg.nn.reversible import _float32_states
+from revseg.nn.reversible import states_in
 
 __all__ = ["HyperbolicNet", "MemoryReport", "memory_report"]
 
@@ -105,7 +105,7 @@ class HyperbolicNet(nn.Module):
         if self.opening is not None:
             # under autocast the convolution gives half precision; the states stay float32, as
             # everywhere in revseg's reversible parts, so the leapfrog reverse is float32-exact
-            return _float32_states(self.opening(x))
+            return states_in(self.opening(x))
         return x.repeat(1, self.stack.channels // self.in_channels, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,11 @@ def reversible_level(
     memory_saving: bool,
     preserve_rng_state: bool = True,
     chunks: int | str | None = None,
+    state_dtype: str = "float32",
 ) -> ReversibleSequence:
     """A reversible sequence of ``depth`` couplings with F = G = GN-LReLU-Conv on C/2 channels
-    (``chunks``: slabs of the fused backward step, see
-    :class:`~revseg.nn.reversible.ReversibleSequence`)."""
+    (``chunks``: slabs of the fused backward step; ``state_dtype``: the states' dtype under
+    autocast; see :class:`~revseg.nn.reversible.ReversibleSequence`)."""
     if channels % 2:
         raise ValueError(f"reversible levels need an even channel count, got {channels}")
     half = channels // 2
@@ -47,7 +48,13 @@ def reversible_level(
         )
 
     return level_sequence(
-        coupling, depth, ReversibleSequence, memory_saving, preserve_rng_state, chunks=chunks
+        coupling,
+        depth,
+        ReversibleSequence,
+        memory_saving,
+        preserve_rng_state,
+        chunks=chunks,
+        state_dtype=state_dtype,
     )
 
 
@@ -75,6 +82,10 @@ class PartiallyReversibleUNet(ReversibleUNet):
             most 64 MiB of a half-state, so only large levels are split).
         checkpointing: run the resampling between the sequences under gradient checkpointing
             (see :class:`~revseg.nn.unet.ReversibleUNet`).
+        state_dtype: under autocast, the dtype of the states between reversible blocks:
+            ``"float32"`` (exact inverses, gradients equal plain autograd's) or ``"autocast"``
+            (bf16/fp16 states: about half the activation memory, inverses exact only to the low
+            precision's rounding; see :func:`~revseg.nn.reversible.states_in`).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``2 ** (len(channels) - 1)``.
@@ -93,10 +104,18 @@ class PartiallyReversibleUNet(ReversibleUNet):
         preserve_rng_state: bool = False,
         chunks: int | str | None = None,
         checkpointing: bool = False,
+        state_dtype: str = "float32",
     ) -> None:
         def level(c: int, depth: int) -> ReversibleSequence:
             return reversible_level(
-                c, depth, norm_groups, negative_slope, memory_saving, preserve_rng_state, chunks
+                c,
+                depth,
+                norm_groups,
+                negative_slope,
+                memory_saving,
+                preserve_rng_state,
+                chunks,
+                state_dtype,
             )
 
         super().__init__(

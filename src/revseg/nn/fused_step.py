@@ -24,7 +24,11 @@ reconstruction is as exact as without chunks.
 
 Mixed precision: the convolution runs in the autocast dtype as under autograd (its input, weight
 and incoming gradient cast, its gradients cast back); the norm, the activation and the states
-stay in the states' dtype (float32).
+stay in the states' dtype (float32). Low-precision states (``state_dtype="autocast"`` of the
+sequences) always take the slab formulation (one slab when ``chunks`` is 1): the group statistics
+and the norm backward's sums in float32, the normalised activation computed in float32 slab by
+slab and handed to the convolution in the autocast dtype, so the forward and its recomputation
+run the same ops.
 """
 
 from __future__ import annotations
@@ -128,10 +132,29 @@ def _gn_args(fn: NormActConv, inp: torch.Tensor) -> tuple[int, int, int, int]:
     return n, c, inp[0, 0].numel(), fn.norm.num_groups
 
 
+def _low_precision(t: torch.Tensor) -> bool:
+    return t.dtype in (torch.float16, torch.bfloat16)
+
+
 def _statistics(fn: NormActConv, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``mean`` and ``rstd`` of ``inp``, shape ``(B, groups)``, over the whole volume."""
+    """Per-group ``mean`` and ``rstd`` of ``inp``, shape ``(B, groups)``, over the whole volume
+    (float32 for low-precision states: summed with float32 accumulators, piece by piece, without
+    a float32 copy of the half-state)."""
     n, _, _, groups = _gn_args(fn, inp)
-    var, mean = torch.var_mean(inp.reshape(n, groups, -1), dim=-1, correction=0)
+    x = inp.reshape(n, groups, -1)
+    if not _low_precision(inp):
+        var, mean = torch.var_mean(x, dim=-1, correction=0)
+        return mean, (var + fn.norm.eps).rsqrt()
+    count = x.shape[-1]
+    mean = torch.sum(x, dim=-1, dtype=torch.float32) / count
+    # float32 pieces of at most SLAB_BYTES (as many as at the planned size under
+    # auto_chunks_as_if_scaled)
+    pieces = math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / SLAB_BYTES)
+    piece = max(1, math.ceil(count / max(pieces, 1)))
+    var = (
+        sum((part.float() - mean[..., None]).square_().sum(-1) for part in x.split(piece, dim=-1))
+        / count
+    )
     return mean, (var + fn.norm.eps).rsqrt()
 
 
@@ -196,7 +219,7 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def add_forward(fn: NormActConv, inp: torch.Tensor, out: torch.Tensor, chunks: int) -> None:
     """``out += fn(inp)`` in place, slab by slab when ``chunks > 1`` (same slabs as
     :func:`half_step`, so that its recomputation reproduces these values)."""
-    if chunks <= 1:
+    if chunks <= 1 and not _low_precision(inp):
         out.add_(fn(inp))
         return
     scale, shift = _affine(fn, *_statistics(fn, inp), inp.shape[1])
@@ -243,9 +266,9 @@ def half_step(
     Returns:
         the gradients of ``fn``'s trainable parameters in ``fn.parameters()`` order.
     """
-    if chunks <= 1:
+    if chunks <= 1 and not _low_precision(inp):
         return _whole_step(fn, inp, upstream, target, grad_acc)
-    return _slab_step(fn, inp, upstream, target, grad_acc, chunks)
+    return _slab_step(fn, inp, upstream, target, grad_acc, max(chunks, 1))
 
 
 def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None]:
@@ -305,8 +328,11 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
     transposed_padding = (2 * halo, *fn.conv.padding[1:])
     wanted_w = weight.requires_grad
     dweight = torch.zeros_like(weight) if wanted_w else None
-    sum_g = inp.new_zeros(inp.shape[:2])  # per (sample, channel): sum of dL/d norm(inp)
-    sum_gx = inp.new_zeros(inp.shape[:2])  # ... and of dL/d norm(inp) * inp
+    # per (sample, channel): sums of dL/d norm(inp) and of dL/d norm(inp) * inp, in float32 at
+    # least (also for low-precision states)
+    acc = torch.promote_types(inp.dtype, torch.float32)
+    sum_g = inp.new_zeros(inp.shape[:2], dtype=acc)
+    sum_gx = inp.new_zeros(inp.shape[:2], dtype=acc)
     for start, stop in slabs(depth, chunks):
         a = _activation(fn, inp, scale, shift, start, stop)  # [start - halo, stop + halo)
         a_c = a.to(dtype)
@@ -322,15 +348,15 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
             del dw
         del a_c, up
         up = _with_halo(upstream, start, stop, halo, lambda t: t.to(dtype))
-        g = F.conv_transpose3d(up, weight_c, None, 1, transposed_padding).to(inp.dtype)
+        g = F.conv_transpose3d(up, weight_c, None, 1, transposed_padding).to(a.dtype)
         del up
         torch.ops.aten.leaky_relu_backward.grad_input(
             g, a[:, :, halo : halo + stop - start], fn.act.negative_slope, True, grad_input=g
         )
         del a
         x = inp[:, :, start:stop]
-        sum_g += g.sum(dim=(2, 3, 4))
-        sum_gx += (g * x).sum(dim=(2, 3, 4))
+        sum_g += g.sum(dim=(2, 3, 4), dtype=acc)
+        sum_gx += (g * x).sum(dim=(2, 3, 4), dtype=acc)
         grad_acc[:, :, start:stop].addcmul_(g, scale)  # the norm backward's per-element term
         del g
     # GroupNorm backward, dx = rstd * gamma * g + a * x + b per group:

@@ -32,8 +32,11 @@ Parameter gradients leave the Function as outputs of their ``backward`` (the par
 Function inputs), so autograd accumulates them and DistributedDataParallel's hooks fire as usual;
 nothing calls ``.backward()`` inside a backward pass.
 
-Under autocast (mixed precision) the states between blocks are kept in float32 while the blocks
-run in low precision, so reconstruction stays as exact as in float32.
+Under autocast (mixed precision) the states between blocks are kept in float32 by default while
+the blocks run in low precision (:func:`states_in`): inverses are exact to float32 rounding, and
+gradients equal plain autograd's under the same autocast. Low-precision states
+(``state_dtype="autocast"``) halve the bytes of every state at the price of low-precision rounding
+in the inverses.
 
 Recomputation sees the forward's random numbers (the RNG state before each call is stored and
 restored) and the forward's autocast state, runs under :func:`recomputing`, and BatchNorm running
@@ -73,6 +76,9 @@ __all__ = [
     "recomputing",
     "reversible_parts",
     "run_chain",
+    "states_in",
+    "check_state_dtype",
+    "STATE_DTYPES",
 ]
 
 
@@ -192,12 +198,38 @@ def _frozen_batchnorm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def _float32_states(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32 if it is half precision under autocast: the states between blocks stay
-    float32 while the blocks compute in low precision (inverses stay exact to float32 rounding)."""
-    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        return x.float()
-    return x
+STATE_DTYPES = ("float32", "autocast")
+
+
+def check_state_dtype(state_dtype: str) -> str:
+    """``state_dtype`` if it is one of :data:`STATE_DTYPES`.
+
+    Raises:
+        ValueError: naming the value and the choices.
+    """
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(
+            f"state_dtype must be one of {', '.join(STATE_DTYPES)}, got {state_dtype!r}"
+        )
+    return state_dtype
+
+
+def states_in(x: torch.Tensor, state_dtype: str = "float32") -> torch.Tensor:
+    """``x`` in the dtype of the states between reversible blocks.
+
+    Outside autocast: ``x`` as it is. Under autocast, ``"float32"`` (the default) keeps the
+    states float32 while the blocks compute in low precision: the additive inverses are exact to
+    float32 rounding and gradients equal plain autograd's under the same autocast.
+    ``"autocast"`` keeps them in the autocast dtype (bf16 / fp16): half the bytes of every state
+    and state gradient, at the price of rounding each block's sum to 8 (bf16) or 11 (fp16)
+    mantissa bits, so reconstructed inputs differ from the forward's by that rounding, growing with
+    depth (docs/precision.md gives the measured errors).
+    """
+    if not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        return x
+    if state_dtype == "autocast":
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -710,6 +742,9 @@ class ReversibleSequence(ReversibleChain):
             workspace is a fraction of a half-state: ``None``/``1`` (whole volume), an int, or
             ``"auto"`` (slabs of at most :data:`~revseg.nn.fused_step.SLAB_BYTES` of a
             half-state). Results equal the unchunked ones to rounding.
+        state_dtype: under autocast, the dtype of the states between blocks (and of their
+            gradients): ``"float32"`` (exact inverses) or ``"autocast"`` (half the bytes, inverses
+            exact to the low precision's rounding only); see :func:`states_in`.
 
     Shapes: ``(B, C, *spatial) -> (B, C, *spatial)`` with ``C`` even.
 
@@ -724,8 +759,10 @@ class ReversibleSequence(ReversibleChain):
         memory_saving: bool = True,
         preserve_rng_state: bool = True,
         chunks: int | str | None = None,
+        state_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        self.state_dtype = check_state_dtype(state_dtype)
         if len(blocks) == 0:
             raise ValueError("ReversibleSequence needs at least one block")
         if not all(isinstance(b, AdditiveCoupling) for b in blocks):
@@ -744,7 +781,7 @@ class ReversibleSequence(ReversibleChain):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # mixed precision: F and G compute in low precision, but the states they are added to
         # stay float32, so the additive inverse loses nothing to low-precision rounding
-        x = _float32_states(x)
+        x = states_in(x, self.state_dtype)
         if self.memory_saving and torch.is_grad_enabled():
             return run_chain(self.steps(), x)
         for block in self.blocks:
@@ -770,7 +807,7 @@ def apply_invertible_sequence(
     blocks under another name (:class:`~revseg.nn.invertible.LayerwiseInvertibleChain` keeps
     ``layers``), so that no module is registered twice.
     """
-    x = _float32_states(x)
+    x = states_in(x)
     if memory_saving and torch.is_grad_enabled():
         return run_chain(invertible_steps(blocks, preserve_rng_state), x)
     for block in blocks:
