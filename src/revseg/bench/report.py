@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revseg.bench import fov
+from revseg.bench import fov, precision
 from revseg.bench.specs import ok, zoo_key
 
 __all__ = ["GOALS", "Goal", "regenerate", "report", "write_report", "zoo_report"]
@@ -398,7 +398,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
     predicted = [
         r
         for r in results
-        if r["spec"].get("plan_only") and r["spec"]["section"] != "f" and ok(r["result"])
+        if r["spec"].get("plan_only") and r["spec"]["section"] not in "fg" and ok(r["result"])
     ]
     if "a" in by:
         lines += _section_a(by["a"], goals)
@@ -411,12 +411,13 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, di
         lines += _section_d(by["d"], goals)
     if "e" in by:
         lines += zoo_report(by["e"], goals.values)
-    if any(r["spec"]["section"] == "f" for r in results):
-        fov_lines, fov_goals = fov.report(results)
-        lines[head:head] = fov_lines  # the headline, right after the goals
-        for name, target, value, met in fov_goals:
-            goals.row(name, target, value, met)
-            goals.values[name] = value
+    for sec, module in (("g", precision), ("f", fov)):  # f, then g, right after the goals
+        if any(r["spec"]["section"] == sec for r in results):
+            section_lines, section_goals = module.report(results)
+            lines[head:head] = section_lines
+            for name, target, value, met in section_goals:
+                goals.row(name, target, value, met)
+                goals.values[name] = value
     if predicted:
         lines += _predicted(predicted, goals)
     goal_table = ["## Goals", "", *_table(["goal", "target", "measured", ""], goals.rows), ""]

@@ -75,6 +75,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     import torch
 
     from revseg.config import build
+    from revseg.device import autocast_context
     from revseg.memory import PeakMemoryMeter
     from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
 
@@ -112,11 +113,16 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     with torch.no_grad():
         label = (torch.rand_like(model(image)) > 0.5).float()
 
-    def step() -> None:
+    precision = str(cfg.trainer.get("precision", "fp32"))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def step() -> None:  # as the trainer's: autocast for bf16/fp16, a gradient scaler for fp16
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(image), label)
-        loss.backward()
-        optimizer.step()
+        with autocast_context(device, precision):
+            loss = loss_fn(model(image), label)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
 
     step()  # warm-up; makes the optimizer state
     meter = PeakMemoryMeter(device)
@@ -139,6 +145,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
         "voxels": batch * math.prod(size),
         "step_times": times,
         "step_time_s": statistics.median(times) if times else None,
+        "precision": precision,
     }
 
 

@@ -55,7 +55,7 @@ class NetSpec:
     """A training step (Adam, the config's loss) of a model from the ``train`` config.
 
     Attributes:
-        section: ``"a"`` to ``"f"``.
+        section: ``"a"`` to ``"g"``.
         label: the row's name in the report.
         overrides: ``train.py`` overrides that make the model.
         size: ``(D, H, W)``, or ``(T, H, W)`` of a video data config (``video``).
@@ -263,6 +263,10 @@ def make_specs(args: argparse.Namespace, cuda: bool) -> list[NetSpec | SequenceS
         from revseg.bench import fov
 
         specs += fov.specs(sizes.f, sizes.f_predict, steps, threads, bool(args.quick))
+    if "g" in args.sections:
+        from revseg.bench import precision
+
+        specs += precision.specs(sizes.f, sizes.f_predict, steps, threads, bool(args.quick))
     return specs
 
 

@@ -36,6 +36,8 @@ class ConvBlock(nn.Sequential):
         norm_groups: GroupNorm groups (reduced to a divisor of the channels if needed).
         negative_slope: LeakyReLU slope.
         first_norm: ``False`` starts with the bare convolution (used on the raw input).
+        norm_dtype: the GroupNorms' dtype under autocast (see
+            :class:`~revseg.nn.blocks.NormActConv`).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ConvBlock(nn.Sequential):
         norm_groups: int = 30,
         negative_slope: float = 0.01,
         first_norm: bool = True,
+        norm_dtype: str = "float32",
     ) -> None:
         super().__init__(
             NormActConv(
@@ -54,8 +57,15 @@ class ConvBlock(nn.Sequential):
                 norm_groups,
                 negative_slope=negative_slope,
                 norm=first_norm,
+                norm_dtype=norm_dtype,
             ),
-            NormActConv(mid_channels, out_channels, norm_groups, negative_slope=negative_slope),
+            NormActConv(
+                mid_channels,
+                out_channels,
+                norm_groups,
+                negative_slope=negative_slope,
+                norm_dtype=norm_dtype,
+            ),
         )
 
 
@@ -76,6 +86,9 @@ class UNetBaseline(nn.Module):
         checkpointing: in training with grad enabled, run every block through
             :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``): its activations
             are recomputed in backward instead of kept, at the cost of one extra forward.
+        norm_dtype: the GroupNorms' dtype under autocast: ``"float32"`` (torch's GroupNorm, which
+            CUDA's autocast runs in float32 and so keeps float32 activations) or ``"autocast"``
+            (:class:`~revseg.nn.blocks.LowPrecisionGroupNorm`, as timm's ``fast_norm``).
 
     Shapes: ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)``, D, H, W divisible by
     ``2 ** (len(channels) - 1)``.
@@ -90,6 +103,7 @@ class UNetBaseline(nn.Module):
         negative_slope: float = 0.01,
         encoder_blocks: int | Sequence[int] = 1,
         checkpointing: bool = False,
+        norm_dtype: str = "float32",
     ) -> None:
         super().__init__()
         c = [int(v) for v in channels]
@@ -101,7 +115,7 @@ class UNetBaseline(nn.Module):
         self.checkpointing = checkpointing
 
         def block(cin: int, cmid: int, cout: int, first_norm: bool = True) -> ConvBlock:
-            return ConvBlock(cin, cmid, cout, norm_groups, negative_slope, first_norm)
+            return ConvBlock(cin, cmid, cout, norm_groups, negative_slope, first_norm, norm_dtype)
 
         levels = len(c)
         self.encoders = nn.ModuleList(

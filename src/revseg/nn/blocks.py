@@ -13,9 +13,12 @@ from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "FunctionModes",
+    "LowPrecisionGroupNorm",
+    "NORM_DTYPES",
     "NormActConv",
     "check_volume",
     "checkpointed",
+    "conv_in_float32",
     "group_count",
     "per_level",
 ]
@@ -89,6 +92,48 @@ def group_count(channels: int, groups: int) -> int:
     return math.gcd(channels, groups)
 
 
+NORM_DTYPES = ("float32", "autocast")
+
+
+def conv_in_float32(x: torch.Tensor) -> bool:
+    """``True`` where a 3D convolution of ``x`` runs in float32 although autocast asks for bf16.
+
+    torch's CPU bf16 ``conv3d`` weight gradient is wrong for inputs with a spatial size of 2 (a
+    5-level U-Net's bottom level at 32³): measured with torch 2.13 on x86, a 3x3x3 convolution of
+    64 or 240 channels on a 2x2x2 input has a weight-gradient error of 1.0 (other sizes, 1x1x1
+    kernels, fp16 and CUDA are not affected; docs/precision.md). Convolutions of such tiny
+    inputs are a negligible share of the work, so revseg runs them in float32 there.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.ndim == 5
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and min(x.shape[2:]) <= 2
+    )
+
+
+class LowPrecisionGroupNorm(nn.GroupNorm):
+    """GroupNorm that runs in the autocast dtype under autocast (as timm's ``fast_norm``).
+
+    CUDA's autocast runs ``group_norm`` in float32: a bf16/fp16 input is cast up and the float32
+    copy is what the norm keeps for backward, so a GroupNorm net keeps float32 activations around
+    every normalisation. This module casts its parameters down instead and runs the norm with
+    autocast off, in the low precision; the kernels accumulate the group statistics in float32.
+    Outside autocast it is :class:`torch.nn.GroupNorm` (same parameters and ``state_dict``).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        weight = None if self.weight is None else self.weight.to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        with torch.autocast(kind, enabled=False):
+            return nn.functional.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps)
+
+
 class NormActConv(nn.Module):
     """Pre-activation unit ``GroupNorm -> LeakyReLU -> Conv3d`` on ``(B, C_in, D, H, W)``.
 
@@ -102,6 +147,11 @@ class NormActConv(nn.Module):
         kernel_size: convolution kernel size (``padding = kernel_size // 2``).
         negative_slope: LeakyReLU slope.
         norm: ``False`` skips GroupNorm and LeakyReLU (a plain convolution), used on raw inputs.
+        norm_dtype: ``"float32"`` (:class:`torch.nn.GroupNorm`: float32 under CUDA autocast) or
+            ``"autocast"`` (:class:`LowPrecisionGroupNorm`: the autocast dtype).
+
+    Raises:
+        ValueError: for a ``norm_dtype`` not in :data:`NORM_DTYPES`.
     """
 
     def __init__(
@@ -112,11 +162,15 @@ class NormActConv(nn.Module):
         kernel_size: int = 3,
         negative_slope: float = 0.01,
         norm: bool = True,
+        norm_dtype: str = "float32",
     ) -> None:
         super().__init__()
-        self.norm = (
-            nn.GroupNorm(group_count(in_channels, norm_groups), in_channels) if norm else None
-        )
+        if norm_dtype not in NORM_DTYPES:
+            raise ValueError(
+                f"norm_dtype must be one of {', '.join(NORM_DTYPES)}, got {norm_dtype!r}"
+            )
+        group_norm = LowPrecisionGroupNorm if norm_dtype == "autocast" else nn.GroupNorm
+        self.norm = group_norm(group_count(in_channels, norm_groups), in_channels) if norm else None
         self.act = nn.LeakyReLU(negative_slope, inplace=True) if norm else None
         self.conv = nn.Conv3d(
             in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False
@@ -126,4 +180,7 @@ class NormActConv(nn.Module):
         if self.norm is not None:
             # in place on the norm's output: GroupNorm's backward needs its input, not its output
             x = self.act(self.norm(x))
+        if conv_in_float32(x):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.conv(x.float())
         return self.conv(x)

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import NormActConv
+from revseg.nn.blocks import NormActConv, conv_in_float32
 
 __all__ = [
     "SLAB_BYTES",
@@ -79,13 +79,12 @@ def auto_chunks_as_if_scaled(scale: float) -> Iterator[None]:
 def can_fuse(fn: nn.Module) -> bool:
     """``True`` for a :class:`~revseg.nn.blocks.NormActConv` with GroupNorm (affine), LeakyReLU
     and a plain 3D convolution (stride 1, dilation 1, one group, 'same' padding, no bias)."""
-    if type(fn) is not NormActConv or fn.norm is None:
+    if type(fn) is not NormActConv or type(fn.norm) is not nn.GroupNorm:
         return False
     conv = fn.conv
     k = conv.kernel_size
     return (
-        isinstance(fn.norm, nn.GroupNorm)
-        and fn.norm.affine
+        fn.norm.affine
         and isinstance(fn.act, nn.LeakyReLU)
         and conv.bias is None
         and conv.groups == 1
@@ -201,11 +200,18 @@ def _slab_padding(fn: NormActConv) -> tuple[int, int, int]:
 
 
 def _conv(fn: NormActConv, a: torch.Tensor, padding) -> torch.Tensor:
-    return F.conv3d(a, fn.conv.weight, None, 1, padding)
+    """The unit's convolution of ``a`` in the dtype :func:`_compute_dtype` gives (input and
+    weight cast as autocast casts them)."""
+    dtype = _compute_dtype(a)
+    with torch.autocast(a.device.type, enabled=False):
+        return F.conv3d(a.to(dtype), fn.conv.weight.to(dtype), None, 1, padding)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """The dtype the convolution runs in: autocast's, else ``t``'s."""
+    """The dtype the convolution runs in: autocast's, else ``t``'s (float32 where
+    :func:`~revseg.nn.blocks.conv_in_float32` avoids a torch defect)."""
+    if conv_in_float32(t):
+        return torch.promote_types(t.dtype, torch.float32)
     if torch.is_autocast_enabled(t.device.type) and t.is_floating_point():
         return torch.get_autocast_dtype(t.device.type)
     return t.dtype
@@ -283,7 +289,7 @@ def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None
     dtype = _compute_dtype(inp)
     a_c = a.to(dtype)  # `a` itself unless autocast casts it
     if target is not None:
-        target.sub_(F.conv3d(a_c, weight, None, 1, fn.conv.padding))
+        target.sub_(_conv(fn, a_c, fn.conv.padding))
     wanted_w = fn.conv.weight.requires_grad
     da, dweight, _ = torch.ops.aten.convolution_backward(
         upstream.to(dtype),

@@ -810,9 +810,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_writable(output_dir / "checkpoints", "the checkpoint directory")
     seed_everything(int(cfg.seed))
     if cfg.trainer.precision == "bf16" and device.type == "cpu":
-        log.warning(
-            "trainer.precision=bf16 on CPU: torch's bf16 conv3d weight gradients are wrong on "
-            "2x2x2 inputs (docs/precision.md); prefer fp16 or fp32 on CPU"
+        log.info(
+            "trainer.precision=bf16 on CPU: convolutions of inputs with a spatial size of 2 run "
+            "in float32 (torch's CPU bf16 conv3d weight gradient is wrong there; "
+            "docs/precision.md)"
         )
     if cfg.trainer.deterministic:
         set_deterministic(device)
