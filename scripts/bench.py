@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a couple of minutes)")
     parser.add_argument(
-        "--sections", default="abcdef", help="any of a, b, c, d, e, f (default: abcdef)"
+        "--sections", default="abcdefg", help="any of a, b, c, d, e, f, g (default: abcdefg)"
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up")
     parser.add_argument("--depths", help="section c depths, e.g. 1,2,4")

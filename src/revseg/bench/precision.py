@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from revseg.bench.fov import TINY_UNET
-from revseg.bench.specs import NetSpec
+from revseg.bench.specs import QUICK_HYP, NetSpec
 
 __all__ = ["CONFIGS", "GOALS", "PRECISIONS", "report", "specs"]
 
@@ -28,7 +28,6 @@ REFERENCE_4 = "unet_baseline 4 encoder blocks, checkpointing"
 LOW_STATES = "model.state_dtype=autocast"
 FAST_NORM = "model.norm_dtype=autocast"
 VIDEO = ("model=hyperbolic_blr", "data=synthetic_video")
-TINY_VIDEO = ("model.layers=[2,2,2]", "model.channels=6")
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ CONFIGS: tuple[Config, ...] = (
         ("model=unet_baseline", "model.encoder_blocks=4", "model.checkpointing=true", FAST_NORM),
     ),
     Config("hybrid_revnet", ("model=hybrid_revnet",), tiny=("model.channels=[4,32,32]",)),
-    Config("hyperbolic_blr", VIDEO, tiny=TINY_VIDEO, video=True),
+    Config("hyperbolic_blr", VIDEO, tiny=tuple(QUICK_HYP), video=True),
 )
 
 
@@ -166,36 +165,44 @@ def _gib(n: float | None) -> str:
     return "–" if n is None else f"{n / GIB:.2f}"
 
 
+def _size(n: float | None) -> str:
+    """GiB with two decimals, or MiB below a tenth of a GiB (the tiny ``--quick`` sizes)."""
+    if n is None:
+        return "–"
+    return f"{n / GIB:.2f} GiB" if n >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
+
+
 def report(
     results: list[dict[str, Any]],
 ) -> tuple[list[str], list[tuple[str, str, float | None, bool | None]]]:
     """Section g's Markdown lines and its goals as ``(name, target, value, met)``."""
     runs = [r for r in results if r["spec"]["section"] == SECTION]
+    measured = [r for r in runs if not r["spec"].get("plan_only")]
+    # the i-th video size stands beside the i-th cube (the same voxels, see specs)
+    sides = sorted({r["spec"]["size"][0] for r in measured if not r["spec"].get("video")})
+    videos = sorted({tuple(r["spec"]["size"]) for r in measured if r["spec"].get("video")})
+    column = {video: str(side) for video, side in zip(videos, sides)}
+    planned_name = next(
+        (_name(r["spec"]["size"]) for r in runs
+         if r["spec"].get("plan_only") and not r["spec"].get("video")), None,
+    )  # fmt: skip
     get: dict[tuple[str, str, str], dict[str, Any]] = {}
-    measured_sizes: list[int] = []
-    planned_name = None
     for r in runs:
         label, precision = r["spec"]["label"].split(" | ")
-        video = r["spec"].get("video", False)
         if r["spec"].get("plan_only"):
             size = "planned"
-            planned_name = planned_name or (None if video else _name(r["spec"]["size"]))
+        elif r["spec"].get("video"):
+            size = column.get(tuple(r["spec"]["size"]), "?")
         else:
-            side = round(
-                (r["spec"]["size"][0] * r["spec"]["size"][1] * r["spec"]["size"][2]) ** (1 / 3)
-            )
-            size = str(side)
-            if side not in measured_sizes:
-                measured_sizes.append(side)
+            size = str(r["spec"]["size"][0])
         get[(label, precision, size)] = r["result"]
-    measured_sizes.sort()
-    sizes = [str(s) for s in measured_sizes]
+    sizes = [str(s) for s in sides]
     lines = [
         "## g. Mixed precision: fp32, bf16 and fp16 side by side",
         "",
         "One training step (Adam, Dice loss, batch 1) of each config under `trainer.precision` "
-        "(autocast; fp16 with a gradient scaler). Measured: peak tensor memory (GiB) on this "
-        "machine with its autocast rules, at cubes of "
+        "(autocast; fp16 with a gradient scaler). Measured: peak tensor memory on this "
+        "machine with its autocast rules, and the planner's figure for it, at cubes of "
         f"{', '.join(sizes) or 'no'}³ (hyperbolic_blr: a video of the same voxels); planned: "
         f"the planner at {planned_name or 'no size'} (hyperbolic_blr: 72x240x424) with CUDA's "
         "autocast rules (`trainer.device=cuda`: GroupNorm in float32 unless "
@@ -206,7 +213,7 @@ def report(
     ]
     header = ["config", "precision"]
     for size in sizes:
-        header += [f"{size}³ GiB", f"{size}³ planned", f"{size}³ vs ckpt", f"{size}³ step s"]
+        header += [f"{size}³ peak", f"{size}³ planned", f"{size}³ vs ckpt", f"{size}³ step s"]
     header += ["full FOV planned GiB (CUDA rules)", "vs ckpt"]
     rows = []
     for config in CONFIGS:
@@ -217,8 +224,8 @@ def report(
                 ref = get.get((REFERENCE, precision, size))
                 peak = _value(res, "peak")
                 row += [
-                    _gib(peak),
-                    _gib((res or {}).get("planned_peak_bytes")),
+                    _size(peak),
+                    _size((res or {}).get("planned_peak_bytes")),
                     "–" if config.video else _ratio(peak, _value(ref, "peak")),
                     f"{res['step_time_s']:.2f}" if res and res.get("step_time_s") else "–",
                 ]
