@@ -29,16 +29,17 @@ def _cfg(*overrides: str, size: int = 16):
     return compose_train(*MODEL, *overrides, f"data.crop_size=[{size},{size},{size}]")
 
 
-def measured_peak(cfg, size: int, precision: str = "fp32") -> int:
+def measured_peak(cfg, size, precision: str = "fp32") -> int:
     """Peak of the second training step, measured as the trainer does (CPU autocast for bf16
-    and fp16, a gradient scaler for fp16)."""
+    and fp16, a gradient scaler for fp16); ``size``: a cube side or a ``(D, H, W)``."""
     torch.manual_seed(0)
+    spatial = [size] * 3 if isinstance(size, int) else list(size)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     model = build(cfg.model, "model")
     optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
     loss_fn = build(cfg.loss, "loss")
-    image = torch.randn(1, int(cfg.model.in_channels), size, size, size)
+    image = torch.randn(1, int(cfg.model.in_channels), *spatial)
     with torch.no_grad():
         label = (torch.rand_like(model(image)) > 0.5).float()
     meter = PeakMemoryMeter("cpu")
@@ -97,6 +98,38 @@ def test_plan_follows_the_precision(overrides, precision):
     assert f"{precision} with CPU autocast rules" in plan.table().splitlines()[0]
     measured = measured_peak(cfg, size, precision)
     assert abs(plan.peak_bytes - measured) <= 64, (plan.peak_bytes, measured)
+
+
+ZOO = {  # every model config, small (the planner traces its divisor and twice it)
+    "prev_unet": ("model.channels=[8,16,24]", "model.norm_groups=2"),
+    "unet_baseline": ("model.channels=[8,16,24]", "model.norm_groups=2"),
+    "revnet_unet": ("model.channels=[8,16,24]", "model.norm_groups=2"),
+    "revup_unet": ("model.channels=[8,16,24]", "model.power_grid_size=4"),
+    "hybrid_revnet": ("model.channels=[4,32,32]",),
+    "hyperbolic_blr": ("model.layers=[1,1,1]", "data=synthetic_video", "data.size=[16,16]",
+                       "data.frames=8"),
+}  # fmt: skip
+
+
+def test_zoo_is_complete():
+    from revseg.config import CONFIG_DIR
+
+    assert set(ZOO) == {p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_model_is_planned_as_measured_at_every_precision(name, precision):
+    video = name == "hyperbolic_blr"
+    size = (8, 16, 16) if video else (16, 16, 16)
+    shape = [] if video else [f"data.crop_size=[{size[0]},{size[1]},{size[2]}]"]
+    cfg = compose_train(
+        f"model={name}", *ZOO[name], *shape, f"trainer.precision={precision}", "trainer.device=cpu"
+    )
+    plan = plan_from_config(cfg)
+    assert plan.input_shape[2:] == size
+    measured = measured_peak(cfg, size, precision)
+    assert abs(plan.peak_bytes / measured - 1) < 0.01, (plan.peak_bytes, measured)
 
 
 def test_low_precision_plans_less_and_cuda_rules_keep_float32_norms():

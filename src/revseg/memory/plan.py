@@ -139,6 +139,7 @@ def _trace(
         loss_fn=loss_fn,
         name=_name(cfg),
         planned_voxels=None if spatial is None else math.prod(spatial),
+        planned_shape=None if spatial is None else list(spatial),
         precision=precision,
         rules=rules,
     )

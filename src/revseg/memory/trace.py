@@ -61,6 +61,7 @@ from revseg.memory.autocast_rules import (
 from revseg.memory.measure import format_bytes
 from revseg.memory.tracker import StorageTracker
 from revseg.nn import fused_step
+from revseg.nn.blocks import sizes_as_if_scaled
 from revseg.nn.reversible import is_reversible_part
 from revseg.validation import check_divisible
 
@@ -407,6 +408,7 @@ def trace_model(
     planned_voxels: int | None = None,
     precision: str = "fp32",
     rules: str = "cpu",
+    planned_shape: Sequence[int] | None = None,
 ) -> StepModel:
     """Trace two training steps of a CPU copy of ``model`` and fit the affine memory model.
 
@@ -428,6 +430,8 @@ def trace_model(
             scaler), as the trainer runs the step.
         rules: the autocast op policy of the device the run will use, ``cpu`` or ``cuda``
             (:mod:`revseg.memory.autocast_rules`); the trace runs on the CPU either way.
+        planned_shape: the ``(D, H, W)`` the plan is for: choices that depend on the sizes of
+            every axis (:func:`~revseg.nn.blocks.conv_in_float32`) are taken as at that shape.
 
     Raises:
         ConfigError: an unknown precision or rules name.
@@ -457,6 +461,7 @@ def trace_model(
                     planned_voxels,
                     precision,
                     rules,
+                    planned_shape,
                 )
                 for spatial in ((side,) * 3, (2 * side, side, side))
             )
@@ -493,13 +498,20 @@ def trace_model(
 
 
 def _trace_step_copy(
-    model, optimizer_factory, loss_fn, shape, planned_voxels, precision, rules
+    model, optimizer_factory, loss_fn, shape, planned_voxels, precision, rules, planned_shape=None
 ) -> _Trace:
     """Trace a CPU copy of ``model``. The random input, labels and any random op of the model
     draw from a fixed seed inside a fork of the CPU generator: the caller's random stream is
     the same with or without planning, and so is the plan from one run to the next."""
     scale = 1.0 if planned_voxels is None else planned_voxels / math.prod(shape[2:])
-    with torch.random.fork_rng(devices=[]), fused_step.auto_chunks_as_if_scaled(scale):
+    factors = (
+        [1.0] * 3 if planned_shape is None else [p / s for p, s in zip(planned_shape, shape[2:])]
+    )
+    with (
+        torch.random.fork_rng(devices=[]),
+        fused_step.auto_chunks_as_if_scaled(scale),
+        sizes_as_if_scaled(factors),
+    ):
         torch.manual_seed(0)
         clone = copy.deepcopy(model).cpu().train()
         optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None

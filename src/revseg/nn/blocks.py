@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from collections.abc import Iterator, Sequence
 
@@ -19,6 +20,7 @@ __all__ = [
     "check_volume",
     "checkpointed",
     "conv_in_float32",
+    "sizes_as_if_scaled",
     "group_count",
     "per_level",
 ]
@@ -95,6 +97,23 @@ def group_count(channels: int, groups: int) -> int:
 NORM_DTYPES = ("float32", "autocast")
 
 
+_SIZE_SCALE: contextvars.ContextVar[tuple[float, ...] | None] = contextvars.ContextVar(
+    "revseg_size_scale", default=None
+)
+
+
+@contextlib.contextmanager
+def sizes_as_if_scaled(factors: Sequence[float]) -> Iterator[None]:
+    """Take the size-dependent choices (:func:`conv_in_float32`) as for inputs ``factors`` times
+    as large along ``(D, H, W)``: the memory planner traces tiny inputs and extrapolates to the
+    planned size, so the traced ops must be those of the planned size."""
+    token = _SIZE_SCALE.set(tuple(float(f) for f in factors))
+    try:
+        yield
+    finally:
+        _SIZE_SCALE.reset(token)
+
+
 def conv_in_float32(x: torch.Tensor) -> bool:
     """``True`` where a 3D convolution of ``x`` runs in float32 although autocast asks for bf16.
 
@@ -104,13 +123,15 @@ def conv_in_float32(x: torch.Tensor) -> bool:
     kernels, fp16 and CUDA are not affected; docs/precision.md). Convolutions of such tiny
     inputs are a negligible share of the work, so revseg runs them in float32 there.
     """
-    return (
+    if not (
         x.device.type == "cpu"
         and x.ndim == 5
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and min(x.shape[2:]) <= 2
-    )
+    ):
+        return False
+    factors = _SIZE_SCALE.get() or (1.0, 1.0, 1.0)
+    return min(round(s * f) for s, f in zip(x.shape[2:], factors)) <= 2
 
 
 class LowPrecisionGroupNorm(nn.GroupNorm):
