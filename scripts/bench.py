@@ -30,7 +30,13 @@ e. the zoo: every BraTS-like model config (the ``model`` config group, ``in_chan
    the configs' own);
 f. the headline, :mod:`revseg.bench.fov`: prev_unet (depth 1 and 4, chunks off and auto),
    unet_baseline plain, with checkpointing and with 4 encoder blocks, and hybrid_revnet, measured
-   at ``--fov-sizes`` and planned at ``--fov-predict`` (default 160x192x160), with its goals.
+   at ``--fov-sizes`` and planned at ``--fov-predict`` (default 160x192x160), with its goals;
+g. mixed precision, :mod:`revseg.bench.precision`: fp32, bf16 and fp16 (``--precisions``) side
+   by side for prev_unet (depth 1 and 4, float32 and low-precision states), unet_baseline (plain,
+   checkpointing, 4 encoder blocks; float32 and low-precision GroupNorm), hybrid_revnet and
+   hyperbolic_blr, measured at ``--precision-sizes`` (default: ``--fov-sizes``) with the
+   machine's autocast rules and planned at ``--fov-predict`` with CUDA's; a run of some sizes or
+   configs (``--precision-configs``) keeps the results of the others.
 
 A run of some sections keeps the other sections' results already in ``--out/results.json``
 (``--fresh`` drops them) and rewrites the report from both.
@@ -77,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fov-predict", help="section f sizes only planned, e.g. 160x192x160 (the default)"
     )
+    parser.add_argument(
+        "--precision-sizes",
+        help="section g measured cube sides, e.g. 64,96 (default: --fov-sizes; '' for none)",
+    )
+    parser.add_argument(
+        "--precision-configs",
+        help="section g configs by label, ';'-separated (default: all, see revseg.bench.precision)",
+    )
+    parser.add_argument("--precisions", help="section g precisions, e.g. fp32,bf16 (default: all)")
     parser.add_argument("--models", help="section e model configs (default: every BraTS-like one)")
     parser.add_argument("--zoo-size", type=int, help="section e cube side")
     parser.add_argument(

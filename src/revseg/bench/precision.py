@@ -124,13 +124,28 @@ def specs(
     threads: int | None,
     tiny: bool = False,
     video_planned: Sequence[int] = (72, 240, 424),
+    labels: Sequence[str] | None = None,
+    precisions: Sequence[str] | None = None,
 ) -> list[NetSpec]:
-    """Every config at every precision: measured at each cube side (the video model at a
-    ``(T, H, W)`` of the same voxels) and, planner only with CUDA's rules, at each planned
-    ``(D, H, W)`` (the video model at ``video_planned``, the paper's DAVIS size)."""
+    """Every config (or those named in ``labels``) at every precision (or ``precisions``):
+    measured at each cube side (the video model at a ``(T, H, W)`` of the same voxels) and,
+    planner only with CUDA's rules, at each planned ``(D, H, W)`` (the video model at
+    ``video_planned``, the paper's DAVIS size).
+
+    Raises:
+        ValueError: a label or precision that is not one of :data:`CONFIGS` / :data:`PRECISIONS`.
+    """
+    known = {c.label for c in CONFIGS}
+    unknown = [x for x in labels or () if x not in known] + [
+        p for p in precisions or () if p not in PRECISIONS
+    ]
+    if unknown:
+        raise ValueError(f"section g: unknown config or precision {unknown}; configs: {known}")
     out = []
     for config in CONFIGS:
-        for precision in PRECISIONS:
+        if labels and config.label not in labels:
+            continue
+        for precision in precisions or PRECISIONS:
             label = f"{config.label} | {precision}"
             base = [*config.overrides, *(config.tiny if tiny else ()),
                     f"trainer.precision={precision}"]  # fmt: skip

@@ -315,13 +315,23 @@ def load_average() -> float | None:
         return None
 
 
+# sections whose runs replace earlier results only at the sizes they run (section g measures its
+# slowest sizes for a few configurations in a run of their own)
+_BY_SIZE = ("g",)
+
+
+def _replaces(section: str, plan_only: Any, size: Sequence[int]) -> tuple:
+    key = (section, bool(plan_only))
+    return (*key, tuple(size)) if section in _BY_SIZE else key
+
+
 def merge_previous(
     out: Path, specs: Sequence[NetSpec | SequenceSpec], run: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """The results in ``out/results.json`` that this run does not replace, and their meta.
 
-    A run replaces the measured (or the planner-only) results of the sections it runs; the rest
-    are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
+    A run replaces the measured (or the planner-only) results of the sections it runs (of
+    section g: at the sizes it runs); the rest are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
     ``([], None)`` when nothing is kept.
     """
     path = out / "results.json"
@@ -332,9 +342,12 @@ def merge_previous(
         old, meta = saved["results"], saved["meta"]
     except (ValueError, KeyError, TypeError):
         return [], None
-    replaced = {(s.section, bool(getattr(s, "plan_only", False))) for s in specs}
+    replaced = {_replaces(s.section, getattr(s, "plan_only", False), s.size) for s in specs}
     kept = [
-        r for r in old if (r["spec"]["section"], bool(r["spec"].get("plan_only"))) not in replaced
+        r
+        for r in old
+        if _replaces(r["spec"]["section"], r["spec"].get("plan_only"), r["spec"]["size"])
+        not in replaced
     ]
     if not kept:
         return [], None

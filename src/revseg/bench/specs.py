@@ -169,6 +169,10 @@ CPU = Sizes(a=[64, 96], b=64, c=48, c_channels=60, depths=list(range(1, 9)),
             f=[64, 96], f_predict=[(160, 192, 160)])  # fmt: skip
 
 
+def _sides(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
 def _shapes(text: str) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in t.split("x")) for t in text.split(",") if t]
 
@@ -266,7 +270,13 @@ def make_specs(args: argparse.Namespace, cuda: bool) -> list[NetSpec | SequenceS
     if "g" in args.sections:
         from revseg.bench import precision
 
-        specs += precision.specs(sizes.f, sizes.f_predict, steps, threads, bool(args.quick))
+        labels = args.precision_configs.split(";") if args.precision_configs else None
+        precisions = args.precisions.split(",") if args.precisions else None
+        sides = sizes.f if args.precision_sizes is None else _sides(args.precision_sizes)
+        specs += precision.specs(
+            sides, sizes.f_predict, steps, threads, bool(args.quick), labels=labels,
+            precisions=precisions,
+        )  # fmt: skip
     return specs
 
 
