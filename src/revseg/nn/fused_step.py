@@ -100,7 +100,8 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     """The number of slabs for a half-state ``inp`` of shape ``(B, C, D, H, W)``.
 
     ``None`` or ``1``: no slabs. ``"auto"``: the fewest slabs of at most :data:`SLAB_BYTES`
-    each (see :func:`auto_chunks_as_if_scaled`). An int: that many, at most ``D``.
+    each, counted in float32 (the dtype of a slab's norm and activation, also for low-precision
+    states; see :func:`auto_chunks_as_if_scaled`). An int: that many, at most ``D``.
 
     Raises:
         ValueError: for anything else, naming the value.
@@ -108,7 +109,9 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     if chunks is None:
         return 1
     if chunks == "auto":
-        n = math.ceil(inp.numel() * _AUTO_SCALE.get() * inp.element_size() / SLAB_BYTES)
+        # a slab's norm and activation are computed in float32 whatever the states' dtype
+        itemsize = max(inp.element_size(), 4)
+        n = math.ceil(inp.numel() * _AUTO_SCALE.get() * itemsize / SLAB_BYTES)
     elif isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1:
         n = chunks
     else:
