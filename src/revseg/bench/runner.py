@@ -315,14 +315,14 @@ def load_average() -> float | None:
         return None
 
 
-# sections whose runs replace earlier results only at the sizes they run (section g measures its
-# slowest sizes for a few configurations in a run of their own)
-_BY_SIZE = ("g",)
+# sections whose runs replace earlier results only for the configurations and sizes they run
+# (section g measures its slowest sizes for a few configurations in a run of their own)
+_BY_CONFIG = ("g",)
 
 
-def _replaces(section: str, plan_only: Any, size: Sequence[int]) -> tuple:
+def _replaces(section: str, plan_only: Any, size: Sequence[int], label: str) -> tuple:
     key = (section, bool(plan_only))
-    return (*key, tuple(size)) if section in _BY_SIZE else key
+    return (*key, tuple(size), label) if section in _BY_CONFIG else key
 
 
 def merge_previous(
@@ -331,7 +331,7 @@ def merge_previous(
     """The results in ``out/results.json`` that this run does not replace, and their meta.
 
     A run replaces the measured (or the planner-only) results of the sections it runs (of
-    section g: at the sizes it runs); the rest are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
+    section g: of the configurations and sizes it runs); the rest are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
     ``([], None)`` when nothing is kept.
     """
     path = out / "results.json"
@@ -342,11 +342,15 @@ def merge_previous(
         old, meta = saved["results"], saved["meta"]
     except (ValueError, KeyError, TypeError):
         return [], None
-    replaced = {_replaces(s.section, getattr(s, "plan_only", False), s.size) for s in specs}
+    replaced = {
+        _replaces(s.section, getattr(s, "plan_only", False), s.size, s.label) for s in specs
+    }
     kept = [
         r
         for r in old
-        if _replaces(r["spec"]["section"], r["spec"].get("plan_only"), r["spec"]["size"])
+        if _replaces(
+            r["spec"]["section"], r["spec"].get("plan_only"), r["spec"]["size"], r["spec"]["label"]
+        )
         not in replaced
     ]
     if not kept:
