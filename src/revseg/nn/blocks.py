@@ -50,8 +50,12 @@ def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (:func:`torch.utils.checkpoint.checkpoint`): only ``x`` is kept, the module is recomputed in
     backward under the forward's autocast state and function modes."""
 
+    modes = FunctionModes()
+    if not modes.modes:  # the usual case (and torch.compile takes no context_fn)
+        return checkpoint(module, x, use_reentrant=False)
+
     def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), FunctionModes().restored()
+        return contextlib.nullcontext(), modes.restored()
 
     return checkpoint(module, x, use_reentrant=False, context_fn=contexts)
 
