@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import NormActConv, checkpointed, per_level
+from revseg.nn.blocks import NormActConv, checkpointed, max_pool2x, per_level
 from revseg.nn.reversible import fork
 
 __all__ = ["UNetBaseline", "ConvBlock"]
@@ -147,12 +147,12 @@ class UNetBaseline(nn.Module):
             )
         skips = []
         for i, encoder in enumerate(self.encoders):
-            x = self._run(encoder, F.max_pool3d(x, 2) if i > 0 else x)
+            x = self._run(encoder, max_pool2x(x) if i > 0 else x)
             for extra in self.extra_encoders[i]:
                 x = self._run(extra, x)
             skip, x = fork(x)
             skips.append(skip)
-        x = self._run(self.bottom, F.max_pool3d(x, 2))
+        x = self._run(self.bottom, max_pool2x(x))
         for extra in self.extra_encoders[-1]:
             x = self._run(extra, x)
         for i in range(len(self.decoders) - 1, -1, -1):

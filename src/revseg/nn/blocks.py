@@ -22,6 +22,7 @@ __all__ = [
     "conv_in_float32",
     "sizes_as_if_scaled",
     "group_count",
+    "max_pool2x",
     "per_level",
 ]
 
@@ -96,6 +97,14 @@ def check_volume(
 def group_count(channels: int, groups: int) -> int:
     """The largest group count <= ``groups`` that divides ``channels`` (GroupNorm's constraint)."""
     return math.gcd(channels, groups)
+
+
+def max_pool2x(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool3d(x, 2)`` in ``x``'s dtype, also under autocast: taking a maximum rounds
+    nothing, but CPU autocast casts a bf16 input to float32 first (and keeps the float32 copy
+    for backward), while CUDA autocast pools in the input's dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        return nn.functional.max_pool3d(x, 2)
 
 
 NORM_DTYPES = ("float32", "autocast")

@@ -100,8 +100,8 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     """The number of slabs for a half-state ``inp`` of shape ``(B, C, D, H, W)``.
 
     ``None`` or ``1``: no slabs. ``"auto"``: the fewest slabs of at most :data:`SLAB_BYTES`
-    each, counted in float32 (the dtype of a slab's norm and activation, also for low-precision
-    states; see :func:`auto_chunks_as_if_scaled`). An int: that many, at most ``D``.
+    each, counted in float32 (the dtype of a slab's norm and activation), and half that for
+    bf16/fp16 states (see :func:`auto_chunks_as_if_scaled`). An int: that many, at most ``D``.
 
     Raises:
         ValueError: for anything else, naming the value.
@@ -109,9 +109,11 @@ def resolve_chunks(chunks: int | str | None, inp: torch.Tensor) -> int:
     if chunks is None:
         return 1
     if chunks == "auto":
-        # a slab's norm and activation are computed in float32 whatever the states' dtype
-        itemsize = max(inp.element_size(), 4)
-        n = math.ceil(inp.numel() * _AUTO_SCALE.get() * itemsize / SLAB_BYTES)
+        # a slab's norm and activation are computed in float32 whatever the states' dtype; with
+        # low-precision states the budget shrinks with them, so that the float32 work stays the
+        # same share of the states' bytes
+        budget = SLAB_BYTES * min(inp.element_size(), 4) / 4
+        n = math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / budget)
     elif isinstance(chunks, int) and not isinstance(chunks, bool) and chunks >= 1:
         n = chunks
     else:
@@ -149,9 +151,9 @@ def _statistics(fn: NormActConv, inp: torch.Tensor) -> tuple[torch.Tensor, torch
         return mean, (var + fn.norm.eps).rsqrt()
     count = x.shape[-1]
     mean = torch.sum(x, dim=-1, dtype=torch.float32) / count
-    # float32 pieces of at most SLAB_BYTES (as many as at the planned size under
-    # auto_chunks_as_if_scaled)
-    pieces = math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / SLAB_BYTES)
+    # float32 pieces of at most a quarter of SLAB_BYTES (as many as at the planned size under
+    # auto_chunks_as_if_scaled): a piece and its centred copy are alive at once
+    pieces = math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / (SLAB_BYTES / 4))
     piece = max(1, math.ceil(count / max(pieces, 1)))
     var = (
         sum((part.float() - mean[..., None]).square_().sum(-1) for part in x.split(piece, dim=-1))

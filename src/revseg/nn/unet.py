@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import check_volume, checkpointed, per_level
+from revseg.nn.blocks import check_volume, checkpointed, max_pool2x, per_level
 from revseg.nn.reversible import fork, reversible_parts
 
 __all__ = [
@@ -55,7 +55,7 @@ class MaxPoolConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(F.max_pool3d(x, 2))
+        return super().forward(max_pool2x(x))
 
 
 class ConvTrilinearUp3d(nn.Conv3d):
