@@ -355,7 +355,15 @@ def merge_previous(
     ]
     if not kept:
         return [], None
-    sections = {s[0] for s in replaced}
+    # an earlier run's record goes only where this run replaced all it measured: every kind
+    # (measured, planned) of results its sections had, and no section measured by configuration
+    old_kinds = {(r["spec"]["section"], bool(r["spec"].get("plan_only"))) for r in old}
+    run_kinds = {key[:2] for key in replaced}
+    sections = {
+        sec
+        for sec, _ in run_kinds
+        if sec not in _BY_CONFIG and {k for k in old_kinds if k[0] == sec} <= run_kinds
+    }
     runs = [r for r in meta.get("runs", []) if not set(r["sections"]) <= sections]
     meta = {**meta, "runs": [*runs, run]}
     meta.pop("plots", None)
