@@ -157,6 +157,30 @@ def test_figures_of_metrics():
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
 
 
+class _DeviceTensor(torch.Tensor):
+    """Stands for a CUDA tensor: ``numpy()`` refuses it, as torch refuses a CUDA tensor."""
+
+    def numpy(self, *args, **kwargs):  # type: ignore[override]
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        return torch.Tensor._make_subclass(torch.Tensor, self.detach())
+
+
+def test_figures_of_metrics_on_a_gpu(monkeypatch):
+    """The per-frame IoU lives on the metrics' device (CUDA in training); the figure copies it to
+    the CPU instead of calling numpy() on it (the first validation of a video model on a GPU
+    crashed there)."""
+    metrics = VideoMetrics(annotated_frames=[0])
+    target = square_video()
+    metrics.update(logits_of(target), target)
+    on_device = torch.Tensor._make_subclass(_DeviceTensor, metrics.per_frame_iou())
+    monkeypatch.setattr(metrics, "per_frame_iou", lambda: on_device)
+    with pytest.raises(TypeError):
+        on_device.T.numpy()  # the stand-in behaves as a CUDA tensor does
+    assert list(metrics.figures()) == ["iou_per_frame"]
+
+
 def test_overlay_colours_errors():
     image = torch.zeros(3, T, H, W)
     label = square_video()[0]

@@ -267,7 +267,9 @@ class VideoMetrics:
         if per_frame.numel() == 0:
             return {}
         image = iou_per_frame_plot(
-            per_frame.T.numpy(), names=self.names, annotated_frames=self.annotated_frames
+            per_frame.T.detach().cpu().numpy(),  # on the metrics' device (CUDA in training)
+            names=self.names,
+            annotated_frames=self.annotated_frames,
         )
         return {"iou_per_frame": image}
 
