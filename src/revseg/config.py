@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from revseg.device import PRECISIONS
 from revseg.errors import ConfigError, RevsegError
 from revseg.validation import check_divisible, positive_ints
 
@@ -242,7 +243,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")
     if not isinstance(t.val_every, int) or t.val_every < 1:
         raise ConfigError(f"trainer.val_every must be a positive int, got {t.val_every!r}")
-    choices = {"precision": ("fp32", "bf16", "fp16"), "nan_policy": ("stop", "skip")}
+    choices = {"precision": PRECISIONS, "nan_policy": ("stop", "skip")}
     for key, allowed in choices.items():
         if t.get(key) not in allowed:
             raise ConfigError(

@@ -22,7 +22,9 @@ from revseg.errors import ConfigError
 __all__ = [
     "CHANNELS_LAST",
     "NON_DETERMINISTIC_CUDA",
+    "PRECISIONS",
     "autocast_context",
+    "autocast_dtype",
     "compile_backend",
     "resolve_device",
     "set_cudnn_benchmark",
@@ -114,10 +116,24 @@ def compile_backend(value: bool | str | None) -> str | None:
     raise ConfigError(f"trainer.compile must be true, false or a backend name, got {value!r}")
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, key: str = "trainer.precision") -> torch.dtype | None:
+    """The autocast dtype of ``trainer.precision``: ``None`` for fp32.
+
+    Raises:
+        ConfigError: for a precision other than fp32, bf16, fp16 (naming ``key``).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{key}={precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The forward's context for ``trainer.precision``: nothing for fp32, else ``torch.autocast``
     in bf16 or fp16 on ``device``."""
-    if precision == "fp32":
+    dtype = autocast_dtype(precision)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)

@@ -4,6 +4,7 @@ states, the in-place skip gradient, and fp16 overflow reaching the gradient scal
 import pytest
 import torch
 
+from helpers import rel_err
 from revseg.memory import PeakMemoryMeter
 from revseg.memory.autocast_rules import CudaAutocastRules
 from revseg.models.prev_unet import PartiallyReversibleUNet
@@ -26,10 +27,6 @@ def _grads(model, x, dtype, memory_saving: bool) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_float32_states_give_plain_autograd_gradients_under_autocast(dtype):
     """With float32 states the whole-volume memory-saving gradients equal plain autograd's under
@@ -38,7 +35,7 @@ def test_float32_states_give_plain_autograd_gradients_under_autocast(dtype):
     x = torch.randn(1, 4, 16, 16, 16)
     plain = _grads(model, x, dtype, memory_saving=False)
     saving = _grads(model, x, dtype, memory_saving=True)
-    assert _rel(saving, plain) < 1e-6
+    assert rel_err(saving, plain) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -52,7 +49,10 @@ def test_slabs_under_autocast_differ_by_rounding_only(dtype):
     plain = _grads(model, x, dtype, memory_saving=False)
     saving = _grads(model, x, dtype, memory_saving=True)
     fp32 = _grads(model, x, torch.float32, memory_saving=False)
-    assert _rel(saving, plain) < 0.25 * _rel(plain, fp32), (_rel(saving, plain), _rel(plain, fp32))
+    assert rel_err(saving, plain) < 0.25 * rel_err(plain, fp32), (
+        rel_err(saving, plain),
+        rel_err(plain, fp32),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -71,7 +71,7 @@ def test_low_precision_states_are_half_the_bytes_and_close_to_plain(dtype):
     plain = _grads(model, x, dtype, memory_saving=False)
     assert torch.isfinite(saving).all()
     # the inverses are exact to the low precision's rounding only: close, not equal
-    assert _rel(saving, plain) < (0.1 if dtype == torch.bfloat16 else 0.02)
+    assert rel_err(saving, plain) < (0.1 if dtype == torch.bfloat16 else 0.02)
 
 
 def test_states_in_and_bad_state_dtype():
@@ -169,4 +169,4 @@ def test_bf16_weight_gradients_at_a_2x2x2_bottom_level_are_right_on_cpu(memory_s
             out = model(x)
         out.float().square().mean().backward()
         found[dtype] = model.decoders[-1].blocks[0].f.conv.weight.grad.clone()
-    assert _rel(found[torch.bfloat16], found[torch.float32]) < 0.05
+    assert rel_err(found[torch.bfloat16], found[torch.float32]) < 0.05

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from revseg.bench.specs import NetSpec
+from revseg.bench.specs import NetSpec, gib, result_value, size_name
 
 __all__ = ["CONFIGS", "GOALS", "Config", "Goal", "report", "specs"]
 
@@ -111,32 +111,18 @@ def specs(
     return out
 
 
-def _name(size: Sequence[int]) -> str:
-    return "x".join(map(str, size))
-
-
-def _gib(n: float | None) -> str:
-    return "–" if n is None else f"{n / 2**30:.2f}"
-
-
-def _value(res: dict[str, Any] | None, key: str) -> float | None:
-    if not res or "error" in res or "skipped" in res:
-        return None
-    if key == "time":
-        return res.get("step_time_s")
-    return res.get("peak_bytes", res.get("planned_peak_bytes"))
-
-
 def report(
     results: list[dict[str, Any]],
 ) -> tuple[list[str], list[tuple[str, str, float | None, bool | None]]]:
     """Section f's Markdown lines and its goals as ``(name, target, value, met)``."""
     runs = [r for r in results if r["spec"]["section"] == SECTION]
-    get = {(r["spec"]["label"], _name(r["spec"]["size"])): r["result"] for r in runs}
-    measured = sorted({_name(r["spec"]["size"]) for r in runs if not r["spec"].get("plan_only")},
-                      key=lambda s: int(s.split("x")[0]))  # fmt: skip
+    get = {(r["spec"]["label"], size_name(r["spec"]["size"])): r["result"] for r in runs}
+    measured = sorted(
+        {size_name(r["spec"]["size"]) for r in runs if not r["spec"].get("plan_only")},
+        key=lambda s: int(s.split("x")[0]),
+    )
     planned = list(
-        dict.fromkeys(_name(r["spec"]["size"]) for r in runs if r["spec"].get("plan_only"))
+        dict.fromkeys(size_name(r["spec"]["size"]) for r in runs if r["spec"].get("plan_only"))
     )
     lines = [
         "## f. The full field of view: reversible vs gradient checkpointing",
@@ -159,28 +145,28 @@ def report(
         row = [config.label]
         for size in measured:
             res, ref = get.get((config.label, size)), get.get((REFERENCE, size))
-            peak, base = _value(res, "peak"), _value(ref, "peak")
+            peak, base = result_value(res, "peak"), result_value(ref, "peak")
             row += [
-                _gib(peak),
-                _gib((res or {}).get("planned_peak_bytes")),
+                gib(peak),
+                gib((res or {}).get("planned_peak_bytes")),
                 f"{peak / base:.3f}" if peak and base else "–",
                 f"{res['step_time_s']:.2f}" if res and res.get("step_time_s") else "–",
             ]
         for size in planned:
-            peak = _value(get.get((config.label, size)), "peak")
-            base = _value(get.get((REFERENCE, size)), "peak")
-            row += [_gib(peak), f"{peak / base:.3f}" if peak and base else "–"]
+            peak = result_value(get.get((config.label, size)), "peak")
+            base = result_value(get.get((REFERENCE, size)), "peak")
+            row += [gib(peak), f"{peak / base:.3f}" if peak and base else "–"]
         rows.append(row)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
     goals = []
     for goal in GOALS:
         size = planned[-1] if goal.planned and planned else (measured[0] if measured else None)
-        num = _value(get.get((goal.numerator, size)), goal.key) if size else None
+        num = result_value(get.get((goal.numerator, size)), goal.key) if size else None
         if goal.denominator is None:
             value = None if num is None else num / goal.scale
         else:
-            den = _value(get.get((goal.denominator, size)), goal.key) if size else None
+            den = result_value(get.get((goal.denominator, size)), goal.key) if size else None
             value = None if num is None or not den else num / den
         target = f"<= {goal.target:g}" + (f" ({goal.paper})" if goal.paper else "")
         met = None if value is None else value <= goal.target

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from revseg.bench.fov import TINY_UNET
-from revseg.bench.specs import QUICK_HYP, NetSpec
+from revseg.bench.specs import QUICK_HYP, NetSpec, gib, result_value, size_name
+from revseg.device import PRECISIONS
 
 __all__ = ["CONFIGS", "GOALS", "PRECISIONS", "report", "specs"]
 
 SECTION = "g"
-PRECISIONS = ("fp32", "bf16", "fp16")
 REFERENCE = "unet_baseline, checkpointing"
 REFERENCE_4 = "unet_baseline 4 encoder blocks, checkpointing"
 LOW_STATES = "model.state_dtype=autocast"
@@ -150,9 +150,10 @@ def specs(
             base = [*config.overrides, *(config.tiny if tiny else ()),
                     f"trainer.precision={precision}"]  # fmt: skip
             sizes = [((_video_size(s) if config.video else [s] * 3), False) for s in measured]
-            if planned:
-                sizes += [(list(video_planned), True)] if config.video else []
-                sizes += [] if config.video else [(list(p), True) for p in planned]
+            if config.video:  # planned at the paper's DAVIS size, whatever the cubes planned
+                sizes += [(list(video_planned), True)] if planned else []
+            else:
+                sizes += [(list(p), True) for p in planned]
             for size, plan_only in sizes:
                 overrides = [*base, "trainer.device=cuda"] if plan_only else base
                 out.append(NetSpec(SECTION, label, overrides, size, steps, threads,
@@ -160,24 +161,8 @@ def specs(
     return out
 
 
-def _name(size: Sequence[int]) -> str:
-    return "x".join(map(str, size))
-
-
-def _value(res: dict[str, Any] | None, key: str) -> float | None:
-    if not res or "error" in res or "skipped" in res:
-        return None
-    if key == "time":
-        return res.get("step_time_s")
-    return res.get("peak_bytes", res.get("planned_peak_bytes"))
-
-
 def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "–"
-
-
-def _gib(n: float | None) -> str:
-    return "–" if n is None else f"{n / GIB:.2f}"
 
 
 def _size(n: float | None) -> str:
@@ -198,7 +183,7 @@ def report(
     videos = sorted({tuple(r["spec"]["size"]) for r in measured if r["spec"].get("video")})
     column = {video: str(side) for video, side in zip(videos, sides)}
     planned_name = next(
-        (_name(r["spec"]["size"]) for r in runs
+        (size_name(r["spec"]["size"]) for r in runs
          if r["spec"].get("plan_only") and not r["spec"].get("video")), None,
     )  # fmt: skip
     get: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -237,17 +222,17 @@ def report(
             for size in sizes:
                 res = get.get((config.label, precision, size))
                 ref = get.get((REFERENCE, precision, size))
-                peak = _value(res, "peak")
+                peak = result_value(res, "peak")
                 row += [
                     _size(peak),
                     _size((res or {}).get("planned_peak_bytes")),
-                    "–" if config.video else _ratio(peak, _value(ref, "peak")),
+                    "–" if config.video else _ratio(peak, result_value(ref, "peak")),
                     f"{res['step_time_s']:.2f}" if res and res.get("step_time_s") else "–",
                 ]
             res = get.get((config.label, precision, "planned"))
             ref = get.get((REFERENCE, precision, "planned"))
-            peak = _value(res, "peak")
-            row += [_gib(peak), "–" if config.video else _ratio(peak, _value(ref, "peak"))]
+            peak = result_value(res, "peak")
+            row += [gib(peak), "–" if config.video else _ratio(peak, result_value(ref, "peak"))]
             rows.append(row)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
@@ -255,13 +240,17 @@ def report(
     largest = sizes[-1] if sizes else None
     for goal in GOALS:
         size = "planned" if goal.planned else largest
-        num = _value(get.get((goal.numerator, goal.precision, size)), goal.key) if size else None
+        num = (
+            result_value(get.get((goal.numerator, goal.precision, size)), goal.key)
+            if size
+            else None
+        )
         if goal.denominator is None:
             value = None if num is None else num / goal.scale
         else:
             den_precision = goal.denominator_precision or goal.precision
             den = get.get((goal.denominator, den_precision, size)) if size else None
-            den_value = _value(den, goal.key)
+            den_value = result_value(den, goal.key)
             value = None if num is None or not den_value else num / den_value
         where = f"{planned_name}, CUDA rules, planner" if goal.planned else f"{largest}³ measured"
         met = None if value is None else value <= goal.target

@@ -331,7 +331,8 @@ def merge_previous(
     """The results in ``out/results.json`` that this run does not replace, and their meta.
 
     A run replaces the measured (or the planner-only) results of the sections it runs (of
-    section g: of the configurations and sizes it runs); the rest are kept, with the meta of the run that made them, and ``run`` is recorded in its ``runs``.
+    section g: of the configurations and sizes it runs); the rest are kept, with the meta of the
+    run that made them, and ``run`` is recorded in its ``runs``.
     ``([], None)`` when nothing is kept.
     """
     path = out / "results.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -30,8 +31,11 @@ __all__ = [
     "NetSpec",
     "SequenceSpec",
     "Sizes",
+    "gib",
     "make_specs",
     "ok",
+    "result_value",
+    "size_name",
     "spec_from_dict",
     "zoo_designs",
     "zoo_key",
@@ -361,6 +365,26 @@ def zoo_designs(setting: list[str], models: list[str] | None = None) -> list[Net
 
 # --------------------------------------------------------------------------------------------
 # the records results.json holds: ``{"spec": spec.as_dict(), "result": {...}}``
+
+
+def size_name(size: Sequence[int]) -> str:
+    """``"160x192x160"``: a size as the reports name it."""
+    return "x".join(map(str, size))
+
+
+def gib(n: float | None) -> str:
+    """Bytes as GiB with two decimals, ``–`` for none."""
+    return "–" if n is None else f"{n / 2**30:.2f}"
+
+
+def result_value(res: dict[str, Any] | None, key: str) -> float | None:
+    """A result's ``"peak"`` (measured, else planned bytes) or ``"time"`` (median step
+    seconds); ``None`` for a missing, failed or skipped one."""
+    if not res or not ok(res):
+        return None
+    if key == "time":
+        return res.get("step_time_s")
+    return res.get("peak_bytes", res.get("planned_peak_bytes"))
 
 
 def ok(r: dict[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from revseg.device import autocast_context, autocast_dtype
 from revseg.errors import ConfigError
 
 __all__ = [
@@ -36,16 +37,14 @@ __all__ = [
     "CUDA_FP32_OUTPUT",
     "CUDA_INPUT_DTYPE",
     "CUDA_LOW_PRECISION",
-    "PRECISIONS",
     "RULES",
     "CudaAutocastRules",
-    "autocast_dtype",
+    "check_precision",
     "forward_autocast",
     "rules_for_device",
     "trace_precision",
 ]
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 RULES = ("cpu", "cuda")
 
 # CUDA's ``fp32`` policy: low-precision floating inputs are cast to float32
@@ -76,15 +75,16 @@ CUDA_INPUT_DTYPE = frozenset(
 )  # fmt: skip
 
 
-def autocast_dtype(precision: str, key: str = "trainer.precision") -> torch.dtype | None:
-    """The autocast dtype of ``precision``: ``None`` for fp32.
+def check_precision(precision: str, rules: str) -> None:
+    """Check a ``trainer.precision`` (:data:`~revseg.device.PRECISIONS`) and a rules name
+    (:data:`RULES`).
 
     Raises:
-        ConfigError: for a precision other than fp32, bf16, fp16 (naming ``key``).
+        ConfigError: naming the value and the choices.
     """
-    if precision not in PRECISIONS:
-        raise ConfigError(f"{key}={precision!r}: expected one of {', '.join(PRECISIONS)}")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast_dtype(precision)
+    if rules not in RULES:
+        raise ConfigError(f"autocast rules {rules!r}: expected one of {', '.join(RULES)}")
 
 
 def rules_for_device(device: str, key: str = "trainer.device") -> str:
@@ -169,18 +169,12 @@ def trace_precision(precision: str, rules: str = "cpu") -> Iterator[None]:
     Raises:
         ConfigError: an unknown precision or rules name.
     """
-    autocast_dtype(precision)
-    if rules not in RULES:
-        raise ConfigError(f"autocast rules {rules!r}: expected one of {', '.join(RULES)}")
-    with CudaAutocastRules() if rules == "cuda" and precision != "fp32" else _nothing():
+    check_precision(precision, rules)
+    cuda = rules == "cuda" and precision != "fp32"
+    with CudaAutocastRules() if cuda else contextlib.nullcontext():
         yield
 
 
 def forward_autocast(precision: str) -> contextlib.AbstractContextManager:
     """CPU autocast in ``precision``'s dtype for the traced forward (nothing for fp32)."""
-    dtype = autocast_dtype(precision)
-    return _nothing() if dtype is None else torch.autocast("cpu", dtype=dtype)
-
-
-def _nothing() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()
+    return autocast_context(torch.device("cpu"), precision)

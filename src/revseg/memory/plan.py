@@ -26,8 +26,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from revseg.device import autocast_dtype
 from revseg.errors import ConfigError
-from revseg.memory.autocast_rules import autocast_dtype, rules_for_device
+from revseg.memory.autocast_rules import rules_for_device
 from revseg.memory.trace import CATEGORIES, Plan, StepModel, trace_model
 from revseg.validation import model_divisor, positive_ints
 

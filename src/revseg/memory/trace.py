@@ -51,13 +51,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from revseg.errors import ConfigError
-from revseg.memory.autocast_rules import (
-    RULES,
-    autocast_dtype,
-    forward_autocast,
-    trace_precision,
-)
+from revseg.memory.autocast_rules import check_precision, forward_autocast, trace_precision
 from revseg.memory.measure import format_bytes
 from revseg.memory.tracker import StorageTracker
 from revseg.nn import fused_step
@@ -436,9 +430,7 @@ def trace_model(
     Raises:
         ConfigError: an unknown precision or rules name.
     """
-    autocast_dtype(precision)
-    if rules not in RULES:
-        raise ConfigError(f"autocast rules {rules!r}: expected one of {', '.join(RULES)}")
+    check_precision(precision, rules)
     notes: list[str] = []
     if loss_fn is None:
         loss_fn = _mean_square
