@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import rel_err
 from revseg.memory import PeakMemoryMeter
@@ -51,6 +52,40 @@ def test_half_step_equals_autograd_in_float64(chunks, batch):
     assert len(params) == 3
     assert max(rel_err(a, b) for a, b in zip(params, want_params)) < 1e-13
     assert torch.equal(inp, state[:, 6:]) and torch.equal(upstream, upstream)  # inputs untouched
+
+
+class CudnnChannelsLast(TorchDispatchMode):
+    """cuDNN's convolution backward under ``trainer.channels_last``, on the CPU: the input
+    gradient comes back channels-last; records the layout GroupNorm's backward receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_backward_contiguous: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.convolution_backward.default and out[0] is not None:
+            out = (out[0].contiguous(memory_format=torch.channels_last_3d), *out[1:])
+        if func is torch.ops.aten.native_group_norm_backward.default:
+            self.norm_backward_contiguous.append(args[0].is_contiguous())
+        return out
+
+
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_half_step_with_a_channels_last_input_gradient_from_the_convolution(chunks):
+    """GroupNorm's backward reads its incoming gradient in the input's (contiguous) layout, as
+    autograd hands it over; a channels-last gradient read as contiguous gave dx, dgamma, dbeta
+    relative errors of 0.4-1.6 (issue 19, item 1)."""
+    fn = unit()
+    inp, upstream, total, grad = (torch.randn(1, 6, 5, 4, 6, dtype=torch.float64) for _ in range(4))
+    want_total, want_grad, want_params = reference(fn, inp, upstream, total, grad)
+    total_c, grad_c = total.clone(), grad.clone()
+    with CudnnChannelsLast() as mode:
+        params = fused_step.half_step(fn, inp, upstream, total_c, grad_c, chunks)
+    assert all(mode.norm_backward_contiguous)
+    assert rel_err(total_c, want_total) < 1e-13
+    assert rel_err(grad_c, want_grad) < 1e-13
+    assert max(rel_err(a, b) for a, b in zip(params, want_params)) < 1e-13
 
 
 def test_half_step_with_frozen_parameters_and_a_known_half():

@@ -310,7 +310,10 @@ def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None
         [True, wanted_w, False],
     )
     del a_c
-    da = da.to(a.dtype)
+    # cuDNN gives the input gradient in the weight's memory format (channels-last under
+    # trainer.channels_last); native_group_norm_backward reads it in the input's format (autograd
+    # makes it contiguous first, in GroupNorm's derivatives.yaml entry), so do the same
+    da = da.to(dtype=a.dtype, memory_format=torch.contiguous_format)
     torch.ops.aten.leaky_relu_backward.grad_input(da, a, fn.act.negative_slope, True, grad_input=da)
     del a
     dx, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
