@@ -261,6 +261,15 @@ def recomputing() -> Iterator[None]:
 # the memory-saving autograd
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """``True`` for a tensor without gaps or overlaps, contiguous or channels-last (a gradient
+    from a channels-last convolution is channels-last: ``trainer.channels_last``)."""
+    if t.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return t.ndim in formats and t.is_contiguous(memory_format=formats[t.ndim])
+
+
 def _sole_owner(t: torch.Tensor, holders: int = 3) -> bool:
     """``True`` when nothing but ``holders`` references refer to ``t``'s storage.
 
@@ -268,11 +277,12 @@ def _sole_owner(t: torch.Tensor, holders: int = 3) -> bool:
     storage's Python object one): the saved output of a Function is its own with 3 (the saved
     tensor, the detached tensor and the storage object); an incoming gradient with 2. Then
     nothing reads the storage after this backward (a second backward through the node fails on
-    the saved tensor's version counter), so it may be overwritten. Without the private counter,
-    never claims ownership.
+    the saved tensor's version counter), so it may be overwritten. Only a dense tensor
+    (contiguous or channels-last) qualifies. Without the private counter, never claims
+    ownership.
     """
     use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or not t.is_contiguous():
+    if use_count is None or not _dense(t):
         return False
     try:
         return use_count(t.untyped_storage()._cdata) <= holders
