@@ -311,6 +311,7 @@ class _GradientProbe(torch.autograd.Function):
         return grads[0]
 
 
+@torch.compiler.disable  # counted as the eager chain's backward counts them
 def _unheld_gradient_refs() -> int:
     """The references of a gradient held by autograd alone, as seen at the top of a backward
     (measured once: it depends on the Python and torch versions)."""
@@ -349,6 +350,7 @@ class _Fork(torch.autograd.Function):
         return first + second
 
 
+@torch.compiler.disable  # its backward counts references to its gradients: eager only
 def fork(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` for two consumers (a U-Net's skip and its downsampling), with their gradients summed
     in place into one of them where nothing else holds it.
@@ -705,10 +707,17 @@ class _ChainFunction(torch.autograd.Function):
         return (None, None, *grad_in, *ordered)
 
 
+@torch.compiler.disable
 def run_chain(steps: Sequence[Step], *state: torch.Tensor) -> torch.Tensor | tuple:
     """The memory-saving forward of a chain: ``steps`` applied to ``state`` in one
     :class:`_ChainFunction` that keeps only the final state for backward (the tensor, or the
-    tuple of tensors of a state with several)."""
+    tuple of tensors of a state with several).
+
+    Eager under ``torch.compile`` (the compiled graphs end before the chain and start after it):
+    the backward recomputes the forward eagerly, so a compiled forward would differ from its
+    recomputation (inductor's random numbers differ from eager ones: a dropout in F or G
+    reconstructed with a relative error of 1.05; its rounding differs too), would keep every
+    slab's output alive, and would run the gradient probe inside a graph."""
     params = [p for step in steps for p in step.params()]
     return _ChainFunction.apply(tuple(steps), len(state), *state, *params)
 
