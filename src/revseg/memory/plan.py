@@ -143,6 +143,7 @@ def _trace(
         planned_shape=None if spatial is None else list(spatial),
         precision=precision,
         rules=rules,
+        ddp=str(OmegaConf.select(cfg, "trainer.strategy", default="single")) == "ddp",
     )
 
 
@@ -279,7 +280,9 @@ def _scaled(shape: Sequence[int], t: float, divisor: int) -> list[int]:
 def fit_budget(
     cfg: DictConfig, budget_bytes: float, max_depth: int = 16, depth: bool = True
 ) -> BudgetFit:
-    """The largest field of view, and the deepest encoder, whose predicted peak fits the budget.
+    """The largest field of view, and the deepest encoder, whose predicted total
+    (:attr:`Plan.total_bytes`: for a CUDA run with the computed terms and the estimated allowance,
+    a margin stated in each plan's table) fits the budget.
 
     Raises:
         ConfigError: as :func:`plan_from_config`.
@@ -290,22 +293,26 @@ def fit_budget(
     step_model = step_model_from_config(cfg, model)
     divisor = step_model.divisor
     _, crop = input_shape_from_config(cfg)
-    vmax = step_model.max_voxels(budget_bytes)
+    vmax = step_model.max_voxels(budget_bytes)  # traced + fixed terms: an upper bound
+
+    def fits(shape: list[int]) -> bool:
+        return math.prod(shape) <= vmax and step_model.plan(shape).total_bytes <= budget_bytes
+
     plans: dict[str, Plan] = {}
     side = int(round(vmax ** (1 / 3))) // divisor * divisor if vmax > 0 else 0
-    while side > 0 and side**3 > vmax:
+    while side > 0 and not fits([side] * 3):
         side -= divisor
     cube = [side] * 3 if side >= divisor else None
     if cube:
         plans["cube"] = step_model.plan(cube)
     scaled = None
-    if math.prod(_scaled(crop, 0.0, divisor)) <= vmax:
+    if fits(_scaled(crop, 0.0, divisor)):
         lo, hi = 0.0, 1.0
-        while math.prod(_scaled(crop, hi, divisor)) <= vmax and hi < 1e4:
+        while fits(_scaled(crop, hi, divisor)) and hi < 1e4:
             lo, hi = hi, 2 * hi
         for _ in range(60):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if math.prod(_scaled(crop, mid, divisor)) <= vmax else (lo, mid)
+            lo, hi = (mid, hi) if fits(_scaled(crop, mid, divisor)) else (lo, mid)
         scaled = _scaled(crop, lo, divisor)
         plans["scaled_crop"] = step_model.plan(scaled)
     best_depth, capped = None, False
@@ -327,19 +334,19 @@ def _deepest(
             cache[d] = plan_from_config(c, spatial=crop)
         return cache[d]
 
-    if plan_at(1).peak_bytes > budget:
+    if plan_at(1).total_bytes > budget:
         return None, False
     lo, hi = 1, 2
-    while hi <= max_depth and plan_at(hi).peak_bytes <= budget:
+    while hi <= max_depth and plan_at(hi).total_bytes <= budget:
         lo, hi = hi, 2 * hi
     if hi > max_depth:
-        if plan_at(max_depth).peak_bytes <= budget:
+        if plan_at(max_depth).total_bytes <= budget:
             plans["encoder_depth"] = plan_at(max_depth)
             return max_depth, True
         hi = max_depth
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan_at(mid).peak_bytes <= budget else (lo, mid)
+        lo, hi = (mid, hi) if plan_at(mid).total_bytes <= budget else (lo, mid)
     plans["encoder_depth"] = plan_at(lo)
     return lo, False
 

@@ -25,9 +25,15 @@ extrapolated live bytes (Hascoet et al. 2019 model memory as bytes per pixel; th
 resolved in time). The breakdown reports the categories at that peak. Nothing is assumed about the
 architecture, so any model is planned the same way.
 
-The prediction is of tensor bytes, what ``torch.cuda.max_memory_allocated`` and the CPU tracker
-report; scratch buffers inside kernels (CPU ``slow_conv3d`` columns, cuDNN workspaces) and the CUDA
-allocator's rounding are not in it.
+The traced prediction is of tensor bytes, what the CPU tracker reports; scratch buffers inside
+kernels (CPU ``slow_conv3d`` columns, cuDNN workspaces) are not in it. A plan for a CUDA run
+(``rules="cuda"``) is taken further towards what the GPU holds (:class:`Plan`): the optimizer step is
+traced with ``foreach=True`` (torch's default for CUDA parameters, whose temporaries hold a whole
+parameter-size at once), autocast's weight cache is in the trace already (CPU autocast caches the
+same low-precision weight copies), and it *computes* the caching allocator's rounding of every
+traced allocation (:func:`cuda_block_bytes`) and, under DDP, the gradient buckets
+(:func:`ddp_bucket_bytes`); what it cannot trace is a separate, labelled *allowance*
+(:data:`CUDA_CONTEXT_BYTES`, a cuDNN workspace, the allocator's block slack).
 
 This module knows nothing of configs: it takes a model, an optimizer factory and a loss.
 :mod:`revseg.memory.plan` plans a composed ``train`` config, or the objects ``train()`` built.
@@ -44,7 +50,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +65,16 @@ from revseg.nn.blocks import sizes_as_if_scaled
 from revseg.nn.reversible import is_reversible_part
 from revseg.validation import check_divisible
 
-__all__ = ["CATEGORIES", "Plan", "StepModel", "trace_model"]
+__all__ = [
+    "CATEGORIES",
+    "CUDA_CONTEXT_BYTES",
+    "Plan",
+    "StepModel",
+    "cpu_copy",
+    "cuda_block_bytes",
+    "ddp_bucket_bytes",
+    "trace_model",
+]
 
 CATEGORIES = (
     "parameters",
@@ -72,6 +87,72 @@ CATEGORIES = (
 )
 _CAT = {name: i for i, name in enumerate(CATEGORIES)}
 _FWD_REV, _FWD_PLAIN = -1, -2  # born in the forward pass, inside / outside reversible parts
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA device: what the trace cannot see
+
+# PyTorch's CUDA caching allocator (c10/cuda/CUDACachingAllocator.cpp, unchanged since 1.x):
+# ``round_size`` rounds every request up to a multiple of ``kMinBlockSize`` = 512 B (without
+# PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions), and ``max_memory_allocated`` counts these
+# block sizes. Requests up to ``kSmallSize`` = 1 MiB share 2 MiB segments, larger ones come from
+# 20 MiB segments (up to 10 MiB) or segments rounded up to 2 MiB (``get_allocation_size``); a
+# cached block of the large pool is split only when more than 1 MiB would remain
+# (``should_split``), so a block over 1 MiB may be handed out up to 1 MiB larger than asked.
+CUDA_MIN_BLOCK = 512
+CUDA_SMALL_SIZE = 2**20
+# The CUDA context, the kernels it loads and the cuBLAS/cuDNN handles live outside PyTorch's
+# allocator: counted neither by ``max_memory_allocated`` nor by ``memory_reserved``, but in the
+# card's memory (``nvidia-smi``). About 0.3-0.6 GiB per process with CUDA 12's lazy module
+# loading; the planner takes 512 MiB.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+# DistributedDataParallel's default ``bucket_cap_mb`` (the first bucket is
+# ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``, 1 MiB)
+DDP_BUCKET_CAP_MB = 25
+
+
+def cuda_block_bytes(nbytes: Any) -> Any:
+    """The block the CUDA caching allocator gives a request of ``nbytes`` (an int or an array):
+    rounded up to a multiple of 512 B, at least 512 B; ``0`` for an empty tensor (no block)."""
+    n = np.asarray(nbytes, dtype=np.int64)
+    blocks = np.where(n > 0, -(-n // CUDA_MIN_BLOCK) * CUDA_MIN_BLOCK, 0)
+    return int(blocks) if blocks.ndim == 0 else blocks
+
+
+def ddp_bucket_bytes(
+    params: Sequence[torch.Tensor], bucket_cap_mb: float = DDP_BUCKET_CAP_MB
+) -> list[int]:
+    """Bytes of each gradient bucket DistributedDataParallel allocates for ``params``.
+
+    The reducer keeps one flat tensor per bucket for the whole run, one element per element of
+    every trainable parameter; with ``gradient_as_bucket_view=False`` (the default, and the
+    trainer's) the ``.grad`` tensors are separate, so the buckets are one more parameter-size of
+    gradients. Buckets are assigned as DDP's reducer rebuilds them after the first step (first
+    bucket 1 MiB, then ``bucket_cap_mb``); torch 2.13 starts with one bucket of all. The sizes
+    differ by version and by step, the total does not.
+    """
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return []
+    sizes = [p.numel() * p.element_size() for p in params]
+    import torch.distributed as dist
+
+    if not dist.is_available():  # one bucket per cap (the total is what matters)
+        return sizes
+    limits = [dist._DEFAULT_FIRST_BUCKET_BYTES, int(bucket_cap_mb * 2**20)]
+    buckets, _ = dist._compute_bucket_assignment_by_size(params, limits, [False] * len(params))
+    return [sum(sizes[i] for i in bucket) for bucket in buckets]
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the CPU, its parameters and buffers copied straight to the CPU: a
+    model on a GPU is not first deep-copied there (its parameters twice on the GPU)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(model, memo)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,21 +173,27 @@ class _StepLedger(StorageTracker):
         self.dead_at: dict[int, int] = {}
         self.phase_kind = _CAT["workspace"]  # kind of storages born now
         self.found_kind = _CAT["workspace"]  # kind of storages found alive now
+        self.event: list[int] = []  # per delta: +1 birth, -1 death, 0 resize
+        self.size: dict[int, int] = {}  # uid -> bytes when born or found
 
     def born(self, uid: int, nbytes: int, found: bool) -> None:
         self.kind[uid] = self.found_kind if found else self.phase_kind
+        self.size[uid] = nbytes
         if found:  # alive since the start of the step
             self.initial[uid] = nbytes
         else:
             self.born_at[uid] = len(self.deltas)
             self.deltas.append((uid, nbytes))
+            self.event.append(1)
 
     def resized(self, uid: int, delta: int) -> None:
         self.deltas.append((uid, delta))
+        self.event.append(0)
 
     def freed(self, uid: int, nbytes: int) -> None:
         self.dead_at[uid] = len(self.deltas)
         self.deltas.append((uid, -nbytes))
+        self.event.append(-1)
 
     def op_done(self) -> None:
         self.points.append(len(self.deltas))
@@ -143,6 +230,56 @@ class _StepLedger(StorageTracker):
             out[:, k] = current
         return out
 
+    def allocations(self) -> _Allocations:
+        """The step's allocations one by one: what the allocator rounding is computed from."""
+        n = max(self.size, default=-1) + 1
+        sizes = np.zeros(n, dtype=np.float64)
+        for uid, nbytes in self.size.items():
+            sizes[uid] = nbytes
+        return _Allocations(
+            uids=np.fromiter((u for u, _ in self.deltas), dtype=np.int64, count=len(self.deltas)),
+            events=np.asarray(self.event, dtype=np.int64),
+            points=np.asarray(self.points, dtype=np.int64),
+            initial=np.fromiter(self.initial, dtype=np.int64, count=len(self.initial)),
+            fixed=sizes,
+            per_voxel=np.zeros(n),
+        )
+
+
+@dataclass
+class _Allocations:
+    """Each allocation's bytes as ``fixed + per_voxel * voxels`` (by uid) and its births and
+    deaths in time order, sampled at the step's points."""
+
+    uids: np.ndarray  # per event: the storage
+    events: np.ndarray  # per event: +1 born, -1 freed, 0 resized (not rounded)
+    points: np.ndarray  # per point: number of events before it
+    initial: np.ndarray  # uids alive from the start
+    fixed: np.ndarray  # by uid
+    per_voxel: np.ndarray  # by uid
+
+    def same_sequence(self, other: _Allocations) -> bool:
+        return (
+            self.fixed.shape == other.fixed.shape
+            and np.array_equal(self.uids, other.uids)
+            and np.array_equal(self.events, other.events)
+            and np.array_equal(self.points, other.points)
+            and np.array_equal(self.initial, other.initial)
+        )
+
+    def at(self, voxels: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """At ``voxels``: per point, the bytes the 512 B block rounding adds and the number of
+        live blocks over 1 MiB; and the largest single allocation."""
+        sizes = np.maximum(np.rint(self.fixed + self.per_voxel * voxels), 0).astype(np.int64)
+        blocks = cuda_block_bytes(sizes)
+        extra, large = blocks - sizes, (blocks > CUDA_SMALL_SIZE).astype(np.int64)
+        signs = np.where(self.events == 0, 0, self.events)
+        out = []
+        for per_uid in (extra, large):
+            steps = np.concatenate([[0], np.cumsum(signs * per_uid[self.uids])])
+            out.append(per_uid[self.initial].sum() + steps[self.points])
+        return out[0], out[1], int(sizes.max(initial=0))
+
 
 def _is_reversible(module: nn.Module) -> bool:
     return is_reversible_part(module) and bool(module.memory_saving)
@@ -157,6 +294,8 @@ class _Trace:
     voxels: int  # spatial voxels of one sample
     timeline: np.ndarray  # (categories, points)
     phases: tuple[int, int]  # first point of backward, first point of the optimizer step
+    allocations: _Allocations
+    foreach: bool = False  # the optimizer step was switched to foreach (as on CUDA)
 
 
 def _region_label(logits: torch.Tensor) -> torch.Tensor:
@@ -232,7 +371,7 @@ def _trace_step(
             h.remove()
     timeline = ledger.timeline(forward_end)
     model.zero_grad(set_to_none=True)
-    return _Trace(math.prod(shape[2:]), timeline, (forward_end, backward_end))
+    return _Trace(math.prod(shape[2:]), timeline, (forward_end, backward_end), ledger.allocations())
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,10 +382,24 @@ def _trace_step(
 class Plan:
     """Predicted peak memory of one training step and what it is made of.
 
+    Three figures, each compared with its own measurement:
+
+    * :attr:`peak_bytes`, **traced**: the tensor bytes of the step (on the CPU, what the tracker
+      measures, to the byte);
+    * :attr:`allocated_bytes` = traced + :attr:`added`, **computed** from the trace: a CUDA
+      run's ``torch.cuda.max_memory_allocated`` (the allocator's 512 B blocks, DDP's gradient
+      buckets), a cuDNN workspace aside;
+    * :attr:`total_bytes` = allocated + :attr:`allowance`, **estimated**: what the card's memory
+      must hold (``nvidia-smi``): a cuDNN workspace, the allocator's block slack (part of
+      ``memory_reserved``) and the CUDA context (outside PyTorch's allocator). A budget is
+      compared with this figure.
+
+    A CPU plan adds nothing (no caching allocator, no context): the three are equal.
+
     Attributes:
         model: the model's name.
         input_shape: ``(B, C_in, D, H, W)`` of the training input.
-        peak_bytes: predicted peak tensor bytes of a training step.
+        peak_bytes: predicted (traced) peak tensor bytes of a training step.
         breakdown: bytes per category (:data:`CATEGORIES`) live at the predicted peak.
         peak_phase: ``forward``, ``backward`` or ``optimizer``: where the peak falls.
         kept_after_forward: bytes kept for backward when the forward ends, by reversible parts
@@ -254,7 +407,11 @@ class Plan:
         params: number of parameters.
         notes: caveats of this plan (e.g. a surrogate loss).
         precision: ``trainer.precision`` the step was traced at (fp32, bf16, fp16).
-        rules: whose autocast op policy the trace applied (``cpu`` or ``cuda``).
+        rules: whose autocast op policy the trace applied (``cpu`` or ``cuda``): a ``cuda``
+            plan is one for a CUDA run.
+        added: bytes computed from the trace at the peak, by name (DDP gradient buckets,
+            allocator rounding).
+        allowance: estimated bytes of what cannot be traced, by name.
     """
 
     model: str
@@ -267,6 +424,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     precision: str = "fp32"
     rules: str = "cpu"
+    added: dict[str, int] = field(default_factory=dict)
+    allowance: dict[str, int] = field(default_factory=dict)
 
     @property
     def voxels(self) -> int:
@@ -277,25 +436,49 @@ class Plan:
     def bytes_per_voxel(self) -> float:
         return self.peak_bytes / self.voxels
 
+    @property
+    def allocated_bytes(self) -> int:
+        """Traced plus computed: a CUDA run's ``max_memory_allocated`` (cuDNN workspace aside)."""
+        return self.peak_bytes + sum(self.added.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Allocated plus the estimated allowance: what must fit the device's memory."""
+        return self.allocated_bytes + sum(self.allowance.values())
+
     def table(self) -> str:
-        """The breakdown as a Markdown table (also readable as plain text and in TensorBoard)."""
+        """The breakdown as a Markdown table (also readable as plain text and in TensorBoard);
+        the last column says how each figure is known."""
         shape = "x".join(map(str, self.input_shape[2:]))
+        on = " on CUDA" if self.rules == "cuda" else ""
         lines = [
             f"memory plan: {self.model}, {self.params:,} parameters, batch {self.input_shape[0]}"
             f" x {self.input_shape[1]} x {shape}, {self.precision}"
-            + ("" if self.precision == "fp32" else f" with {self.rules.upper()} autocast rules"),
+            + (on if self.precision == "fp32" else f" with {self.rules.upper()} autocast rules"),
             "",
-            "| part | bytes | size | share |",
-            "|---|---:|---:|---:|",
+            "| part | bytes | size | share | how |",
+            "|---|---:|---:|---:|---|",
         ]
+        whole = self.total_bytes
+
+        def row(name: str, value: int, how: str, bold: bool = False) -> str:
+            share = 100 * value / whole if whole else 0.0
+            size = f"**{format_bytes(value)}**" if bold else format_bytes(value)
+            return f"| {name} | {value:,} | {size} | {share:.1f}% | {how} |"
+
         for name in CATEGORIES:
-            value = self.breakdown[name]
-            share = 100 * value / self.peak_bytes if self.peak_bytes else 0.0
-            lines.append(f"| {name} | {value:,} | {format_bytes(value)} | {share:.1f}% |")
-        lines.append(
-            f"| **predicted peak** ({self.peak_phase}) | {self.peak_bytes:,} | "
-            f"**{format_bytes(self.peak_bytes)}** | 100% |"
-        )
+            lines.append(row(name, self.breakdown[name], "traced"))
+        device = bool(self.added or self.allowance)
+        peak = "traced peak" if device else "predicted peak"
+        lines.append(row(f"**{peak}** ({self.peak_phase})", self.peak_bytes, "traced", True))
+        for name, value in self.added.items():
+            lines.append(row(name, value, f"computed: {_HOW.get(name, '')}".rstrip(": ")))
+        if self.added:
+            lines.append(row("**predicted max_memory_allocated**", self.allocated_bytes, "", True))
+        for name, value in self.allowance.items():
+            lines.append(row(f"allowance: {name}", value, f"estimated: {_HOW.get(name, '')}"))
+        if self.allowance:
+            lines.append(row("**predicted total (device memory)**", whole, "", True))
         kept = self.kept_after_forward
         lines += [
             "",
@@ -319,7 +502,29 @@ class Plan:
             "notes": list(self.notes),
             "precision": self.precision,
             "rules": self.rules,
+            "added": dict(self.added),
+            "allocated_bytes": self.allocated_bytes,
+            "allowance": dict(self.allowance),
+            "total_bytes": self.total_bytes,
         }
+
+
+# how the added and allowed figures are known (the plan table's last column)
+DDP_BUCKETS = "DDP gradient buckets"
+ROUNDING = "allocator rounding"
+CUDNN = "cuDNN workspace"
+SLACK = "allocator block slack"
+CONTEXT = "CUDA context"
+_HOW = {
+    DDP_BUCKETS: "one flat copy of the trainable gradients (gradient_as_bucket_view=False)",
+    ROUNDING: "every traced allocation rounded up to the caching allocator's 512 B blocks",
+    CUDNN: "the step's largest tensor (an algorithm that transforms its input, e.g. FFT, "
+    "holds about one; counted by max_memory_allocated)",
+    SLACK: "up to 1 MiB per live block over 1 MiB (not split when <= 1 MiB would remain; "
+    "counted by max_memory_allocated and memory_reserved)",
+    CONTEXT: "512 MiB, context, kernels and library handles (not counted by "
+    "max_memory_allocated or memory_reserved; counted by nvidia-smi)",
+}
 
 
 @dataclass
@@ -341,15 +546,38 @@ class StepModel:
     notes: list[str]
     precision: str = "fp32"
     rules: str = "cpu"
+    allocations: _Allocations | None = None  # for the allocator rounding of a CUDA plan
+    ddp_buckets: list[int] = field(default_factory=list)  # bytes per DDP gradient bucket
 
     def live(self, voxels: int) -> np.ndarray:
         return self.fixed + self.per_voxel * voxels
 
+    def fixed_bytes(self) -> int:
+        """What a plan adds at any size on top of the traced bytes: the DDP buckets, the CUDA
+        context (a lower bound of :meth:`Plan.total_bytes` minus the traced figure)."""
+        return sum(self.ddp_buckets) + (CUDA_CONTEXT_BYTES if self.rules == "cuda" else 0)
+
     def plan(self, spatial: Sequence[int]) -> Plan:
         """The plan for an input of spatial size ``spatial`` (D, H, W)."""
-        live = self.live(math.prod(spatial))
+        voxels = math.prod(spatial)
+        live = self.live(voxels)
         total = live.sum(axis=0)
-        k = int(np.argmax(total))
+        added: dict[str, int] = {}
+        allowance: dict[str, int] = {}
+        if self.ddp_buckets:
+            added[DDP_BUCKETS] = sum(self.ddp_buckets)
+        rounding = large = np.zeros_like(total)
+        biggest = 0
+        if self.rules == "cuda" and self.allocations is not None:
+            rounding, large, biggest = self.allocations.at(voxels)
+        k = int(np.argmax(total + rounding))
+        if self.rules == "cuda":
+            buckets = np.asarray(self.ddp_buckets, dtype=np.int64)
+            blocks = cuda_block_bytes(buckets)
+            added[ROUNDING] = int(rounding[k] + (blocks - buckets).sum())
+            allowance[CUDNN] = max(biggest, int(buckets.max(initial=0)))
+            allowance[SLACK] = int(large[k] + (blocks > CUDA_SMALL_SIZE).sum()) * CUDA_SMALL_SIZE
+            allowance[CONTEXT] = CUDA_CONTEXT_BYTES
         fwd_end = self.phases[0] - 1
         kept = live[:, fwd_end] if fwd_end >= 0 else np.zeros(len(CATEGORIES))
         phase = (
@@ -369,6 +597,8 @@ class StepModel:
             notes=list(self.notes),
             precision=self.precision,
             rules=self.rules,
+            added=added,
+            allowance=allowance,
         )
 
     def checked_plan(self, spatial: Sequence[int]) -> Plan:
@@ -381,7 +611,9 @@ class StepModel:
         return self.plan(spatial)
 
     def max_voxels(self, budget_bytes: float) -> int:
-        """The most spatial voxels per sample whose predicted peak fits ``budget_bytes``."""
+        """The most spatial voxels per sample whose traced peak plus :meth:`fixed_bytes` fits
+        ``budget_bytes`` (an upper bound where the plan's total adds more)."""
+        budget_bytes = budget_bytes - self.fixed_bytes()
         fixed, slope = self.fixed.sum(axis=0), self.per_voxel.sum(axis=0)
         if np.any(fixed > budget_bytes):
             return 0
@@ -403,6 +635,7 @@ def trace_model(
     precision: str = "fp32",
     rules: str = "cpu",
     planned_shape: Sequence[int] | None = None,
+    ddp: bool = False,
 ) -> StepModel:
     """Trace two training steps of a CPU copy of ``model`` and fit the affine memory model.
 
@@ -424,8 +657,11 @@ def trace_model(
             scaler), as the trainer runs the step.
         rules: the autocast op policy of the device the run will use, ``cpu`` or ``cuda``
             (:mod:`revseg.memory.autocast_rules`); the trace runs on the CPU either way.
+            ``cuda`` also plans what a CUDA run adds (see :class:`Plan`).
         planned_shape: the ``(D, H, W)`` the plan is for: choices that depend on the sizes of
             every axis (:func:`~revseg.nn.blocks.conv_in_float32`) are taken as at that shape.
+        ddp: the run wraps the model in DistributedDataParallel: its gradient buckets are added
+            (:func:`ddp_bucket_bytes`).
 
     Raises:
         ConfigError: an unknown precision or rules name.
@@ -474,6 +710,16 @@ def trace_model(
     per_voxel = (b_tl - a_tl) / (b.voxels - a.voxels)
     fixed = a_tl - per_voxel * a.voxels
     params = sum(p.numel() for p in model.parameters())
+    allocations = None
+    if rules == "cuda":
+        allocations = _fit_allocations(a, b, notes)
+        if a.foreach:
+            notes.append("optimizer step traced with foreach=True, as torch runs it on CUDA")
+    buckets = ddp_bucket_bytes(list(model.parameters())) if ddp else []
+    if ddp:
+        notes.append(
+            "DDP: gradient buckets of bucket_cap_mb=25 (rebuilt once after the first step)"
+        )
     return StepModel(
         model=name or type(model).__name__,
         batch=batch,
@@ -486,7 +732,23 @@ def trace_model(
         notes=notes,
         precision=precision,
         rules=rules,
+        allocations=allocations,
+        ddp_buckets=buckets,
     )
+
+
+def _fit_allocations(a: _Trace, b: _Trace, notes: list[str]) -> _Allocations | None:
+    """Each allocation's bytes as ``fixed + per_voxel * voxels`` from the two traces (the same
+    allocations in the same order); otherwise the larger trace's, scaled with the voxels."""
+    x, y = a.allocations, b.allocations
+    if x.same_sequence(y):
+        per_voxel = (y.fixed - x.fixed) / (b.voxels - a.voxels)
+        return replace(x, fixed=x.fixed - per_voxel * a.voxels, per_voxel=per_voxel)
+    if a.timeline.shape != b.timeline.shape or a.phases != b.phases:
+        notes.append("allocator rounding not computed: the op sequence depends on the input size")
+        return None
+    notes.append("allocator rounding from the larger trace scaled (allocations differ by size)")
+    return replace(y, fixed=np.zeros_like(y.fixed), per_voxel=y.fixed / b.voxels)
 
 
 def _trace_step_copy(
@@ -505,9 +767,31 @@ def _trace_step_copy(
         sizes_as_if_scaled(factors),
     ):
         torch.manual_seed(0)
-        clone = copy.deepcopy(model).cpu().train()
+        clone = cpu_copy(model).train()
         optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
-        return _trace_step(clone, optimizer, loss_fn, shape, precision, rules)
+        switched = optimizer is not None and rules == "cuda" and _foreach_as_on_cuda(optimizer)
+        trace = _trace_step(clone, optimizer, loss_fn, shape, precision, rules)
+        trace.foreach = switched
+        return trace
+
+
+def _foreach_as_on_cuda(optimizer: torch.optim.Optimizer) -> bool:
+    """Make ``optimizer`` step as it would on CUDA parameters: torch's optimizers left at
+    ``foreach=None`` (and not ``fused``) run the ``foreach`` implementation there, whose
+    temporaries (Adam: the square root of every second moment at once) hold a whole
+    parameter-size; on the CPU they default to one tensor at a time. Returns whether a group was
+    switched."""
+    switched = False
+    for group in optimizer.param_groups:
+        if (
+            "foreach" in group
+            and group["foreach"] is None
+            and not group.get("fused")
+            and not group.get("differentiable")
+            and not isinstance(group.get("lr"), torch.Tensor)
+        ):
+            group["foreach"] = switched = True
+    return switched
 
 
 def _mean_square(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
