@@ -1,5 +1,7 @@
 """Tests of revseg.data.brats: case discovery, split, the BratsData module, learnability."""
 
+import json
+import os
 import shutil
 
 import hydra.utils
@@ -102,6 +104,25 @@ def test_split_keeps_one_case_each_side(fraction):
 def test_split_rejects_bad_fraction():
     with pytest.raises(ConfigError, match="data.val_fraction"):
         split_cases(["a", "b"], 1.0)
+
+
+def test_processes_writing_the_split_at_once_do_not_collide(root, tmp_path, monkeypatch):
+    # DDP ranks write split.json at the same moment: here a second writer runs from start to end
+    # while the first is between writing its temporary file and renaming it
+    data = BratsData(root, crop_size=(16, 16, 16), cache="none")
+    replace, interleaved = os.replace, []
+
+    def another_writer_first(src, dst):
+        if not interleaved:
+            interleaved.append(src)
+            data.write_split(tmp_path)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_writer_first)
+    path = data.write_split(tmp_path)
+    assert interleaved, "the split was not written through a rename"
+    assert json.loads(path.read_text())["train"] == data.train_cases
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left
 
 
 # -- BratsData -------------------------------------------------------------------------------

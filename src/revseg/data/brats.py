@@ -42,6 +42,7 @@ from revseg.data.layouts import (
 from revseg.data.synthetic import make_synthetic_brats, read_manifest
 from revseg.data.transforms import READERS, build_transforms, split_pipeline
 from revseg.errors import ConfigError, DataError, RevsegError
+from revseg.training.checkpoint import write_text_atomic
 from revseg.validation import positive_ints
 
 __all__ = [
@@ -610,12 +611,11 @@ class BratsData:
             "val": [c.case for c in val],
             "skipped": self.skipped,
         }
-        path = Path(output_dir) / "split.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".split.json.tmp")
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        # a temporary file of its own per writer: processes writing the split at once do not
+        # replace each other's half-written file
+        return write_text_atomic(
+            json.dumps(content, indent=2) + "\n", Path(output_dir) / "split.json"
+        )
 
     # -- datasets and loaders ----------------------------------------------------------------
 
