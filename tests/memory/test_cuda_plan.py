@@ -229,3 +229,28 @@ def test_the_traced_copy_is_made_on_the_cpu():
     assert all(p.device.type == "cpu" for p in clone.parameters())
     for (name, a), (_, b) in zip(net.state_dict().items(), clone.state_dict().items()):
         assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
+
+
+def test_allocations_are_matched_op_by_op():
+    """Between the two traced sizes, allocations are matched in birth order op by op; an op that
+    allocates a different number of tensors keeps its traced sizes; the rounding by hand."""
+    import numpy as np
+
+    from revseg.memory.trace import _Allocations, _fit_allocations, _Trace
+
+    def trace(voxels, sizes, uids, events, points):
+        allocs = _Allocations(
+            np.array(uids), np.array(events), np.array(points), np.array([0]),
+            np.array(sizes, dtype=float), np.zeros(len(sizes)),
+        )  # fmt: skip
+        return _Trace(voxels, np.zeros((7, len(points))), (1, 2), allocs)
+
+    # op 1 allocates uid 1; op 2 allocates uids 2 and 3 at one size, only 2 at the other
+    a = trace(1, [100, 1000, 10, 2000], [1, 2, 3, 1], [1, 1, 1, -1], [1, 4])
+    b = trace(2, [100, 2000, 10], [1, 2, 1], [1, 1, -1], [1, 3])
+    notes = []
+    fitted = _fit_allocations(a, b, notes)
+    assert "2 of 4 allocations" in notes[0]
+    extra, large, biggest = fitted.at(4)  # sizes 100, 4000, 10, 2000 -> blocks 512, 4096, ...
+    assert extra.tolist() == [412 + 96, 412 + 502 + 48]
+    assert large.tolist() == [0, 0] and biggest == 4000

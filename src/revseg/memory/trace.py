@@ -738,8 +738,10 @@ def trace_model(
 
 
 def _fit_allocations(a: _Trace, b: _Trace, notes: list[str]) -> _Allocations | None:
-    """Each allocation's bytes as ``fixed + per_voxel * voxels`` from the two traces (the same
-    allocations in the same order); otherwise the larger trace's, scaled with the voxels."""
+    """Each allocation's bytes as ``fixed + per_voxel * voxels`` from the two traces, over the
+    smaller trace's sequence. Allocations are matched in the order they are born, op by op (the
+    order of deaths inside an op may differ); those of an op that allocates a different number
+    of tensors at the two sizes keep their traced size."""
     x, y = a.allocations, b.allocations
     if x.same_sequence(y):
         per_voxel = (y.fixed - x.fixed) / (b.voxels - a.voxels)
@@ -747,8 +749,25 @@ def _fit_allocations(a: _Trace, b: _Trace, notes: list[str]) -> _Allocations | N
     if a.timeline.shape != b.timeline.shape or a.phases != b.phases:
         notes.append("allocator rounding not computed: the op sequence depends on the input size")
         return None
-    notes.append("allocator rounding from the larger trace scaled (allocations differ by size)")
-    return replace(y, fixed=np.zeros_like(y.fixed), per_voxel=y.fixed / b.voxels)
+    at_b = x.fixed.copy()  # sizes of x's allocations in the larger trace
+    matched = np.zeros(len(at_b), dtype=bool)
+    if len(x.initial) == len(y.initial):
+        at_b[x.initial], matched[x.initial] = y.fixed[y.initial], True
+    starts = (np.concatenate([[0], x.points[:-1]]), np.concatenate([[0], y.points[:-1]]))
+    for k in range(len(x.points)):
+        seg_x = slice(starts[0][k], x.points[k])
+        seg_y = slice(starts[1][k], y.points[k])
+        born_x = x.uids[seg_x][x.events[seg_x] == 1]
+        born_y = y.uids[seg_y][y.events[seg_y] == 1]
+        if len(born_x) == len(born_y):
+            at_b[born_x], matched[born_x] = y.fixed[born_y], True
+    per_voxel = (at_b - x.fixed) / (b.voxels - a.voxels)
+    if not matched.all():
+        notes.append(
+            f"allocator rounding: {int((~matched).sum())} of {len(matched)} allocations differ "
+            "in number between the traced sizes and are taken at their traced size"
+        )
+    return replace(x, fixed=x.fixed - per_voxel * a.voxels, per_voxel=per_voxel)
 
 
 def _trace_step_copy(
