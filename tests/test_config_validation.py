@@ -24,6 +24,7 @@ BAD = [
     ("data.crop_size=[32,32]", "data.crop_size"),
     ("trainer.cudnn_benchmark=yes", "trainer.cudnn_benchmark"),
     ("trainer.channels_last=1", "trainer.channels_last"),
+    ("trainer.tf32=fast", "trainer.tf32"),
     ("trainer.compile=inductr", "trainer.compile"),
     ("trainer.compile=3", "trainer.compile"),
 ]

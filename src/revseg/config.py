@@ -257,7 +257,7 @@ def validate_config(cfg: DictConfig) -> None:
     clip = t.get("grad_clip")
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")
-    for key in ("deterministic", "cudnn_benchmark", "channels_last"):
+    for key in ("deterministic", "cudnn_benchmark", "channels_last", "tf32"):
         if not isinstance(t.get(key, False), bool):
             raise ConfigError(f"trainer.{key} must be true or false, got {t.get(key)!r}")
     if t.get("cudnn_benchmark", False) and t.deterministic:

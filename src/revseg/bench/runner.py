@@ -75,7 +75,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     import torch
 
     from revseg.config import build
-    from revseg.device import autocast_context
+    from revseg.device import autocast_context, set_tf32
     from revseg.memory import PeakMemoryMeter
     from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
 
@@ -86,6 +86,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
         shape = [f"data.crop_size={size}", "data.patch_size=null"]
     cfg = compose_train_config([*spec.overrides, *shape])
     device = _device()
+    set_tf32(bool(cfg.trainer.get("tf32", False)))  # as train() sets it
     torch.manual_seed(0)
     model = build(cfg.model, "model")
     planned, plan_failure, activation_peak = None, None, None
@@ -138,6 +139,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
         "plan": planned.as_dict() if planned else None,
         "planned_activation_peak_bytes": activation_peak,
         "plan_failure": plan_failure,
+        "reserved_bytes": m.reserved_bytes,
         "baseline_bytes": m.baseline_bytes,
         "memory_method": meter.method,
         "rss_peak_bytes": m.rss_peak_bytes,
