@@ -33,10 +33,14 @@ Function inputs), so autograd accumulates them and DistributedDataParallel's hoo
 nothing calls ``.backward()`` inside a backward pass.
 
 Under autocast (mixed precision) the states between blocks are kept in float32 by default while
-the blocks run in low precision (:func:`states_in`): inverses are exact to float32 rounding, and
-gradients equal plain autograd's under the same autocast. Low-precision states
-(``state_dtype="autocast"``) halve the bytes of every state at the price of low-precision rounding
-in the inverses.
+the blocks run in low precision (:func:`states_in`): each inverse subtracts exactly what the
+forward added, to float32 rounding, but the recomputation casts the reconstructed input to
+bf16/fp16 again, where a last-bit difference can move a value to the next low-precision step. So
+the reconstruction and the gradients are not as exact as in float32 beyond a block or two, and
+the error grows with depth (docs/precision.md; at depth 8, bf16: reconstruction 8e-4 and
+gradients 2e-3 against plain autograd under the same autocast, which is itself 4e-2 from
+float32). Low-precision states (``state_dtype="autocast"``) halve the bytes of every state at the
+price of low-precision rounding in the inverses.
 
 Recomputation sees the forward's random numbers (the RNG state before each call is stored and
 restored) and the forward's autocast state, runs under :func:`recomputing`, and BatchNorm running
