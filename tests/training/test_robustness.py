@@ -203,3 +203,19 @@ def test_long_runs_keep_memory_flat(tmp_path, tiny_data_root):
     writer.close()
     assert ends[0] == ends[1]
     assert rss_at[1] - rss_at[0] < 32 * 2**20, rss_at
+
+
+def test_stale_temporary_files_already_removed_are_fine(tmp_path, monkeypatch):
+    stale = [tmp_path / ".summary.json.x1.tmp", tmp_path / "checkpoints" / ".last.pt.x2.tmp"]
+    stale[1].parent.mkdir()
+    for path in stale:
+        path.write_text("half written")
+    unlink = type(tmp_path).unlink
+
+    def another_process_first(self, missing_ok=False):
+        unlink(self, missing_ok=True)  # another rank removed it between listing and removing
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(type(tmp_path), "unlink", another_process_first)
+    trainer_module.remove_stale_temporaries(tmp_path)
+    assert not any(path.exists() for path in stale)

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from hydra.utils import instantiate
+from trainer_builder import make_trainer
 
+from revseg.memory.measure import MemoryMeasurement
 from revseg.training.callbacks import Callback
-from revseg.training.trainer import Trainer
-
-from conftest import TINY, compose_train
 
 BIG = 2**22  # float32 elements: 16 MiB, far above the tiny model's steps
-
-
-class Writer:
-    def __init__(self) -> None:
-        self.scalars: dict[str, dict[int, float]] = {}
-
-    def add_scalar(self, tag, value, step) -> None:
-        self.scalars.setdefault(tag, {})[step] = value
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 class Allocates(Callback):
@@ -38,26 +27,10 @@ class Allocates(Callback):
         torch.ones(2 * BIG).sum()
 
 
-def make_trainer(tmp_path, tiny_data_root, callbacks) -> Trainer:
-    cfg = compose_train(
-        *TINY,
-        f"data.root={tiny_data_root}",
-        f"paths.output_dir={tmp_path}",
-        "trainer.max_epochs=2",
-        "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
-    )
-    model = instantiate(cfg.model, _convert_="all")
-    optimizer = instantiate(cfg.optimizer)(params=model.parameters())
-    data = instantiate(cfg.data, _convert_="all")
-    data.setup()
-    loss = instantiate(cfg.loss)
-    device = torch.device("cpu")
-    return Trainer(cfg, model, data, loss, optimizer, None, callbacks, Writer(), tmp_path, device)
-
-
 def test_epoch_peaks_validation_and_callbacks_are_reported(tmp_path, tiny_data_root):
-    trainer = make_trainer(tmp_path, tiny_data_root, {"allocates": Allocates()})
+    trainer = make_trainer(
+        tmp_path, tiny_data_root, "trainer.max_epochs=2", callbacks={"allocates": Allocates()}
+    )
     summary = trainer.fit()
     peaks = trainer.writer.scalars["memory/peak_mib"]
     # each epoch's own peak, not a running maximum: the big temporary was in epoch 1 only
@@ -71,3 +44,40 @@ def test_epoch_peaks_validation_and_callbacks_are_reported(tmp_path, tiny_data_r
     # the CUDA allocator's reserve is reported on CUDA only
     assert summary["peak_reserved_bytes"] is None
     assert "memory/reserved_peak_mib" not in trainer.writer.scalars
+
+
+class SteppedMeter:
+    """A stand-in for the CUDA meter: the given peaks, one per measured block."""
+
+    method = "cuda_max_memory_allocated"
+
+    def __init__(self, peaks: list[int]) -> None:
+        self.peaks = iter(peaks)
+
+    @contextlib.contextmanager
+    def measure(self, static=()):
+        m = MemoryMeasurement(self.method)
+        yield m
+        m.peak_bytes = next(self.peaks)
+
+
+def test_cudnn_autotuning_step_is_left_out_of_the_peak(tmp_path, tiny_data_root):
+    trainer = make_trainer(tmp_path, tiny_data_root, "trainer.cudnn_benchmark=true")
+    assert not trainer.autotune_first_step  # no cuDNN autotuner on the CPU
+    trainer.autotune_first_step = True  # as on CUDA
+    trainer.meter = SteppedMeter([1000, 100, 120])  # step 1 holds the autotuner's workspaces
+    batch = next(iter(trainer.data.train_dataloader(seed=0)))
+    for _ in range(3):
+        trainer.training_step(batch["image"], batch["label"])
+    summary = trainer.summary()
+    assert (summary["peak_memory_bytes"], summary["autotune_peak_bytes"]) == (120, 1000)
+    assert trainer.global_step == 3
+
+
+def test_a_run_of_only_the_autotuning_step_reports_its_peak(tmp_path, tiny_data_root):
+    trainer = make_trainer(tmp_path, tiny_data_root, "trainer.cudnn_benchmark=true")
+    trainer.autotune_first_step = True
+    trainer.meter = SteppedMeter([1000])
+    batch = next(iter(trainer.data.train_dataloader(seed=0)))
+    trainer.training_step(batch["image"], batch["label"])
+    assert trainer.summary()["peak_memory_bytes"] == 1000

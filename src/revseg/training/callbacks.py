@@ -28,7 +28,9 @@ class Callback:
         """Called after each training epoch with ``{"train/loss": ...}``."""
 
     def on_validation_end(self, trainer: TrainerView, metrics: dict[str, float]) -> None:
-        """Called after each validation with ``{"val/dice_mean": ..., ...}``."""
+        """Called after each validation with ``{"val/dice_mean": ..., ...}``: under DDP rank 0's
+        metrics on every rank, and ``trainer.should_stop`` is rank 0's decision (the trainer
+        broadcasts it after each epoch), so that every rank stops and checkpoints alike."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

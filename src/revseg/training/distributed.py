@@ -1,9 +1,10 @@
 """DistributedDataParallel plumbing for ``torchrun --nproc_per_node=N train.py trainer=ddp``.
 
 torchrun sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the rendezvous variables; each process
-trains on its shard of the data (``DistributedSampler``), DDP averages the gradients, every rank validates (so all
-ranks take the same decisions), and only rank 0 logs and writes files.
-NCCL is the backend on CUDA, gloo on CPU.
+trains on its shard of the data (``DistributedSampler``), DDP averages the gradients, every rank
+validates, rank 0 takes the decisions (best checkpoint, early stopping) and broadcasts them, and
+only rank 0 logs and writes files. A one-process torchrun wraps the model in DDP too, so the DDP
+path can be checked on a one-GPU node. NCCL is the backend on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from revseg.errors import ConfigError
 __all__ = [
     "DistInfo",
     "init_distributed",
+    "local_cuda_index",
+    "training_device",
     "shard_loader",
     "all_ranks_agree",
     "broadcast_object",
@@ -30,7 +33,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: ``rank`` of ``world_size`` processes, GPU ``local_rank``."""
+    """Where this process stands: ``rank`` of ``world_size`` processes, GPU ``local_rank``;
+    ``backend`` is set once this process joined a process group."""
 
     rank: int = 0
     world_size: int = 1
@@ -39,7 +43,9 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Distributed: several processes, or a process group of one (``trainer.strategy=ddp``
+        under a one-process torchrun): the model is wrapped in DDP and the collectives run."""
+        return self.world_size > 1 or self.backend is not None
 
     @property
     def is_main(self) -> bool:
@@ -47,11 +53,12 @@ class DistInfo:
 
 
 def init_distributed(strategy: str, backend: str = "auto", device_type: str = "cpu") -> DistInfo:
-    """Join the process group torchrun prepared (``strategy="ddp"``), or run alone.
+    """Join the process group torchrun prepared (``strategy="ddp"``, even of one process), or
+    run alone (``strategy="single"``).
 
     Raises:
-        ConfigError: ``trainer.strategy=ddp`` without torchrun's environment, or an unknown
-            strategy or backend.
+        ConfigError: ``trainer.strategy=ddp`` without torchrun's environment, an unknown
+            strategy or backend, or a ``LOCAL_RANK`` without a GPU of its own.
     """
     if strategy == "single":
         return DistInfo()
@@ -67,10 +74,44 @@ def init_distributed(strategy: str, backend: str = "auto", device_type: str = "c
         raise ConfigError(f"trainer.ddp_backend must be auto, nccl or gloo, got {backend!r}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_cuda_index(local_rank))
     if not dist.is_initialized():
         dist.init_process_group(backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, backend)
+
+
+def local_cuda_index(local_rank: int) -> int:
+    """The GPU of the process with ``LOCAL_RANK=local_rank``: that index where this process
+    sees a GPU per local rank, ``0`` where it sees one GPU (a scheduler giving each task its own
+    through ``CUDA_VISIBLE_DEVICES``).
+
+    Raises:
+        ConfigError: more processes on this node than visible GPUs (two ranks would share one).
+    """
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if 0 <= local_rank < count:
+        return local_rank
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+    raise ConfigError(
+        f"LOCAL_RANK={local_rank} but this process sees {count} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={visible}): start at most {count} processes per node "
+        f"(torchrun --nproc_per_node={count}), or give each task one GPU"
+    )
+
+
+def training_device(device: torch.device, info: DistInfo) -> torch.device:
+    """The device this process trains on, made CUDA's current device: the local rank's GPU
+    when distributed, else ``device`` (``trainer.device=cuda:N``). Without ``set_device``,
+    pinned batches, ``torch.cuda.synchronize()`` and new streams would open a context on GPU 0."""
+    if device.type != "cuda":
+        return device
+    if info.enabled:
+        device = torch.device("cuda", local_cuda_index(info.local_rank))
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def shard_loader(
@@ -118,12 +159,15 @@ def shard_loader(
     )
 
 
-def all_ranks_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """``True`` only if ``flag`` holds on every rank (so that all ranks take the same branch)."""
-    if not info.enabled:
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+def all_ranks_agree(flag: bool | torch.Tensor, info: DistInfo, device: torch.device) -> bool:
+    """``True`` only if ``flag`` holds on every rank (so that all ranks take the same branch).
+
+    A tensor ``flag`` (a boolean on ``device``) is read once, after the reduction: the one
+    host synchronisation of the call.
+    """
+    value = torch.as_tensor(flag, device=device).reshape(1).to(torch.int32)
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
 
 

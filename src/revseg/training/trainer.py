@@ -73,6 +73,7 @@ from revseg.training.distributed import (
     max_over_ranks,
     mean_over_ranks,
     shard_loader,
+    training_device,
 )
 from revseg.training.visualize import slice_panel
 from revseg.validation import model_divisor
@@ -165,6 +166,11 @@ class Trainer:
         self.output_dir = output_dir
         self.ckpt_dir = output_dir / "checkpoints"
         self.meter = PeakMemoryMeter(device)
+        # cuDNN's autotuner (trainer.cudnn_benchmark) tries every algorithm, with its trial
+        # workspaces, at this process's first step: that step's peak is kept apart
+        self.autotune_first_step = device.type == "cuda" and bool(
+            self.tcfg.get("cudnn_benchmark", False)
+        )
         # the data module's own metrics and preview where it has them (contracts.BuildsMetrics,
         # contracts.Previews), else BraTS region metrics and a slice panel
         self.metrics: Metrics = (
@@ -190,11 +196,14 @@ class Trainer:
         self.rss_peak_bytes: int | None = None
         self.step_times: list[float] = []
         self.batch_in_epoch = 0  # batches of the current epoch already trained on
-        self.epoch_losses: list[float] = []
+        # the epoch's summed training loss (float64, on the device: read once per epoch)
+        self.epoch_loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.epoch_loss_count = 0
         self.skipped_steps = 0
         self.planned_peak_bytes: int | None = None
         self.precision = str(self.tcfg.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scale = self.scaler.get_scale()  # after the last step (fp16; read without a sync)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -215,7 +224,8 @@ class Trainer:
             "rss_peak_bytes": self.rss_peak_bytes,
             "step_times": list(self.step_times),
             "batch_in_epoch": self.batch_in_epoch,
-            "epoch_losses": list(self.epoch_losses),
+            "epoch_loss_sum": float(self.epoch_loss_sum),
+            "epoch_loss_count": self.epoch_loss_count,
             "skipped_steps": self.skipped_steps,
             "scaler": self.scaler.state_dict(),
             "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
@@ -245,10 +255,15 @@ class Trainer:
         self.rss_peak_bytes = state.get("rss_peak_bytes")
         self.step_times = [float(t) for t in state["step_times"]]
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        self.epoch_losses = [float(v) for v in state["epoch_losses"]]
+        if "epoch_losses" in state:  # older checkpoints list the epoch's losses
+            losses = [float(v) for v in state["epoch_losses"]]
+            state = {**state, "epoch_loss_sum": sum(losses), "epoch_loss_count": len(losses)}
+        self.epoch_loss_sum.fill_(float(state["epoch_loss_sum"]))
+        self.epoch_loss_count = int(state["epoch_loss_count"])
         self.skipped_steps = int(state["skipped_steps"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+            self.scale = self.scaler.get_scale()
         for name, cb in self.callbacks.items():
             if name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][name])
@@ -381,7 +396,21 @@ class Trainer:
 
     def _account(self, phase: str, m: MemoryMeasurement) -> None:
         """Add a measurement of ``phase`` (train, val or callbacks) to the epoch's and the run's
-        peaks; on CUDA also to the reserved peak."""
+        peaks; on CUDA also to the reserved peak.
+
+        With ``trainer.cudnn_benchmark`` on CUDA the first training step of each process runs
+        cuDNN's autotuner, whose trial workspaces are freed after it: that step's peak goes to
+        ``autotune`` (``summary.json`` ``autotune_peak_bytes``), not to the training peak.
+        """
+        if phase == "train" and self.autotune_first_step:
+            self.autotune_first_step = False
+            phase = "autotune"
+            log.info(
+                "trainer.cudnn_benchmark: the first step's peak (%s, with the cuDNN autotuner's "
+                "trial workspaces) is left out of the training peak (autotune_peak_bytes in "
+                "summary.json)",
+                format_bytes(m.peak_bytes),
+            )
         peaks = {phase: m.peak_bytes}
         if m.reserved_bytes is not None:
             peaks["reserved"] = m.reserved_bytes
@@ -409,48 +438,82 @@ class Trainer:
         label: torch.Tensor,
         mask: torch.Tensor | None = None,
         cases: list[str] | None = None,
-    ) -> float | None:
-        """One optimisation step, measured. Returns the loss, or ``None`` for a skipped step."""
+    ) -> torch.Tensor | None:
+        """One optimisation step, measured.
+
+        Returns:
+            the detached loss (a 0-dim tensor on the training device: reading it synchronises),
+            or ``None`` for a skipped step (a non-finite loss or gradient norm with
+            ``trainer.nan_policy=skip``, or an fp16 step whose gradients overflowed, which the
+            GradScaler skips and backs off from); skipped steps count in ``skipped_steps``.
+        """
         self.optimizer.zero_grad(set_to_none=True)
         static = self._static_tensors(image, label, *([] if mask is None else [mask]))
         with self.meter.measure(static=static) as m:
             start = time.perf_counter()
             with self._autocast(), self._compile_errors():
                 loss = self.compute_loss(self.model(image), label, mask)
-            value = float(loss.detach())
-            if not all_ranks_agree(math.isfinite(value), self.dist, self.device):
-                self._non_finite("loss", value, cases or [])
-                return None
             with self._compile_errors():
                 self.scaler.scale(loss).backward()
+            loss = loss.detach()
             self.scaler.unscale_(self.optimizer)
             if self.tcfg.grad_clip:
-                norm = float(
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
-                )
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
             else:
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-            if not math.isfinite(norm) and not self.scaler.is_enabled():
-                # with fp16 the GradScaler skips overflowing steps itself
+                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            finite = torch.isfinite(loss)
+            if not self.scaler.is_enabled():  # with fp16 the GradScaler skips overflows itself
+                finite = finite & torch.isfinite(norm).to(finite.device)
+            # the step's one host synchronisation: whether the optimizer steps is a branch on
+            # the host (trainer.nan_policy: skip the update, or stop before it), taken alike on
+            # every rank; the loss and the norm are otherwise read only when logged
+            if not all_ranks_agree(finite, self.dist, self.device):
                 self.optimizer.zero_grad(set_to_none=True)
-                self._non_finite("gradient norm", norm, cases or [])
+                if self.scaler.is_enabled():  # close the unscaled step (it backs off the scale)
+                    self.scaler.update()
+                    self.scale = self.scaler.get_scale()
+                value = float(loss)
+                what = "loss" if not math.isfinite(value) else "gradient norm"
+                self._non_finite(what, value if what == "loss" else float(norm), cases or [])
                 return None
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            overflowed = self._scaler_skipped()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
         self.last_measurement = m
         self._account("train", m)
         self.step_times.append(seconds)
+        if overflowed:
+            self.skipped_steps += 1
+            return None
         self.global_step += 1
         if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
-            self.writer.add_scalar("train/loss_step", value, self.global_step)
-            self.writer.add_scalar("train/grad_norm", norm, self.global_step)
+            self.writer.add_scalar("train/loss_step", float(loss), self.global_step)
+            self.writer.add_scalar("train/grad_norm", float(norm), self.global_step)
             self.writer.add_scalar("memory/peak_step_mib", m.peak_bytes / 2**20, self.global_step)
             self.writer.add_scalar("time/step_s", seconds, self.global_step)
-        return value
+        return loss
+
+    def _scaler_skipped(self) -> bool:
+        """Whether the GradScaler skipped the optimizer step just taken (fp16 gradients that
+        overflowed): it lowers its scale only then. Reads the scale (a synchronisation at the end
+        of the step, where the step's timing synchronises anyway)."""
+        if not self.scaler.is_enabled():
+            return False
+        before, self.scale = self.scale, self.scaler.get_scale()
+        if self.scale >= before:
+            return False
+        log.info(
+            "fp16 gradients overflowed at epoch %d, step %d: the GradScaler skipped the update "
+            "and lowered its scale to %g",
+            self.epoch + 1,
+            self.global_step + 1,
+            self.scale,
+        )
+        return True
 
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch; a run resumed mid-epoch skips the batches it already trained on.
@@ -486,15 +549,19 @@ class Trainer:
             mask = self._to_device(mask, non_blocking=True) if mask is not None else None
             loss = self.training_step(image, label, mask, list(batch.get("case", [])))
             if loss is not None:
-                self.epoch_losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}", peak=format_bytes(self.peak_memory_bytes))
+                self.epoch_loss_sum += loss
+                self.epoch_loss_count += 1
+                if not bar.disable and self.global_step % self.tcfg.log_every_n_steps == 0:
+                    peak = format_bytes(self.peak_memory_bytes)
+                    bar.set_postfix(loss=f"{float(loss):.4f}", peak=peak)
                 self._callbacks("on_train_batch_end", batch, self.global_step)
             self.batch_in_epoch = index + 1
             if every and self.global_step % every == 0 and self.batch_in_epoch < total:
                 self.save_checkpoint("last.pt")
         bar.close()
-        losses, self.epoch_losses, self.batch_in_epoch = self.epoch_losses, [], 0
-        mean = sum(losses) / max(len(losses), 1)
+        mean = float(self.epoch_loss_sum) / max(self.epoch_loss_count, 1)
+        self.epoch_loss_sum.zero_()
+        self.epoch_loss_count, self.batch_in_epoch = 0, 0
         if self.dist.enabled:  # the same number on every rank, so callbacks decide alike
             mean = mean_over_ranks(mean, self.dist, self.device)
         return {"train/loss": mean}
@@ -505,9 +572,9 @@ class Trainer:
         self.metrics.reset()
         losses = []
         limit = self.tcfg.limit_val_batches
-        # every rank validates every case with the bare module (no DDP collectives), so all ranks
-        # hold the same metrics and take the same early-stopping and checkpoint decisions
-        # (MONAI's metrics gather across ranks; the repeated cases leave the means unchanged)
+        # every rank validates every case with the bare module (no DDP collectives); fit() then
+        # hands rank 0's metrics to every rank (MONAI's metrics gather across ranks; the repeated
+        # cases leave the means unchanged)
         for index, batch in enumerate(self.data.val_dataloader(pin_memory=self.pin_memory)):
             if limit and index >= limit:
                 break
@@ -561,11 +628,17 @@ class Trainer:
             self._callbacks("on_train_epoch_end", logs)
             improved = False
             if self.epoch % self.tcfg.val_every == 0 or self.epoch == max_epochs:
-                metrics = self.validate()
+                # rank 0's metrics on every rank: each rank's own may differ in the last bits
+                # (other kernels, reduction orders), and every decision taken from them must be
+                # the same everywhere
+                metrics = broadcast_object(self.validate(), self.dist)
                 logs.update(metrics)
                 self.final_metrics = metrics
                 improved = self._update_best(metrics)
                 self._callbacks("on_validation_end", metrics)
+            # saving is a collective: every rank takes rank 0's decisions (a callback may also
+            # stop on what only its rank sees)
+            improved, self.should_stop = broadcast_object((improved, self.should_stop), self.dist)
             self._log_epoch(logs)
             self.history.append({"epoch": self.epoch, **logs})
             self.save_checkpoint("last.pt")
@@ -654,6 +727,8 @@ class Trainer:
         voxels = math.prod(shape)
         batch = int(self.cfg.data.get("batch_size", 1))
         times = self.step_times[1:] or self.step_times  # the first step warms up caches
+        # the training steps' peak; the autotuning step's only when no other step ran
+        peak = self.peak_memory_bytes or self.other_peaks.get("autotune", 0)
         return {
             "model": model_name(self.cfg),
             "data": data_name(self.cfg),
@@ -666,11 +741,12 @@ class Trainer:
             "final_metrics": dict(self.final_metrics),
             "params": sum(p.numel() for p in self.module.parameters()),
             "world_size": self.dist.world_size,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "peak_memory": format_bytes(self.peak_memory_bytes),
+            "peak_memory_bytes": peak,
+            "peak_memory": format_bytes(peak),
             "val_peak_memory_bytes": self.other_peaks.get("val"),
             "callbacks_peak_memory_bytes": self.other_peaks.get("callbacks"),
             "peak_reserved_bytes": self.other_peaks.get("reserved"),
+            "autotune_peak_bytes": self.other_peaks.get("autotune"),
             "planned_peak_bytes": self.planned_peak_bytes,
             "memory_method": self.meter.method,
             "rss_peak_bytes": self.rss_peak_bytes,
@@ -678,7 +754,7 @@ class Trainer:
             "input_shape": shape,
             "batch_size": batch,
             "voxels_per_sample": voxels,
-            "bytes_per_voxel": self.peak_memory_bytes / (voxels * batch) if voxels else None,
+            "bytes_per_voxel": peak / (voxels * batch) if voxels else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device)
             if self.device.type == "cuda"
@@ -788,6 +864,16 @@ def check_channels(cfg: DictConfig, data: Any) -> None:
         )
 
 
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Remove the temporary files of a process killed while writing (the real files are
+    intact); one that is already gone (another process removed it) is fine."""
+    for stale in [
+        *output_dir.glob(".summary.json.*.tmp"),
+        *(output_dir / "checkpoints").glob(".*.tmp"),
+    ]:
+        stale.unlink(missing_ok=True)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the model the composed config describes; returns the run summary (``summary.json``).
 
@@ -801,8 +887,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         str(cfg.trainer.get("ddp_backend", "auto")),
         device.type,
     )
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    device = training_device(device, info)
     # every rank uses rank 0's run directory (Hydra names one per process)
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
     if info.is_main:  # before anything is read or trained: a save must not fail an epoch later
@@ -842,16 +927,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_data_module(data)
     data.setup()
     check_channels(cfg, data)
-    if isinstance(data, WritesSplit):
+    if isinstance(data, WritesSplit) and info.is_main:
         data.write_split(output_dir)  # the cases used for training and validation
     logging_here = cfg.get("logger") and info.is_main
     writer = build(cfg.logger, "logger", log_dir=str(output_dir)) if logging_here else None
-
-    for stale in [
-        *output_dir.glob(".summary.json.*.tmp"),
-        *(output_dir / "checkpoints").glob(".*.tmp"),
-    ]:
-        stale.unlink()  # left by a process killed while writing; the real files are intact
+    if info.is_main:
+        remove_stale_temporaries(output_dir)
     trainer = Trainer(
         cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device, info
     )
@@ -886,7 +967,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = trainer.fit()
         if info.enabled and trainer.trained:  # the peak of the busiest rank
             trainer.peak_memory_bytes = max_over_ranks(trainer.peak_memory_bytes, info, device)
-            for key in ("val", "callbacks", "reserved"):
+            for key in ("val", "callbacks", "reserved", "autotune"):
                 value = max_over_ranks(trainer.other_peaks.get(key, -1), info, device)
                 if value >= 0:
                     trainer.other_peaks[key] = value
