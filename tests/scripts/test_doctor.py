@@ -14,10 +14,10 @@ def test_cpu_checks_pass_and_cuda_is_skipped(capsys):
     lines = out.out.splitlines()
     assert lines[0].startswith("python ") and f"torch {torch.__version__}" in lines[0]
     assert any(line.startswith("CUDA ") and "cuDNN" in line and "NCCL" in line for line in lines)
-    for check in ("cpu gradients", "cpu training step", "cpu bf16", "cpu fp16"):
+    for check in ("cpu gradients", "cpu training step", "cpu bf16", "cpu fp16", "cpu ddp"):
         assert any(line.startswith(f"ok    {check}: ") for line in lines), check
     assert "skip  cuda: CUDA not available" in lines
-    assert "skip  nccl all-reduce: fewer than 2 GPUs" in lines
+    assert "skip  nccl: CUDA not available" in lines
     assert lines[-1] == "all checks passed" and out.err == ""
 
 
@@ -49,8 +49,16 @@ def test_wrong_gradients_fail_with_one_line(monkeypatch, capsys):
     )
 
 
-def test_nccl_needs_two_gpus(monkeypatch):
+def test_nccl_on_one_gpu_runs_a_one_process_ddp_step(monkeypatch):
+    runs = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(doctor.Skip, match="fewer than 2 GPUs"):
-        doctor.check_nccl()
+    monkeypatch.setattr(doctor, "_ddp_gradients", lambda *args: runs.append(args) or 1e-15)
+    assert doctor.check_nccl().startswith("1-process NCCL DDP step on cuda:0")
+    assert runs == [(torch.device("cuda", 0), "nccl", 1)]
+
+
+def test_ddp_gradients_that_differ_fail(monkeypatch):
+    monkeypatch.setattr(doctor, "_ddp_gradients", lambda *args: 1e-3)
+    with pytest.raises(AssertionError, match="2-process DDP gradients differ"):
+        doctor.check_ddp(torch.device("cpu"))

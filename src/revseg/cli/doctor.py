@@ -10,7 +10,10 @@ GPU):
 - a forward and backward under bf16 and fp16 autocast (finite loss and gradients, reversible
   states kept float32);
 
-and with two or more GPUs a 2-process NCCL all-reduce. Each check prints one line, ``ok``,
+then DistributedDataParallel on one device (the CPU, and the first GPU): two gloo processes
+whose float64 gradients must equal one process's on the combined batch; and NCCL: a 2-process
+all-reduce with two or more GPUs, a one-process DDP step with one GPU (so DDP can be checked on a
+one-GPU node). Each check prints one line, ``ok``,
 ``skip`` (what this machine cannot run, e.g. CUDA on a CPU node) or ``FAIL``; every failure is
 also one ``error:`` line on stderr, and the exit status is 1 when any check failed.
 """
@@ -169,12 +172,75 @@ def _all_reduce_worker(rank: int, init_file: str, world_size: int) -> None:
         dist.destroy_process_group()
 
 
-def check_nccl() -> str:
-    """A 2-process NCCL all-reduce on the first two GPUs."""
-    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
-        raise Skip("fewer than 2 GPUs")
+def _ddp_worker(
+    rank: int, init_file: str, world_size: int, device: str, backend: str, out: str
+) -> None:
+    """One rank of :func:`_ddp_gradients`: its share of the batch through the DDP-wrapped tiny
+    U-Net (memory saving on); rank 0 saves the averaged gradients to ``out``."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    where = torch.device(device)
+    if where.type == "cuda":
+        torch.cuda.set_device(where)
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    try:
+        model = _tiny_unet(True, torch.float64, where)
+        ids = [where.index] if where.type == "cuda" else None
+        ddp = DistributedDataParallel(model, device_ids=ids)
+        image, label = _batch(where, torch.float64)
+        share = slice(rank * len(image) // world_size, (rank + 1) * len(image) // world_size)
+        _loss(ddp(image[share]), label[share]).backward()
+        if rank == 0:
+            torch.save([p.grad.cpu() for p in model.parameters()], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_gradients(device: torch.device, backend: str, world_size: int) -> float:
+    """``world_size`` DDP processes on ``device``: the worst relative error of their averaged
+    gradients against one process's on the combined batch (float64)."""
     import torch.multiprocessing as mp
 
+    with tempfile.TemporaryDirectory() as folder:
+        init, out = os.path.join(folder, "init"), os.path.join(folder, "grads.pt")
+        args = (init, world_size, str(device), backend, out)
+        mp.spawn(_ddp_worker, args=args, nprocs=world_size, join=True)
+        ddp = torch.load(out, weights_only=True)
+    model = _tiny_unet(True, torch.float64, device)
+    image, label = _batch(device, torch.float64)
+    _loss(model(image), label).backward()
+    plain = [p.grad.cpu() for p in model.parameters()]
+    return max(
+        float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(ddp, plain, strict=True)
+    )
+
+
+def check_ddp(device: torch.device) -> str:
+    """Two gloo processes on one device: DDP's gradients = one process's on the whole batch."""
+    worst = _ddp_gradients(device, "gloo", 2)
+    if not worst < GRAD_TOLERANCE:
+        raise AssertionError(
+            f"2-process DDP gradients differ from one process on the combined batch: relative "
+            f"error {worst:.2e} (limit {GRAD_TOLERANCE:.0e})"
+        )
+    return f"2-process DDP on {device} (gloo) = 1 process (float64, max relative error {worst:.1e})"
+
+
+def check_nccl() -> str:
+    """A 2-process NCCL all-reduce on the first two GPUs; with one GPU a one-process NCCL group
+    and a DDP step on it."""
+    if not torch.cuda.is_available():
+        raise Skip("CUDA not available")
+    import torch.multiprocessing as mp
+
+    if torch.cuda.device_count() == 1:
+        worst = _ddp_gradients(torch.device("cuda", 0), "nccl", 1)
+        if not worst < GRAD_TOLERANCE:
+            raise AssertionError(f"1-process NCCL DDP gradients: relative error {worst:.2e}")
+        return f"1-process NCCL DDP step on cuda:0 (one GPU; max relative error {worst:.1e})"
     with tempfile.TemporaryDirectory() as folder:
         init = os.path.join(folder, "init")
         mp.spawn(_all_reduce_worker, args=(init, 2), nprocs=2, join=True)
@@ -216,9 +282,11 @@ def checks() -> list[Check]:
             Check(f"{device} bf16", lambda d=device: check_autocast(d, "bf16")),
             Check(f"{device} fp16", lambda d=device: check_autocast(d, "fp16")),
         ]
+        if device.index in (None, 0):  # DDP on one device: the CPU and the first GPU
+            out.append(Check(f"{device} ddp", lambda d=device: check_ddp(d)))
     if not torch.cuda.is_available():
         out.append(Check("cuda", _skip("CUDA not available")))
-    out.append(Check("nccl all-reduce", check_nccl))
+    out.append(Check("nccl", check_nccl))
     return out
 
 
