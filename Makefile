@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # extra arguments for train.py, e.g. make train ARGS="model=unet_baseline"
 ARGS ?=
 
-.PHONY: setup train train-folds test test-all lint format clean wheel-test
+.PHONY: setup train train-folds test test-all lint format clean wheel-test gpu-wheels
 
 setup: $(VENV)/.installed
 
@@ -84,3 +84,16 @@ bench: setup
 	$(BIN)/pip install --no-deps "memcnn>=1.5.2" "revlib>=1.7.2" pathlib2
 	$(BIN)/pip install "matplotlib>=3.7"
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+# The packages a lent GPU machine lacks (its image has CUDA torch, numpy, scipy, pillow, tqdm and
+# tensorboard, and no network), as wheels in .whl/ to carry there with the working tree; see
+# docs/benchmarks/gpu/README.md for the command that installs them and runs the validation.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+		--python-version $(GPU_PYTHON_VERSION) $(GPU_PLATFORMS) -d .whl \
+		hydra-core==1.3.2 omegaconf==2.3.0 monai==1.6.1 nibabel==5.4.2 simpleitk==2.5.7
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	du -sh .whl
