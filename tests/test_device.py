@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from revseg.device import resolve_device, set_deterministic
+from revseg.device import resolve_device, set_deterministic, set_tf32, tf32_flags
 from revseg.errors import ConfigError
 
 
@@ -21,9 +21,11 @@ def restore_backends():
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
     )
+    tf32 = tf32_flags()
     yield
     torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2:]
+    set_tf32(tf32["cudnn_conv"])
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -88,6 +90,17 @@ def test_channels_last_and_cudnn_benchmark(tmp_path, tiny_data_root, restore_bac
     # the same training in another memory layout: the same weights up to float32 rounding
     for key, value in plain.items():
         assert torch.allclose(last[key], value, rtol=1e-4, atol=1e-6), key
+
+
+def test_tf32_is_off_unless_asked_and_recorded(tmp_path, tiny_data_root, restore_backends):
+    """PyTorch's default runs float32 cuDNN convolutions in TF32; revseg's does not, and the
+    flags in force are in summary.json (issue 19, item 5)."""
+    set_tf32(True)  # as a fresh process starts for convolutions
+    summary, _ = tiny_run(tmp_path / "a", tiny_data_root)
+    assert summary["tf32"] == {"cudnn_conv": False, "cuda_matmul": False}
+    assert tf32_flags() == {"cudnn_conv": False, "cuda_matmul": False}
+    summary, _ = tiny_run(tmp_path / "b", tiny_data_root, "trainer.tf32=true")
+    assert summary["tf32"] == {"cudnn_conv": True, "cuda_matmul": True}
 
 
 def test_channels_last_stores_model_and_batches_channels_last(tiny_data_root, tmp_path):

@@ -22,7 +22,8 @@ Sections (each ``ok``, ``FAIL`` or ``skip`` with its figures):
 6. **resume**: two epochs against one epoch and a resume, on the device: the same weights bit
    for bit (``trainer.deterministic=true``);
 7. **ddp**: two gloo processes on the one device, each with half the batch in
-   DistributedDataParallel, against one process with the whole batch;
+   DistributedDataParallel, and on a GPU a one-process NCCL group, against one process with the
+   whole batch (float64);
 8. **compile**: ``torch.compile`` (inductor) against eager: the same gradients, and the chains'
    memory saving kept.
 
@@ -425,44 +426,21 @@ def resume(s: Settings) -> Section:
     return sec
 
 
-def _ddp_worker(rank: int, world: int, init: str, device: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        dev = torch.device(device)
-        model = _tiny_unet(True).to(dev)
-        ddp = DistributedDataParallel(model)
-        torch.manual_seed(0)
-        x = torch.randn(2, 4, 16, 16, 16, device=dev)
-        ddp(x[rank : rank + 1]).square().mean().backward()
-        if rank == 0:
-            torch.save([p.grad.cpu() for p in model.parameters()], out)
-    finally:
-        dist.destroy_process_group()
-
-
 def ddp(s: Settings) -> Section:
-    import torch.multiprocessing as mp
+    """revseg-doctor's DDP check: two gloo processes on the one device, and on a GPU also a
+    one-process NCCL group (a one-GPU node), against one process on the combined batch."""
+    from revseg.cli.doctor import _ddp_gradients
 
     sec = Section("ddp")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "grads.pt")
-        init = f"file://{os.path.join(tmp, 'store')}"
-        mp.spawn(_ddp_worker, args=(2, init, str(s.device), out), nprocs=2, join=True)
-        got = torch.load(out)
-    model = _tiny_unet(True).to(s.device)
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 16, 16, 16, device=s.device)
-    # DDP averages the ranks' gradients: the mean of each half's loss
-    loss = sum(model(x[i : i + 1]).square().mean() for i in range(2)) / 2
-    loss.backward()
-    err = _max_rel(got, [p.grad.cpu() for p in model.parameters()])
-    sec.rows.append({"processes": 2, "backend": "gloo", "max_rel_grad_error": err})
-    if not err < FP32_TOLERANCE:
-        sec.status = "FAIL"
-    sec.detail = f"2 gloo processes on {s.device.type}, DDP vs one process: {err:.1e}"
+    runs = [("gloo", 2)] + ([("nccl", 1)] if s.cuda else [])
+    for backend, processes in runs:
+        err = _ddp_gradients(s.device, backend, processes)
+        sec.rows.append({"backend": backend, "processes": processes, "max_rel_grad_error": err})
+        if not err < GRAD_TOLERANCE:
+            sec.status = "FAIL"
+    sec.detail = f"DDP on {s.device.type} vs one process (float64): " + ", ".join(
+        f"{r['processes']} {r['backend']} {r['max_rel_grad_error']:.1e}" for r in sec.rows
+    )
     return sec
 
 

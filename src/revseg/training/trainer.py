@@ -40,6 +40,8 @@ from revseg.device import (
     resolve_device,
     set_cudnn_benchmark,
     set_deterministic,
+    set_tf32,
+    tf32_flags,
 )
 from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
@@ -737,6 +739,7 @@ class Trainer:
             "stopped_early": self.should_stop,
             "skipped_steps": self.skipped_steps,
             "precision": self.precision,
+            "tf32": tf32_flags(),
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "params": sum(p.numel() for p in self.module.parameters()),
@@ -903,6 +906,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.deterministic:
         set_deterministic(device)
     set_cudnn_benchmark(bool(cfg.trainer.get("cudnn_benchmark", False)))
+    set_tf32(bool(cfg.trainer.get("tf32", False)))
     if compile_backend(cfg.trainer.get("compile", False)) and device.type != "cuda":
         raise ConfigError(
             f"trainer.compile={_text(cfg.trainer.compile)} needs trainer.device=cuda: on {device} the "
@@ -954,7 +958,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         try:  # the planner's prediction, next to the measured peak in summary.json
             plan = plan_run(cfg, model, optimizer, loss_fn, data, writer=writer)
-            trainer.planned_peak_bytes = int(plan.peak_bytes)
+            # the traced peak plus what a CUDA plan computes: what max_memory_allocated reaches
+            trainer.planned_peak_bytes = int(plan.allocated_bytes)
             log.info("memory plan:\n%s", plan.table())
         except Exception as err:  # noqa: BLE001 - a failed plan must not stop training
             log.warning("memory plan failed (%s: %s); training goes on", type(err).__name__, err)
