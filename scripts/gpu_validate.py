@@ -1,6 +1,6 @@
-"""Validate revseg on the GPU at hand: ``revseg-gpu-validate`` (see :mod:`revseg.cli.gpu_validate`)."""
+"""Validate revseg on the GPU at hand: ``revseg-gpu-validate`` (see :mod:`revseg.bench.gpu_validate`)."""
 
-from revseg.cli.gpu_validate import main, run
+from revseg.bench.gpu_validate import main, run
 
 __all__ = ["main"]
 

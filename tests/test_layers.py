@@ -1,7 +1,7 @@
 """The package's layers only look down: no import points to a layer above its own, no cycle.
 
-The order (docs/architecture.md): ``errors``, ``validation`` and ``device`` (helpers everything
-may use), ``config`` (compose, validate, build: it reaches models and data only through Hydra's
+The order (docs/architecture.md): ``errors``, ``files``, ``validation`` and ``device`` (helpers
+everything may use), ``config`` (compose, validate, build: it reaches models and data only through Hydra's
 ``_target_``), then ``nn`` < ``models`` < ``metrics`` < ``data`` < ``memory`` < ``training`` <
 ``inference`` < ``cli`` < ``bench``. Every import counts, module-level or inside a function.
 """
@@ -15,6 +15,7 @@ from conftest import REPO
 
 ORDER = [
     "errors",
+    "files",
     "validation",
     "device",
     "config",

@@ -53,7 +53,7 @@ def test_the_wheel_ships_the_configs_and_the_commands(wheel, tmp_path):
     assert shipped and shipped <= names
     for command in ("train", "predict", "evaluate", "plan", "doctor"):
         assert f"revseg-{command} = revseg.cli.{command}:run" in entry_points
-    assert "revseg-gpu-validate = revseg.cli.gpu_validate:run" in entry_points
+    assert "revseg-gpu-validate = revseg.bench.gpu_validate:run" in entry_points
     # installed (not editable) and imported from elsewhere, it finds its own configs
     target = tmp_path / "site"
     subprocess.run(

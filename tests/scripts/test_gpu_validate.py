@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import run_python
-from revseg.cli import gpu_validate as gv
+from revseg.bench import gpu_validate as gv
 
 
 def test_dry_run_passes_and_writes_the_reports(tmp_path):

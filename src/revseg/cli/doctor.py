@@ -195,6 +195,9 @@ def _ddp_worker(
         _loss(ddp(image[share]), label[share]).backward()
         if rank == 0:
             torch.save([p.grad.cpu() for p in model.parameters()], out)
+        # leave together: a gloo rank tearing its connections down while the other still holds
+        # them aborted now and then ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

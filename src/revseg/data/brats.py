@@ -42,7 +42,7 @@ from revseg.data.layouts import (
 from revseg.data.synthetic import make_synthetic_brats, read_manifest
 from revseg.data.transforms import READERS, build_transforms, split_pipeline
 from revseg.errors import ConfigError, DataError, RevsegError
-from revseg.training.checkpoint import write_text_atomic
+from revseg.files import write_text_atomic
 from revseg.validation import positive_ints
 
 __all__ = [

@@ -36,6 +36,7 @@ from revseg.data.layouts import (
     get_layout,
 )
 from revseg.errors import ConfigError, DataError
+from revseg.files import write_text_atomic
 from revseg.metrics.brats import (
     HD95_MAX,
     HD95_MAX_STRICT,
@@ -46,7 +47,6 @@ from revseg.metrics.brats import (
     missing_case_metrics,
     summarize,
 )
-from revseg.training.checkpoint import write_text_atomic
 
 __all__ = [
     "LABEL_SETS",

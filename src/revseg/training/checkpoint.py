@@ -9,14 +9,14 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from revseg.errors import ConfigError, DataError
+from revseg.files import write_atomic, write_text_atomic
 
 __all__ = [
     "check_writable",
@@ -27,47 +27,6 @@ __all__ = [
     "restore_rng",
     "write_text_atomic",
 ]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write`` into a temporary file in the same folder, fsync, then rename.
-
-    A crash at any moment leaves either the old file or the new one, never a truncated file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def check_writable(folder: str | os.PathLike, key: str) -> Path:
@@ -91,12 +50,7 @@ def check_writable(folder: str | os.PathLike, key: str) -> Path:
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` to ``path`` atomically (temporary file, fsync, rename)."""
-    return _write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
-    """Write a UTF-8 text file atomically (temporary file, fsync, rename)."""
-    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    return write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
