@@ -105,8 +105,9 @@ def set_tf32(enabled: bool) -> None:
     10-bit mantissa on tensor cores; Ampere and later) or in float32 (IEEE).
 
     PyTorch's default runs cuDNN convolutions in TF32, so an "fp32" run on a recent GPU is not
-    float32: the reversible nets' reconstruction error grows from about 1e-6 at depth 1 to 1e-4
-    at depth 8 (TF32 emulated on the CPU; float32: 4e-8 to 3e-7). revseg's default is false."""
+    float32: a reversible level's largest reconstruction error grows from 5e-5 at depth 1 to 9e-4
+    at depth 8 (TF32 emulated on the CPU; float32: 5e-7 to 2e-6; docs/benchmarks/gpu). revseg's
+    default is false."""
     if _tf32_new_api():
         precision = "tf32" if enabled else "ieee"
         torch.backends.cudnn.conv.fp32_precision = precision

@@ -65,6 +65,7 @@ FULL_FOV = (160, 192, 160)
 DRY_FOV = (32, 32, 32)
 GRAD_TOLERANCE = 1e-6  # float64, memory saving vs plain autograd (docs/architecture.md)
 FP32_TOLERANCE = 1e-4  # float32 without TF32 (gradients, relative)
+LOSS_SCALE = 4096.0
 PLAN_SLACK = 1.02  # measured max_memory_allocated may exceed the plan's bound by this much
 DEPTHS = (1, 2, 4, 8)
 MODES = ("fp32", "tf32", "bf16", "fp16")
@@ -92,6 +93,7 @@ class Settings:
     fov: tuple[int, int, int]
     deadline: float
     compile_backend: str
+    precision_size: tuple[int, int] | None = None  # channels, cube side of precision_by_depth
 
     @property
     def cuda(self) -> bool:
@@ -162,13 +164,15 @@ def _tiny_baseline(checkpointing: bool) -> nn.Module:
 
 
 def _grads(model: nn.Module, x: torch.Tensor, layout=torch.contiguous_format) -> list[torch.Tensor]:
-    """Gradients of a nonlinear loss: the input's, then every parameter's."""
+    """Gradients of a nonlinear loss: the input's, then every parameter's. The loss is a mean
+    times 4096, so that fp16 gradients neither overflow (a sum's did at depth 8) nor underflow
+    (relative errors do not depend on the scale)."""
     if layout != torch.contiguous_format:
         model = model.to(memory_format=layout)
     xi = x.clone(memory_format=layout).requires_grad_(True)
     model.zero_grad(set_to_none=True)
     y = model(xi)
-    (y.pow(2).sum() + y.sin().sum()).backward()
+    ((y.pow(2) + y.sin()).mean() * LOSS_SCALE).backward()
     return [xi.grad, *(p.grad for p in model.parameters())]
 
 
@@ -260,7 +264,7 @@ def _precision(mode: str, device: torch.device) -> Iterator[None]:
 def precision_by_depth(s: Settings) -> Section:
     """Reconstruction and gradient errors against float64, for the engine and for autograd."""
     sec = Section("precision_by_depth")
-    channels, side = (32, 32) if s.cuda else (16, 12)
+    channels, side = s.precision_size or ((32, 32) if s.cuda else (16, 12))
     try:
         _errors_by_depth(s, sec, channels, side)
     except Skip as why:  # keep the rows measured so far
@@ -302,7 +306,13 @@ def _errors_by_depth(s: Settings, sec: Section, channels: int, side: int) -> Non
                 row[f"{key}_input_grad_rel"] = rel_err(got[0], want[0])
                 row[f"{key}_param_grad_rel"] = _max_rel(got[1:], want[1:])
             finite = all(math.isfinite(v) for v in row.values() if isinstance(v, float))
-            if not finite or (mode == "fp32" and not row["engine_input_grad_rel"] < FP32_TOLERANCE):
+            # fp32: memory saving may add rounding, not more (deep levels are ill-conditioned:
+            # autograd's own error vs float64 grows with depth too)
+            worse = mode == "fp32" and any(
+                row[f"engine_{g}_grad_rel"] > 4 * row[f"autograd_{g}_grad_rel"] + 1e-6
+                for g in ("input", "param")
+            )
+            if not finite or worse:
                 sec.status = "FAIL"
             sec.rows.append(row)
 
@@ -474,7 +484,7 @@ def compiled(s: Settings) -> Section:
         with meter.measure(static=[*model.parameters(), x]) if meter else _no_measure() as m:
             with SavedTensorsCounter(exclude=list(model.parameters())) as saved:
                 y = run(x)
-                loss = y.pow(2).sum() + y.sin().sum()
+                loss = (y.pow(2) + y.sin()).mean() * LOSS_SCALE
             loss.backward()
             del y, loss
         grads = [p.grad for p in model.parameters()]
@@ -599,6 +609,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="stop starting checks after")
     parser.add_argument("--only", nargs="*", default=None, help="these sections only")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument(
+        "--precision-size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("CHANNELS", "SIDE"),
+        help="precision_by_depth's level (default 32 channels, 32^3; dry run 16, 12^3)",
+    )
     args = parser.parse_args(argv)
     names = {fn.__name__ for fn in SECTIONS}
     if args.only and not set(args.only) <= names:
@@ -611,7 +629,14 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     fov = tuple(args.fov) if args.fov else (DRY_FOV if args.dry_run else FULL_FOV)
     start = time.monotonic()
-    settings = Settings(device, args.dry_run, fov, start + args.budget_s, args.compile_backend)
+    settings = Settings(
+        device,
+        args.dry_run,
+        fov,
+        start + args.budget_s,
+        args.compile_backend,
+        tuple(args.precision_size) if args.precision_size else None,
+    )
     sections = validate(settings, set(args.only) if args.only else None)
     env = next((s.rows[0] for s in sections if s.name == "environment" and s.rows), {})
     meta = {
