@@ -12,6 +12,9 @@ that matches no case is listed and skipped. Writes ``metrics.csv``, ``lesionwise
 ``summary.csv``, ``metrics.json`` and ``boxplot.png`` into ``output`` (see
 :func:`revseg.inference.evaluation.write_reports`). Exits with status 2 and one line on stderr
 for a bad argument or file.
+
+A ``truth`` that is a DAVIS root (``Annotations/`` and ``JPEGImages/``) evaluates video results
+instead: DAVIS J&F and the toolkit's CSV files (:mod:`revseg.inference.video_evaluation`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,21 @@ from revseg.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
+    from revseg.inference import video_evaluation
+
+    if video_evaluation.names_davis_truth(argv):  # DAVIS video results: their own command
+        return video_evaluation.main(argv)
     from revseg.inference.evaluation import evaluate, find_inputs, write_reports
     from revseg.metrics.brats import CONVENTIONS, summarize
 
     cfg = compose_config("evaluate", argv)
     options = cfg.evaluate
+    if options.labels == "auto" and cfg.data.layout == "auto":
+        from revseg.inference.nnunet import nnunet_truth_spec
+
+        spec = nnunet_truth_spec(cfg.truth)  # truth=<DatasetXXX/labelsTr>: per dataset.json label
+        if spec is not None:
+            return _evaluate_nnunet(cfg, spec)
     if options.convention not in CONVENTIONS:
         raise ConfigError(
             f"evaluate.convention must be one of {', '.join(CONVENTIONS)}, "
@@ -61,6 +74,30 @@ def main(argv: list[str]) -> int:
     for metric in ("dice", "hd95"):
         values = [mean[f"{metric}_{r}"] for r in columns]
         print(f"{metric:>6}  " + "  ".join(f"{v:7.3f}" for v in values))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _evaluate_nnunet(cfg, spec) -> int:
+    """Dice, IoU and HD95 per label of an nnU-Net-format dataset, named as in dataset.json."""
+    from revseg.inference.nnunet import evaluate_folder, write_evaluation
+    from revseg.metrics.labels import metric_name, summarize_labels
+
+    per_case, missing, unmatched = evaluate_folder(cfg.pred, cfg.truth, spec)
+    for name in unmatched:
+        print(f"warning: {name} matches no truth case; skipped", file=sys.stderr)
+    for case in missing:
+        print(f"warning: case {case} has no prediction; scored Dice 0", file=sys.stderr)
+    extra = {"pred": str(cfg.pred), "truth": str(cfg.truth), "labels": list(spec.foreground_names)}
+    written = write_evaluation(per_case, cfg.output, {**extra, "missing": missing})
+    mean = summarize_labels(per_case)
+    print(f"{len(per_case)} case(s) ({len(missing)} missing), dataset {spec.root.name}")
+    width = max(len(n) for n in (*spec.foreground_names, "mean"))
+    print(" " * width + "    dice     iou    hd95")
+    for name in (*spec.foreground_names, "mean"):
+        key = metric_name(name) if name != "mean" else "mean"
+        row = "".join(f"{mean[f'{m}_{key}']:8.3f}" for m in ("dice", "iou", "hd95"))
+        print(f"{name:>{width}}{row}")
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
 

@@ -7,6 +7,7 @@ Usage::
 
     revseg-predict run=[outputs/a,outputs/b] ... predict.tta=true      # ensemble, mirroring
     revseg-predict run=outputs/multirun_<time> input=<root> output=<folder> predict.submission=true
+    revseg-predict run=<data=nnunet run> input=<DatasetXXX/imagesTs> output=<folder>  # {case}{ending}
 
 The options are the keys of ``configs/predict.yaml``. Each label map has the input's shape,
 affine and header and the input dataset's label convention. Exits with status 2 and one line on
@@ -54,6 +55,12 @@ def _predict(predict, cfg) -> list[dict]:
     runs = run_dirs(list(cfg.run) if isinstance(cfg.run, ListConfig) else cfg.run)
     if len(runs) > 1:
         print(f"ensemble of {len(runs)} runs: {', '.join(map(str, runs))}")
+    from revseg.inference.nnunet import is_nnunet_run, predict_folder
+
+    if is_nnunet_run(runs):  # data=nnunet: {case}{file_ending} in the dataset's convention
+        device, tta = str(p.device), _bool(p.tta, "predict.tta")
+        return predict_folder(runs, cfg.input, cfg.output, checkpoint=str(p.checkpoint),
+                              device=device, tta=tta)  # fmt: skip
     return predict(
         runs,
         cfg.input,
