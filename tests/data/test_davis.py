@@ -16,6 +16,7 @@ from revseg.data.davis import (
     find_sequences,
     read_mask,
     temporal_indices,
+    volume_frames,
     write_masks,
 )
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
@@ -159,7 +160,9 @@ def test_void_is_marked_for_metrics_and_left_out_of_the_loss(davis_root):
     frames[data.annotated_frames] = True
     torch.testing.assert_close(train["loss_mask"][0, 0] > 0, frames.view(-1, 1, 1) & ~void)
     assert set(train["label"].unique().tolist()) <= {0.0, 1.0}
-    # a prediction right everywhere but void scores 1, whatever it says on void
+    # revseg's convention: a prediction right everywhere but void scores 1, whatever it says
+    # on void (the official one counts void as background: tests/metrics/test_davis_official.py)
+    data.metrics_convention = "revseg"
     metrics = data.build_metrics(hd95=False)
     metrics.update(torch.where(label == 0, -5.0, 5.0)[None, None], val["label"])
     out = metrics.compute()
@@ -275,10 +278,21 @@ def test_write_prediction_uses_source_names_and_size(davis_root, tmp_path):
     truth = source_masks(davis_root, "blobs")[:, 1::2, 1::2] > 0
     expected = np.repeat(np.repeat(truth, 2, axis=1), 2, axis=2).astype(np.uint8)
     np.testing.assert_array_equal(written, expected)
-    # fewer volume frames than source frames: only the frames shown are written
+    # fewer volume frames than source frames: every source frame is written (the results
+    # layout needs them all), from the volume frame nearest in time; the volume shows source
+    # frames 0, 2, 4, 7, 9, 11, and a tie goes to the earlier volume frame
     data = module(davis_root, frames=6, size=(16, 24))
-    paths = data.write_prediction(torch.zeros(1, 6, 16, 24), tmp_path / "six")
-    assert [p.stem for p in paths] == ["00000", "00002", "00004", "00007", "00009", "00011"]
+    pred = torch.zeros(1, 6, 16, 24)
+    for t in range(6):
+        pred[0, t, 0, t] = 1  # volume frame t marks column t
+    paths = data.write_prediction(pred, tmp_path / "six")
+    assert [p.stem for p in paths] == [f"{t:05d}" for t in range(SOURCE_FRAMES)]
+    written = np.stack([read_mask(p) for p in paths])  # (12, 32, 48): columns doubled
+    marked = [int(np.nonzero(frame[0])[0][0]) // 2 for frame in written]
+    assert marked == [0, 0, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5]
+    np.testing.assert_array_equal(volume_frames(SOURCE_FRAMES, 6), marked)
+    # 8 volume frames show source frames 0, 1, 1, 2, 2, 3, 3, 4: each from the first showing it
+    np.testing.assert_array_equal(volume_frames(5, 8), [0, 1, 3, 5, 7])
 
 
 # ------------------------------------------------------------------------------- errors

@@ -15,6 +15,11 @@ resamples it to ``frames`` frames of ``size`` and yields batches::
      "loss_mask": (1, 1, T, 1, 1) float32,   # which voxels enter the loss, see below
      "case":      [sequence name]}
 
+Validation scores J and F in the convention ``metrics_convention`` (see
+:mod:`revseg.metrics.video`): ``official`` (the default) as the DAVIS 2017 toolkit does, against
+every annotation file at its own resolution, per object, on source frames ``1 .. T-2``; the
+prediction of the volume is mapped back onto the source frames first (:meth:`DavisData.annotations`).
+
 Training and validation use the same video. Training batches are supervised only on the
 ``annotated_frames``: ``loss_mask`` is 1 on those frames and 0 elsewhere, and the training label
 is zeroed outside them, so nothing else of the ground truth reaches the loss. Validation batches
@@ -42,7 +47,15 @@ from torch.utils.data import DataLoader, Dataset
 from revseg.data.checks import Problem
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
-from revseg.metrics.video import VOID, VideoMetrics, overlay_frame
+from revseg.metrics.video import (
+    CONVENTIONS,
+    VOID,
+    Annotations,
+    VideoMetrics,
+    overlay_frame,
+    resize_indices,
+    to_indices,
+)
 from revseg.validation import positive_ints
 
 __all__ = [
@@ -54,6 +67,7 @@ __all__ = [
     "list_frames",
     "read_mask",
     "temporal_indices",
+    "volume_frames",
     "write_masks",
 ]
 
@@ -237,6 +251,18 @@ def temporal_indices(num_source: int, frames: int) -> np.ndarray:
     return np.rint(np.linspace(0, num_source - 1, frames)).astype(np.int64)
 
 
+def volume_frames(num_source: int, frames: int) -> np.ndarray:
+    """For each of ``num_source`` source frames, the volume frame (of ``frames``) that predicts
+    it: the first of those showing the source frame nearest in time (:func:`temporal_indices`).
+
+    With ``frames >= num_source`` every source frame is shown and gets its first volume frame;
+    with fewer, the frames skipped take their nearest shown neighbour's (nearest in time, as the
+    masks are nearest in space).
+    """
+    shown = temporal_indices(num_source, frames)
+    return np.abs(shown[None, :] - np.arange(num_source)[:, None]).argmin(axis=1)
+
+
 def annotated_indices(spec: int | Sequence[int], frames: int) -> list[int]:
     """The supervised frames: ``spec`` evenly spaced ones, or the explicit list ``spec``.
 
@@ -374,6 +400,11 @@ class DavisData:
             spaced frames, :func:`annotated_indices`) or a list of frame indices in ``[0, T)``.
         objects: ``binary`` (one channel: any object vs background) or ``all`` (one channel
             per object of the sequence, by palette index).
+        metrics_convention: how validation scores J and F: ``official`` (the DAVIS 2017
+            semi-supervised toolkit's figures: per object at the annotations' resolution, frames
+            ``1 .. T-2``, void as background; a ``binary`` prediction is palette index 1, so it
+            scores as object 1) or ``revseg`` (per channel on the network's grid, every frame,
+            void left out).
         steps_per_epoch: how many times an epoch of training shows the video.
         flip_prob: probability of a random horizontal flip in training; 0 disables it.
         roll: random circular shifts in training along ``(T, H, W)``: three booleans, or one for
@@ -397,6 +428,7 @@ class DavisData:
         size: Sequence[int] = (240, 424),
         annotated_frames: int | Sequence[int] = 3,
         objects: str = "binary",
+        metrics_convention: str = "official",
         steps_per_epoch: int = 1,
         flip_prob: float = 0.0,
         roll: bool | Sequence[bool] = False,
@@ -444,6 +476,12 @@ class DavisData:
         if objects not in _OBJECTS:
             raise ConfigError(f"data.objects must be binary or all, got {objects!r}")
         self.objects = objects
+        if metrics_convention not in CONVENTIONS:
+            raise ConfigError(
+                f"data.metrics_convention must be one of {', '.join(CONVENTIONS)}, "
+                f"got {metrics_convention!r}"
+            )
+        self.metrics_convention = metrics_convention
         self.steps_per_epoch = _int(steps_per_epoch, "steps_per_epoch", 1)
         if (
             isinstance(flip_prob, bool)
@@ -478,6 +516,9 @@ class DavisData:
         self._val_sample: dict[str, Any] | None = None
         self.object_ids: list[int] = []  # palette index of each label channel
         self.source_frames: list[Path] = []  # the frame file each volume frame shows
+        self.source_indices: list[int] = []  # the index of that file among the source frames
+        self.mask_files: list[Path] = []  # the annotation of every source frame
+        self._annotations: Annotations | None = None
         self.source_size: tuple[int, int] | None = None  # (H, W) of the original frames
 
     # -- properties the trainer and scripts use ------------------------------------------------
@@ -589,6 +630,8 @@ class DavisData:
             log.warning("the masks of %s hold no object: every frame is background", self.sequence)
 
         self.source_frames = [frame_files[i] for i in chosen.tolist()]
+        self.source_indices = chosen.tolist()
+        self.mask_files = list(mask_files)
         frames = torch.zeros(self.frames, dtype=torch.bool)
         frames[self.annotated_frames] = True
 
@@ -656,9 +699,59 @@ class DavisData:
 
     # -- metrics, images, outputs ------------------------------------------------------------
 
+    def annotations(self) -> Annotations:
+        """Every annotation file of the sequence at its own size, for the ``official``
+        convention (read once).
+
+        Raises:
+            DataError: a mask is unreadable or its size differs from the frames' (the message
+                names the file).
+        """
+        self.setup()
+        if self._annotations is not None:
+            return self._annotations
+        masks = []
+        for path in self.mask_files:
+            mask = read_mask(path)
+            if mask.shape != tuple(self.source_size):
+                raise DataError(
+                    f"{path}: mask size {mask.shape[1]}x{mask.shape[0]} differs from the "
+                    f"sequence's frames, {self.source_size[1]}x{self.source_size[0]}"
+                )
+            masks.append(mask)
+        stack = np.stack(masks)
+        object_ids = tuple(int(k) for k in np.unique(stack) if k not in (0, VOID_INDEX))
+        channel_ids = (1,) if self.objects == "binary" else tuple(self.object_ids)
+        if self.objects == "binary" and object_ids not in ((), (1,)):
+            log.warning(
+                "data.objects=binary: the prediction is scored as object 1 of %s, whose masks "
+                "hold objects %s (set data.objects=all to predict each)",
+                self.sequence,
+                list(object_ids),
+            )
+        self._annotations = Annotations(
+            sequence=self.sequence,
+            masks=stack,
+            volume_frames=volume_frames(len(stack), self.frames),
+            channel_ids=channel_ids,
+            object_ids=object_ids,
+        )
+        return self._annotations
+
     def build_metrics(self, hd95: bool = False) -> VideoMetrics:
-        """IoU / Dice / DAVIS J, F and J&F metrics over all frames (``hd95`` is ignored for video)."""
-        return VideoMetrics(self.channel_names, annotated_frames=self.annotated_frames)
+        """IoU / Dice on the network's grid and DAVIS J, F and J&F in the convention
+        ``metrics_convention`` (``hd95`` is ignored for video)."""
+        if self.metrics_convention == "revseg":
+            return VideoMetrics(
+                self.channel_names, annotated_frames=self.annotated_frames, convention="revseg"
+            )
+        annotations = self.annotations()
+        return VideoMetrics(
+            self.channel_names,
+            annotated_frames=sorted({self.source_indices[t] for t in self.annotated_frames}),
+            convention="official",
+            annotations=annotations,
+        )
 
     def preview(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """The middle frame with prediction errors coloured (:func:`overlay_frame`): (3, H, W)."""
@@ -681,33 +774,28 @@ class DavisData:
         return path
 
     def write_prediction(self, pred: torch.Tensor, out_dir: str | os.PathLike) -> list[Path]:
-        """Write a prediction as DAVIS palette PNGs, named and sized like the source frames.
+        """Write a prediction as DAVIS palette PNGs, one per source frame, named and sized like
+        the source frames (the DAVIS results layout, which the toolkit needs for every frame).
 
         Args:
             pred: ``(C, T, H, W)`` or ``(T, H, W)`` binary masks on the volume's grid; channel
                 ``c`` becomes palette index ``object_ids[c]`` (1 for ``binary``).
             out_dir: folder to write into.
 
-        A source frame shown by several volume frames (``frames`` above the source length) is
-        written once, from its first volume frame.
+        Each source frame is written from the volume frame :func:`volume_frames` gives it (the
+        first showing it, or the nearest in time when ``frames`` is below the source length),
+        resized to the source size by nearest neighbour.
         """
         self.setup()
         pred = pred.detach().cpu()
         if pred.ndim == 3:
             pred = pred[None]
-        indices = torch.zeros(pred.shape[1:], dtype=torch.uint8)
         ids = [1] if self.objects == "binary" else self.object_ids
-        for channel, object_id in zip(pred, ids):
-            indices[channel > 0.5] = object_id
-        first = {}
-        for t, path in enumerate(self.source_frames):
-            first.setdefault(path.stem, t)
-        keep = sorted(first.values())
+        indices = to_indices(pred, ids)[volume_frames(len(self.mask_files), self.frames)]
         return write_masks(
-            indices[keep],
+            resize_indices(indices, self.source_size),
             out_dir,
-            size=self.source_size,
-            names=[self.source_frames[t].stem for t in keep],
+            names=[path.stem for path in self.mask_files],
         )
 
     # -- checks (scripts/check_data.py) -----------------------------------------------------------
@@ -764,5 +852,6 @@ class DavisData:
         return (
             f"{type(self).__name__}(root={os.fspath(self.root)!r}, sequence={self.sequence!r}, "
             f"frames={self.frames}, size={list(self.size)}, "
-            f"annotated_frames={self.annotated_frames}, objects={self.objects!r})"
+            f"annotated_frames={self.annotated_frames}, objects={self.objects!r}, "
+            f"metrics_convention={self.metrics_convention!r})"
         )
