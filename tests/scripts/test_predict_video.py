@@ -47,7 +47,9 @@ def test_masks_have_the_source_names_size_and_palette(video_run, tmp_path):
     # the prediction of the best checkpoint scores what validation scored for it
     best = summary["best_metric"]
     assert result["metrics"][best["name"].removeprefix("val/")] == pytest.approx(best["value"])
-    assert len(result["metrics"]["iou_per_frame"]) == len(result["metrics"]["f_per_frame"]) == 8
+    # J and F per frame on the official frames 1 .. T-2 of the 8 source frames
+    assert result["metrics"]["scored_frames"] == [1, 2, 3, 4, 5, 6]
+    assert len(result["metrics"]["iou_per_frame"]) == len(result["metrics"]["f_per_frame"]) == 6
     m = result["metrics"]
     assert m["jf_mean"] == pytest.approx((m["j_mean"] + m["f_mean"]) / 2)
 

@@ -12,6 +12,9 @@ that matches no case is listed and skipped. Writes ``metrics.csv``, ``lesionwise
 ``summary.csv``, ``metrics.json`` and ``boxplot.png`` into ``output`` (see
 :func:`revseg.inference.evaluation.write_reports`). Exits with status 2 and one line on stderr
 for a bad argument or file.
+
+A ``truth`` that is a DAVIS root (``Annotations/`` and ``JPEGImages/``) evaluates video results
+instead: DAVIS J&F and the toolkit's CSV files (:mod:`revseg.inference.video_evaluation`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from revseg.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
+    from revseg.inference import video_evaluation
+
+    if video_evaluation.names_davis_truth(argv):  # DAVIS video results: their own command
+        return video_evaluation.main(argv)
     from revseg.inference.evaluation import evaluate, find_inputs, write_reports
     from revseg.metrics.brats import CONVENTIONS, summarize
 

@@ -3,10 +3,11 @@
 The run is rebuilt from its checkpoint alone (:func:`revseg.inference.prediction.load_run`). The video
 is read through the run's own data module (:class:`~revseg.data.davis.DavisData`): the run's
 sequence, or another sequence / dataset root, resampled and normalised exactly as in training.
-The masks are named and sized like the source frames (``00000.png`` ...), in the DAVIS palette
-(``binary``: index 1 for the object; ``all``: each channel its object's palette index), so they
-can be scored with the DAVIS toolkit or by ``revseg`` itself: where the sequence has ground-truth
-masks, the same metrics as validation are returned (IoU over all frames, DAVIS J mean, per frame).
+The masks are named and sized like the source frames (``00000.png`` ...), one per source frame,
+in the DAVIS palette (``binary``: index 1 for the object; ``all``: each channel its object's
+palette index), so they can be scored with the DAVIS toolkit or ``revseg-evaluate``
+(:mod:`revseg.inference.video_evaluation`); the metrics returned are validation's, in the run's
+``data.metrics_convention`` (by default DAVIS's official J and F, computed on those masks).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def predict_video(
     Returns:
         ``{"sequence", "output", "masks", "seconds", "metrics"}``; ``metrics`` holds the
         validation metrics of the prediction against the sequence's masks (IoU, DAVIS J, F and
-            J&F; ``iou_per_frame`` and ``f_per_frame``).
+        J&F), ``iou_per_frame`` and ``f_per_frame`` (J and F per scored frame, mean over
+        objects) and ``scored_frames`` (their frame indices: ``1 .. T-2`` of the source frames
+        in the official convention).
 
     Raises:
         ConfigError: ``threshold`` is not in (0, 1).
@@ -89,6 +92,7 @@ def predict_video(
     scores = metrics.compute()
     scores["iou_per_frame"] = metrics.per_frame_iou().mean(dim=1).tolist()
     scores["f_per_frame"] = metrics.per_frame_f().mean(dim=1).tolist()
+    scores["scored_frames"] = metrics.scored_frames()
     return {
         "sequence": data.sequence,
         "output": os.fspath(Path(output)),
