@@ -21,6 +21,7 @@ from conftest import TINY, TINY_VIDEO, compose_train
 def video_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("video_run")
     overrides = [*TINY_VIDEO, f"data.root={run / 'data'}", "trainer.progress_bar=false"]
+    overrides += ["data.metrics_convention=official"]  # validation scores as DAVIS's toolkit
     summary = train(
         compose_train("model=hyperbolic_blr", *overrides, f"paths.output_dir={run}", "~logger")
     )
