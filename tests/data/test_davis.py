@@ -175,6 +175,34 @@ def test_void_is_marked_for_metrics_and_left_out_of_the_loss(davis_root):
     assert float(loss) < 1e-4
 
 
+def test_official_metrics_score_each_object_with_void_as_background(davis_root, caplog):
+    data = module(davis_root, sequence="voided", frames=SOURCE_FRAMES, size=SOURCE_SIZE,
+                  objects="all")  # fmt: skip
+    masks = source_masks(davis_root, "voided")
+    void = masks == VOID_INDEX
+    val = next(iter(data.val_dataloader()))
+    label = val["label"]  # (1, 2, T, H, W): objects 1 and 2, VOID on void
+    # right on every object pixel, background on void: J = F = 1 for both objects
+    metrics = data.build_metrics()
+    metrics.update(torch.where(label == 1, 5.0, -5.0), label)
+    out = metrics.compute()
+    assert metrics.scored_frames() == list(range(1, SOURCE_FRAMES - 1))
+    assert (out["j_object1"], out["j_object2"], out["jf_mean"]) == (1.0, 1.0, 1.0)
+    # object 1 also predicted on void: J of object 1 per frame = |G1| / |G1 + void|
+    metrics.reset()
+    logits = torch.where(label == 1, 5.0, -5.0)
+    logits[:, 0][label[:, 0] == VOID] = 5.0
+    metrics.update(logits, label)
+    frames = slice(1, SOURCE_FRAMES - 1)
+    object1 = (masks == 1)[frames].sum(axis=(1, 2))
+    expected = object1 / (object1 + void[frames].sum(axis=(1, 2)))
+    assert metrics.compute()["j_object1"] == pytest.approx(expected.mean())
+    assert expected.mean() < 1
+    # a binary prediction is object 1: a two-object sequence says so
+    module(davis_root, sequence="voided").build_metrics()
+    assert "scored as object 1" in caplog.text
+
+
 def test_flips_are_seeded_and_consistent(davis_root):
     data = module(davis_root, steps_per_epoch=8, flip_prob=0.5)
     val = next(iter(data.val_dataloader()))
@@ -316,6 +344,7 @@ def test_constructor_reads_no_files(tmp_path):
         ({"annotated_frames": [1, 1]}, "data.annotated_frames"),
         ({"annotated_frames": True}, "data.annotated_frames"),
         ({"objects": "some"}, "data.objects"),
+        ({"metrics_convention": "toolkit"}, "data.metrics_convention"),
         ({"sequence": "../up"}, "data.sequence"),
         ({"steps_per_epoch": 0}, "data.steps_per_epoch"),
         ({"flip_prob": 2}, "data.flip_prob"),
