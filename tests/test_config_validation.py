@@ -25,6 +25,7 @@ BAD = [
     ("trainer.cudnn_benchmark=yes", "trainer.cudnn_benchmark"),
     ("trainer.channels_last=1", "trainer.channels_last"),
     ("trainer.tf32=fast", "trainer.tf32"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.compile=inductr", "trainer.compile"),
     ("trainer.compile=3", "trainer.compile"),
 ]

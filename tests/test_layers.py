@@ -2,7 +2,7 @@
 
 The order (docs/architecture.md): ``errors``, ``files``, ``validation`` and ``device`` (helpers
 everything may use), ``config`` (compose, validate, build: it reaches models and data only through Hydra's
-``_target_``), then ``nn`` < ``models`` < ``metrics`` < ``data`` < ``memory`` < ``training`` <
+``_target_``), then ``nn`` < ``models`` < ``metrics`` < ``data`` < ``step`` < ``memory`` < ``training`` <
 ``inference`` < ``cli`` < ``bench``. Every import counts, module-level or inside a function.
 """
 
@@ -23,6 +23,7 @@ ORDER = [
     "models",
     "metrics",
     "data",
+    "step",
     "memory",
     "training",
     "inference",

@@ -254,6 +254,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.checkpoint_every_n_steps must be a positive int or null, got {every!r}"
         )
+    accumulate = t.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches must be a positive int, got {accumulate!r}"
+        )
     clip = t.get("grad_clip")
     if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")

@@ -49,8 +49,8 @@ def test_an_epoch_reads_its_losses_once(tmp_path, tiny_data_root):
     batches = list(trainer.data.train_dataloader(seed=0))  # read beforehand: the data pipeline
     trainer.data.train_dataloader = lambda **kwargs: batches  # reads values on the CPU
     trainer.training_step(batches[0]["image"], batches[0]["label"])  # the optimizer's state
-    step, losses = trainer.training_step, []
-    trainer.training_step = lambda *args: losses.append(step(*args)) or losses[-1]
+    step, losses = trainer.accumulated_step, []
+    trainer.accumulated_step = lambda *args: losses.append(step(*args)) or losses[-1]
     with HostReads(step_counters(trainer.optimizer)) as mode:
         logs = trainer.train_epoch()
     assert trainer.global_step == 4 and mode.reads == 3 + 1  # one per step, the mean

@@ -75,9 +75,10 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     import torch
 
     from revseg.config import build
-    from revseg.device import autocast_context, set_tf32
+    from revseg.device import set_tf32
     from revseg.memory import PeakMemoryMeter
     from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
+    from revseg.step import TrainStep
 
     size = list(spec.size)
     if spec.video:  # (T, H, W) of a video data config
@@ -116,14 +117,17 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
 
     precision = str(cfg.trainer.get("precision", "fp32"))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    train_step = TrainStep(  # the trainer's step: autocast for bf16/fp16, a scaler for fp16
+        model,
+        optimizer,
+        lambda logits, target, _mask: loss_fn(logits, target),
+        device=device,
+        precision=precision,
+        scaler=scaler,
+    )
 
-    def step() -> None:  # as the trainer's: autocast for bf16/fp16, a gradient scaler for fp16
-        optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, precision):
-            loss = loss_fn(model(image), label)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    def step() -> None:
+        train_step([(image, label, None)])
 
     step()  # warm-up; makes the optimizer state
     meter = PeakMemoryMeter(device)

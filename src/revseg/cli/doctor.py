@@ -100,19 +100,19 @@ def check_gradients(device: torch.device) -> str:
 def check_training_step(device: torch.device) -> str:
     """One Adam step of the tiny U-Net under the peak-memory meter."""
     from revseg.memory.measure import PeakMemoryMeter, format_bytes
+    from revseg.step import TrainStep
 
     model = _tiny_unet(True, torch.float32, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    step = TrainStep(model, optimizer, lambda logits, y, _mask: _loss(logits, y), device=device)
     image, label = _batch(device, torch.float32)
     meter = PeakMemoryMeter(device)
     with meter.measure(static=[list(model.parameters()), image, label]) as m:
-        loss = _loss(model(image), label)
-        loss.backward()
-        optimizer.step()
+        result = step([(image, label, None)])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    if not torch.isfinite(loss):
-        raise AssertionError(f"training step loss is {float(loss)}")
+    if result.skipped:
+        raise AssertionError(f"training step skipped ({result.skipped}): loss {float(result.loss)}")
     if m.peak_bytes <= 0:
         raise AssertionError(f"the memory meter ({meter.method}) measured no memory")
     reserved = f", reserved {format_bytes(m.reserved_bytes)}" if m.reserved_bytes else ""

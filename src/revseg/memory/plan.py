@@ -144,6 +144,7 @@ def _trace(
         precision=precision,
         rules=rules,
         ddp=str(OmegaConf.select(cfg, "trainer.strategy", default="single")) == "ddp",
+        accumulate=int(OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) or 1),
     )
 
 

@@ -63,6 +63,7 @@ from revseg.memory.tracker import StorageTracker
 from revseg.nn import fused_step
 from revseg.nn.blocks import sizes_as_if_scaled
 from revseg.nn.reversible import is_reversible_part
+from revseg.step import TrainStep, make_optimizer_state
 from revseg.validation import check_divisible
 
 __all__ = [
@@ -309,29 +310,42 @@ def _trace_step(
     shape: Sequence[int],
     precision: str = "fp32",
     rules: str = "cpu",
+    accumulate: int = 1,
 ) -> _Trace:
-    """Trace a training step on a random ``shape`` input, with the optimizer state in place (as
-    in every step after the first); the forward and the loss under ``precision``'s autocast with
-    ``rules``' op policy (:func:`~revseg.memory.autocast_rules.trace_precision`), fp16 with a
-    gradient scaler, as the trainer runs them."""
+    """Trace a training step (:class:`~revseg.step.TrainStep`, the trainer's) on a random
+    ``shape`` input, with the optimizer state in place (as in every step after the first); the
+    forward and the loss under ``precision``'s autocast with ``rules``' op policy
+    (:func:`~revseg.memory.autocast_rules.trace_precision`), fp16 with a gradient scaler. With
+    gradient accumulation (``accumulate > 1``) the last micro-batch of a step is traced: the
+    gradients of the others are held through its forward and backward."""
     dtype = next(model.parameters()).dtype
     image = torch.randn(*shape, dtype=dtype)
     with torch.no_grad():
         label = _region_label(model(image))
 
-    if optimizer is not None:  # make the optimizer state, as after a first training step
-        for p in model.parameters():
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-        optimizer.step()
+    if optimizer is not None:  # the optimizer state, as after a first training step
+        make_optimizer_state(optimizer)
     model.zero_grad(set_to_none=True)
     ledger = _StepLedger()
     ledger.add_as([*model.parameters(), *model.buffers()], _CAT["parameters"])
     if optimizer is not None:
         ledger.add_as(list(optimizer.state.values()), _CAT["optimizer state"])
     ledger.add_as([image, label], _CAT["batch"])
+    if accumulate > 1:  # a later micro-batch: the gradients so far are held through it
+        grads = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+        for p, g in zip((p for p in model.parameters() if p.requires_grad), grads):
+            p.grad = g
+        ledger.add_as(grads, _CAT["gradients"])
 
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
+    step = TrainStep(
+        model,
+        optimizer,
+        lambda logits, target, _mask: loss_fn(logits, target),
+        precision=precision,
+        scaler=scaler,
+        autocast=lambda: forward_autocast(precision),
+    )
     depth = [0]
 
     def enter(*_: Any) -> None:
@@ -350,20 +364,16 @@ def _trace_step(
     try:
         ledger.phase_kind = _FWD_PLAIN
         with ledger, trace_precision(precision, rules):
-            with forward_autocast(precision):
-                loss = loss_fn(model(image), label)
+            loss = step.forward(image, label)  # the trainer's step, its parts marked
             forward_end = len(ledger.points)
             ledger.phase_kind = _CAT["workspace"]
-            scaler.scale(loss).backward()
-            if scaler.is_enabled() and optimizer is not None:
-                scaler.unscale_(optimizer)
+            step.backward(loss)
             backward_end = len(ledger.points)
             for p in model.parameters():
                 if p.grad is not None:
                     ledger.kind[ledger.see(p.grad)] = _CAT["gradients"]
             if optimizer is not None:
-                scaler.step(optimizer)
-                scaler.update()
+                step.finish(loss.detach())
             del loss
     finally:
         ledger.close()
@@ -636,6 +646,7 @@ def trace_model(
     rules: str = "cpu",
     planned_shape: Sequence[int] | None = None,
     ddp: bool = False,
+    accumulate: int = 1,
 ) -> StepModel:
     """Trace two training steps of a CPU copy of ``model`` and fit the affine memory model.
 
@@ -662,6 +673,8 @@ def trace_model(
             every axis (:func:`~revseg.nn.blocks.conv_in_float32`) are taken as at that shape.
         ddp: the run wraps the model in DistributedDataParallel: its gradient buckets are added
             (:func:`ddp_bucket_bytes`).
+        accumulate: ``trainer.accumulate_grad_batches``: above 1, a later micro-batch is traced,
+            with the gradients accumulated so far held through it.
 
     Raises:
         ConfigError: an unknown precision or rules name.
@@ -690,6 +703,7 @@ def trace_model(
                     precision,
                     rules,
                     planned_shape,
+                    accumulate,
                 )
                 for spatial in ((side,) * 3, (2 * side, side, side))
             )
@@ -719,6 +733,11 @@ def trace_model(
     if ddp:
         notes.append(
             "DDP: gradient buckets of bucket_cap_mb=25 (rebuilt once after the first step)"
+        )
+    if accumulate > 1:
+        notes.append(
+            f"gradient accumulation over {accumulate} micro-batches: a later one traced, the "
+            "gradients so far held through it"
         )
     return StepModel(
         model=name or type(model).__name__,
@@ -771,7 +790,15 @@ def _fit_allocations(a: _Trace, b: _Trace, notes: list[str]) -> _Allocations | N
 
 
 def _trace_step_copy(
-    model, optimizer_factory, loss_fn, shape, planned_voxels, precision, rules, planned_shape=None
+    model,
+    optimizer_factory,
+    loss_fn,
+    shape,
+    planned_voxels,
+    precision,
+    rules,
+    planned_shape=None,
+    accumulate=1,
 ) -> _Trace:
     """Trace a CPU copy of ``model``. The random input, labels and any random op of the model
     draw from a fixed seed inside a fork of the CPU generator: the caller's random stream is
@@ -789,7 +816,7 @@ def _trace_step_copy(
         clone = cpu_copy(model).train()
         optimizer = optimizer_factory(clone.parameters()) if optimizer_factory else None
         switched = optimizer is not None and rules == "cuda" and _foreach_as_on_cuda(optimizer)
-        trace = _trace_step(clone, optimizer, loss_fn, shape, precision, rules)
+        trace = _trace_step(clone, optimizer, loss_fn, shape, precision, rules, accumulate)
         trace.foreach = switched
         return trace
 

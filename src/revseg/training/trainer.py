@@ -15,6 +15,7 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from revseg.device import (
 from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
 from revseg.metrics.brats import RegionMetrics
+from revseg.step import NON_FINITE, OVERFLOW, MicroBatch, TrainStep
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
     check_writable,
@@ -206,6 +208,8 @@ class Trainer:
         self.precision = str(self.tcfg.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.scale = self.scaler.get_scale()  # after the last step (fp16; read without a sync)
+        # micro-batches per optimizer step (gradient accumulation)
+        self.accumulate = int(self.tcfg.get("accumulate_grad_batches", 1))
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -434,6 +438,26 @@ class Trainer:
                 getattr(cb, hook)(self, *args)
         self._account("callbacks", m)
 
+    def _train_step(self) -> TrainStep:
+        """The run's :class:`~revseg.step.TrainStep` over ``self.model`` (rebuilt when the model
+        is re-wrapped, e.g. after block-rank growth)."""
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        step = TrainStep(
+            self.model,
+            self.optimizer,
+            self.compute_loss,
+            device=self.device,
+            precision=self.precision,
+            scaler=self.scaler,
+            grad_clip=self.tcfg.grad_clip,
+            all_finite=lambda flag: all_ranks_agree(flag, self.dist, self.device),
+            no_sync=ddp.no_sync if ddp is not None else None,
+            guard=self._compile_errors,
+            autocast=self._autocast,
+        )
+        step.scale = self.scale
+        return step
+
     def training_step(
         self,
         image: torch.Tensor,
@@ -441,81 +465,66 @@ class Trainer:
         mask: torch.Tensor | None = None,
         cases: list[str] | None = None,
     ) -> torch.Tensor | None:
-        """One optimisation step, measured.
+        """One optimisation step on one batch (see :meth:`accumulated_step`)."""
+        return self.accumulated_step([(image, label, mask)], cases)
 
-        Returns:
-            the detached loss (a 0-dim tensor on the training device: reading it synchronises),
-            or ``None`` for a skipped step (a non-finite loss or gradient norm with
-            ``trainer.nan_policy=skip``, or an fp16 step whose gradients overflowed, which the
-            GradScaler skips and backs off from); skipped steps count in ``skipped_steps``.
+    def accumulated_step(
+        self, micro_batches: list[MicroBatch], cases: list[str] | None = None
+    ) -> torch.Tensor | None:
+        """One optimisation step over ``micro_batches`` (gradient accumulation), measured.
+
+        Each micro-batch goes to the device just before its forward. Returns the detached mean
+        loss (a 0-dim tensor on the training device: reading it synchronises), or ``None`` for
+        a skipped step (a non-finite loss or gradient norm with ``trainer.nan_policy=skip``, or
+        an fp16 step whose gradients overflowed, which the GradScaler skips and backs off
+        from); skipped steps count in ``skipped_steps``.
         """
+
+        def on_device() -> Iterator[MicroBatch]:
+            for image, label, mask in micro_batches:
+                yield (
+                    self._to_device(image, non_blocking=True),
+                    self._to_device(label, non_blocking=True),
+                    None if mask is None else self._to_device(mask, non_blocking=True),
+                )
+
         self.optimizer.zero_grad(set_to_none=True)
-        static = self._static_tensors(image, label, *([] if mask is None else [mask]))
-        with self.meter.measure(static=static) as m:
+        step = self._train_step()
+        held = [t for batch in micro_batches for t in batch if t is not None]
+        with self.meter.measure(static=self._static_tensors(*held)) as m:
             start = time.perf_counter()
-            with self._autocast(), self._compile_errors():
-                loss = self.compute_loss(self.model(image), label, mask)
-            with self._compile_errors():
-                self.scaler.scale(loss).backward()
-            loss = loss.detach()
-            self.scaler.unscale_(self.optimizer)
-            if self.tcfg.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
-            else:
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-            finite = torch.isfinite(loss)
-            if not self.scaler.is_enabled():  # with fp16 the GradScaler skips overflows itself
-                finite = finite & torch.isfinite(norm).to(finite.device)
-            # the step's one host synchronisation: whether the optimizer steps is a branch on
-            # the host (trainer.nan_policy: skip the update, or stop before it), taken alike on
-            # every rank; the loss and the norm are otherwise read only when logged
-            if not all_ranks_agree(finite, self.dist, self.device):
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler.is_enabled():  # close the unscaled step (it backs off the scale)
-                    self.scaler.update()
-                    self.scale = self.scaler.get_scale()
-                value = float(loss)
-                what = "loss" if not math.isfinite(value) else "gradient norm"
-                self._non_finite(what, value if what == "loss" else float(norm), cases or [])
-                return None
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            overflowed = self._scaler_skipped()
+            result = step(on_device(), count=len(micro_batches))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
+        self.scale = step.scale
+        if result.skipped == NON_FINITE:
+            value = float(result.loss)
+            what = "loss" if not math.isfinite(value) else "gradient norm"
+            norm = float(result.grad_norm) if result.grad_norm is not None else float("nan")
+            self._non_finite(what, value if what == "loss" else norm, cases or [])
+            return None
         self.last_measurement = m
         self._account("train", m)
         self.step_times.append(seconds)
-        if overflowed:
+        if result.skipped == OVERFLOW:
+            log.info(
+                "fp16 gradients overflowed at epoch %d, step %d: the GradScaler skipped the "
+                "update and lowered its scale to %g",
+                self.epoch + 1,
+                self.global_step + 1,
+                self.scale,
+            )
             self.skipped_steps += 1
             return None
         self.global_step += 1
         if self.writer is not None and self.global_step % self.tcfg.log_every_n_steps == 0:
-            self.writer.add_scalar("train/loss_step", float(loss), self.global_step)
+            norm = result.grad_norm if result.grad_norm is not None else 0.0
+            self.writer.add_scalar("train/loss_step", float(result.loss), self.global_step)
             self.writer.add_scalar("train/grad_norm", float(norm), self.global_step)
             self.writer.add_scalar("memory/peak_step_mib", m.peak_bytes / 2**20, self.global_step)
             self.writer.add_scalar("time/step_s", seconds, self.global_step)
-        return loss
-
-    def _scaler_skipped(self) -> bool:
-        """Whether the GradScaler skipped the optimizer step just taken (fp16 gradients that
-        overflowed): it lowers its scale only then. Reads the scale (a synchronisation at the end
-        of the step, where the step's timing synchronises anyway)."""
-        if not self.scaler.is_enabled():
-            return False
-        before, self.scale = self.scale, self.scaler.get_scale()
-        if self.scale >= before:
-            return False
-        log.info(
-            "fp16 gradients overflowed at epoch %d, step %d: the GradScaler skipped the update "
-            "and lowered its scale to %g",
-            self.epoch + 1,
-            self.global_step + 1,
-            self.scale,
-        )
-        return True
+        return result.loss
 
     def train_epoch(self) -> dict[str, float]:
         """Train one epoch; a run resumed mid-epoch skips the batches it already trained on.
@@ -540,16 +549,21 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        k = self.accumulate
+        group: list[MicroBatch] = []
+        cases: list[str] = []
         for index, batch in enumerate(bar):
             if limit and index >= limit:
                 break
             if index < self.batch_in_epoch:
-                continue  # trained before the interruption
-            image = self._to_device(batch["image"], non_blocking=True)
-            label = self._to_device(batch["label"], non_blocking=True)
-            mask = batch.get("loss_mask")
-            mask = self._to_device(mask, non_blocking=True) if mask is not None else None
-            loss = self.training_step(image, label, mask, list(batch.get("case", [])))
+                continue  # trained before the interruption (always a whole group)
+            group.append((batch["image"], batch["label"], batch.get("loss_mask")))
+            cases += list(batch.get("case", []))
+            # groups of k batches from the epoch's start; the last one may be shorter
+            if len(group) < k and index + 1 < total:
+                continue
+            loss = self.accumulated_step(group, cases)
+            group, cases = [], []
             if loss is not None:
                 self.epoch_loss_sum += loss
                 self.epoch_loss_count += 1
@@ -740,6 +754,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "precision": self.precision,
             "tf32": tf32_flags(),
+            "accumulate_grad_batches": self.accumulate,
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "params": sum(p.numel() for p in self.module.parameters()),
