@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # extra arguments for train.py, e.g. make train ARGS="model=unet_baseline"
 ARGS ?=
 
-.PHONY: setup train train-folds test test-all lint format clean wheel-test gpu-wheels
+.PHONY: setup train train-folds test test-all lint format clean wheel-test gpu-wheels docs
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,12 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
+# the documentation site (site/) with warnings as errors (mkdocs.yml: strict), after checking that
+# docs/reference/config-keys.md is what configs/ says (python scripts/config_reference.py rewrites it)
+docs: setup
+	$(BIN)/python scripts/config_reference.py --check
+	$(BIN)/mkdocs build --strict
+
 lint: setup
 	$(BIN)/ruff check src tests scripts train.py
 	$(BIN)/ruff format --check src tests scripts train.py
@@ -59,7 +65,7 @@ format: setup
 	$(BIN)/ruff check --fix src tests scripts train.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info build dist site
 
 # revseg as a library: build the wheel, install it (not editable) in a fresh venv with CPU
 # torch, check it with revseg-doctor and train one debug=fast epoch of the demo from another
