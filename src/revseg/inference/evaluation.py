@@ -38,8 +38,10 @@ from revseg.data.layouts import (
 from revseg.errors import ConfigError, DataError
 from revseg.files import write_text_atomic
 from revseg.metrics.brats import (
+    DICE_MEAN,
     HD95_MAX,
     HD95_MAX_STRICT,
+    HD95_MEAN,
     LESION_KEYS,
     REGIONS,
     case_metrics,
@@ -369,11 +371,16 @@ def write_reports(
     """Write the reports into ``output`` (created).
 
     - ``metrics.csv``: ``case, dice_<region>..., dice_mean, hd95_<region>..., hd95_mean``, a row
-      per truth case (missing ones included), then ``mean`` (NaN cells left out);
+      per truth case (missing ones included; ``dice_mean`` the case's mean over WT, TC, ET),
+      then ``mean``: :func:`~revseg.metrics.brats.summarize`, as validation reports it (each
+      region's mean over the cases, NaN cells left out; ``dice_mean`` and ``hd95_mean`` the
+      mean of the region means);
     - ``lesionwise.csv``: ``case, tp_<region>, fp_<region>, fn_<region>, lesion_dice_<region>,
       lesion_hd95_<region>, lesion_nsd_<region>...`` (when computed), then ``mean`` (counts
       summed);
-    - ``summary.csv``: ``metric, mean, std, median, n`` over the cases, NaN cells left out;
+    - ``summary.csv``: ``metric, mean, std, median, n`` over the cases, NaN cells left out
+      (``dice_mean``, ``hd95_mean``: ``mean`` as in ``metrics.csv``, the other columns over the
+      cases' own means);
     - ``metrics.json``: ``extra``, the conventions, ``missing``, ``mean``, ``summary``, ``cases``
       (NaN and infinity as null);
     - ``boxplot.png``: Dice and HD95 per region over the cases (when ``plot``).
@@ -385,10 +392,10 @@ def write_reports(
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    mean = summarize(per_case)
+    mean = summarize(per_case, regions)
     cases = list(per_case)
-    legacy = [f"dice_{r}" for r in regions] + ["dice_mean"]
-    legacy += [f"hd95_{r}" for r in regions] + ["hd95_mean"]
+    legacy = [f"dice_{r}" for r in regions] + [DICE_MEAN]
+    legacy += [f"hd95_{r}" for r in regions] + [HD95_MEAN]
     lesion = [f"{k}_{r}" for r in regions for k in LESION_KEYS]
     lesion = [k for k in lesion if cases and k in per_case[cases[0]]]
     written = [output / "metrics.csv"]
@@ -399,6 +406,8 @@ def write_reports(
         rows = [[c, *(per_case[c][k] for k in lesion)] for c in cases]
         _write_csv(written[-1], ["case", *lesion], rows + [["mean", *(mean[k] for k in lesion)]])
     summary = {k: _statistics(per_case, k) for k in legacy + lesion}
+    for key in (DICE_MEAN, HD95_MEAN):  # the summary's mean, as in metrics.csv's mean row
+        summary[key]["mean"] = mean[key]
     written.append(output / "summary.csv")
     _write_csv(
         written[-1],

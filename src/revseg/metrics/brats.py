@@ -54,6 +54,8 @@ from revseg.metrics.regions import REGIONS, LabelConvention
 
 __all__ = [
     "CONVENTIONS",
+    "DICE_MEAN",
+    "HD95_MEAN",
     "HD95_MAX",
     "HD95_MAX_STRICT",
     "LESION_KEYS",
@@ -70,6 +72,11 @@ __all__ = [
 ]
 
 CONVENTIONS = ("official", "strict")
+DICE_MEAN = "dice_mean"
+"""Mean Dice over WT, TC, ET: a case's own mean, and over cases the mean of the region means
+(:func:`summarize`); validation logs it as ``val/dice_mean``, the default ``trainer.monitor``."""
+HD95_MEAN = "hd95_mean"
+"""Mean HD95 over WT, TC, ET, aggregated as :data:`DICE_MEAN`."""
 """Values of ``evaluate.convention``: the HD95 definition and edge cases (module docstring)."""
 HD95_MAX = 373.0
 """HD95 (mm) of an undefined distance under the official convention: the diagonal of the SRI-24
@@ -335,15 +342,38 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
+def _tumour(regions: Sequence[str]) -> list[str]:
+    """The regions of the means: WT, TC, ET (RC is not tumour); any regions if none of them."""
+    return [r for r in regions if r in REGIONS] or list(regions)
+
+
 def _add_means(out: dict[str, float], regions: Sequence[str]) -> None:
-    tumour = [r for r in regions if r in REGIONS] or list(regions)  # RC is not in the means
-    for metric in ("dice", "hd95"):
-        out[f"{metric}_mean"] = _nanmean([out[f"{metric}_{r}"] for r in tumour])
+    """A case's own means over its tumour regions (``metrics.csv``'s per-case columns)."""
+    tumour = _tumour(regions)
+    for mean, metric in ((DICE_MEAN, "dice"), (HD95_MEAN, "hd95")):
+        out[mean] = _nanmean([out[f"{metric}_{r}"] for r in tumour])
 
 
-def summarize(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of every metric over the cases, NaN cells left out (as the official tool does);
-    counts (``tp``, ``fp``, ``fn``) are summed."""
+def summarize(
+    per_case: Mapping[str, Mapping[str, float]], regions: Sequence[str] | None = None
+) -> dict[str, float]:
+    """The summary over the cases: the one aggregation behind validation (``val/*``, TensorBoard,
+    ``summary.json``) and ``revseg-evaluate``'s ``mean`` row and ``metrics.json``.
+
+    Every per-region metric is its mean over the cases, NaN cells left out (a region empty in
+    both prediction and truth), as the official BraTS tool summarises each label; counts
+    (``tp``, ``fp``, ``fn``) are summed. :data:`DICE_MEAN` and :data:`HD95_MEAN` are then the
+    mean of the tumour regions' means (WT, TC, ET; NaN ones left out), as a BraTS leaderboard's
+    mean Dice is read, not the mean of each case's own mean (that weighs a case with empty
+    regions more) nor the mean of all region cells pooled. Example: case A with WT Dice 2/3 and
+    TC, ET empty in both, case B with Dice 0.4 in every region: WT ``(2/3 + 0.4) / 2``, TC 0.4,
+    ET 0.4, ``dice_mean`` ``(8/15 + 0.4 + 0.4) / 3 = 4/9``.
+
+    Args:
+        per_case: case id -> :func:`case_metrics` (or :func:`missing_case_metrics`).
+        regions: the scored regions (None: those with a ``dice_<region>`` key). The resection
+            cavity (RC) is not tumour and is left out of the two means.
+    """
     keys: list[str] = []
     for metrics in per_case.values():
         keys += [k for k in metrics if k not in keys]
@@ -352,6 +382,13 @@ def summarize(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         values = [float(m[key]) for m in per_case.values() if key in m]
         counts = key.split("_", 1)[0] in ("tp", "fp", "fn")
         out[key] = float(np.sum(values)) if counts else _nanmean(values)
+    if regions is None:
+        regions = [k[len("dice_") :] for k in keys if k.startswith("dice_") and k != DICE_MEAN]
+    tumour = _tumour(regions)
+    for mean, metric in ((DICE_MEAN, "dice"), (HD95_MEAN, "hd95")):
+        cells = [out[f"{metric}_{r}"] for r in tumour if f"{metric}_{r}" in out]
+        if cells:
+            out[mean] = _nanmean(cells)
     return out
 
 
@@ -414,22 +451,19 @@ class RegionMetrics:
 
     def compute(self) -> dict[str, float]:
         """``{"dice_WT": ..., "dice_mean": ..., "hd95_WT": ..., "hd95_mean": ...,
-        "hd95_undefined": ...}``: means over the cases, NaN cells left out; ``hd95_undefined``
-        counts the NaN HD95 cells (region empty in both)."""
-        out: dict[str, Any] = {}
-        dice = [[c[f"dice_{r}"] for r in self.regions] for c in self._cases]
-        for i, name in enumerate(self.regions):
-            out[f"dice_{name}"] = _nanmean([row[i] for row in dice])
-        out["dice_mean"] = _nanmean([v for row in dice for v in row])
+        "hd95_undefined": ...}`` and the lesion-wise metrics: :func:`summarize` of the cases
+        (so ``dice_mean`` is the mean of the region means, as ``revseg-evaluate`` reports it);
+        ``hd95_undefined`` counts the NaN HD95 cells (region empty in both)."""
+        out: dict[str, Any] = {f"dice_{r}": math.nan for r in self.regions}
+        out[DICE_MEAN] = math.nan
         if self.hd95:
-            hd = [[c[f"hd95_{r}"] for r in self.regions] for c in self._cases]
-            for i, name in enumerate(self.regions):
-                out[f"hd95_{name}"] = _nanmean([row[i] for row in hd])
-            cells = [v for row in hd for v in row]
-            out["hd95_mean"] = _nanmean(cells)
+            out.update({f"hd95_{r}": math.nan for r in self.regions})
+            out[HD95_MEAN] = math.nan
+        summary = summarize({str(i): c for i, c in enumerate(self._cases)}, self.regions)
+        if not self.hd95:
+            summary = {k: v for k, v in summary.items() if not k.startswith("hd95_")}
+        out.update(summary)
+        if self.hd95:
+            cells = [c[f"hd95_{r}"] for c in self._cases for r in self.regions]
             out["hd95_undefined"] = sum(math.isnan(v) for v in cells)
-        if self.lesion_wise:
-            keys = [f"{k}_{r}" for k in LESION_KEYS for r in self.regions]
-            lesion = summarize({str(i): {k: c[k] for k in keys} for i, c in enumerate(self._cases)})
-            out.update(lesion)
         return out

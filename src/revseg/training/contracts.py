@@ -27,6 +27,7 @@ from torch import nn
 from revseg.errors import ConfigError
 
 __all__ = [
+    "VAL_DICE_MEAN",
     "AdaptiveRanks",
     "BuildsMetrics",
     "DataModule",
@@ -38,7 +39,19 @@ __all__ = [
     "TrainerView",
     "WritesSplit",
     "check_data_module",
+    "val_key",
 ]
+
+VAL_PREFIX = "val/"
+"""Validation metrics are logged (TensorBoard, ``summary.json``) as ``val/<name>``."""
+VAL_DICE_MEAN = "val/dice_mean"
+"""The default ``trainer.monitor``: the mean Dice of the region (or label, object) means
+(:func:`revseg.metrics.brats.summarize`), the number that picks ``checkpoints/best.pt``."""
+
+
+def val_key(name: str) -> str:
+    """The logged key of a validation metric: ``dice_mean`` -> :data:`VAL_DICE_MEAN`."""
+    return VAL_PREFIX + name
 
 
 @runtime_checkable

@@ -67,6 +67,7 @@ from revseg.training.contracts import (
     Previews,
     WritesSplit,
     check_data_module,
+    val_key,
 )
 from revseg.training.distributed import (
     DistInfo,
@@ -611,11 +612,11 @@ class Trainer:
                     self.preview(image[0], label[0], pred[0]),
                     self.epoch,
                 )
-        metrics = {f"val/{k}": v for k, v in self.metrics.compute().items()}
+        metrics = {val_key(k): v for k, v in self.metrics.compute().items()}
         if isinstance(self.metrics, Figures) and self.writer is not None and self.tcfg.log_images:
             for name, image in self.metrics.figures().items():  # (3, H, W), e.g. IoU per frame
                 self.writer.add_image(f"val/{name}", image, self.epoch)
-        metrics["val/loss"] = sum(losses) / max(len(losses), 1)
+        metrics[val_key("loss")] = sum(losses) / max(len(losses), 1)
         return metrics
 
     # ---------------------------------------------------------------- loop
