@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 import time
 
-from revseg.cli import exit_on_error
+from revseg.cli import exit_on_error, exit_with_help_if_asked
 from revseg.config import build, compose_config
 from revseg.errors import ConfigError
 
@@ -51,5 +51,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    exit_with_help_if_asked(sys.argv[1:], __doc__)
     with exit_on_error():
         sys.exit(main(sys.argv[1:]))

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from revseg.cli import exit_on_error
+from revseg.cli import exit_on_error, exit_with_help_if_asked
 from revseg.config import compose_config
 
 
@@ -48,5 +48,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    exit_with_help_if_asked(sys.argv[1:], __doc__)
     with exit_on_error():
         sys.exit(main(sys.argv[1:]))

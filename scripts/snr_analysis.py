@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from revseg.cli import exit_on_error
+from revseg.cli import exit_on_error, exit_with_help_if_asked
 from revseg.errors import ConfigError
 
 OWN_KEYS = ("run", "output")
@@ -185,5 +185,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    exit_with_help_if_asked(sys.argv[1:], __doc__)
     with exit_on_error():
         sys.exit(main(sys.argv[1:]))

@@ -129,3 +129,26 @@ def test_checkpoints_of_earlier_versions_still_restore():
     expected = draws()
     set_rng_state(old)
     assert draws() == expected
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
+    """4 KiB of flipped bits inside a tensor's bytes loaded and resumed before (issue 22,
+    item 5: an Adam moment reached 1.1e11); the checksum written with the checkpoint catches
+    it, and checkpoints without one (earlier versions) still load."""
+    from revseg.errors import DataError
+    from revseg.training.checkpoint import with_checksum
+
+    weights = torch.arange(4096, dtype=torch.float32)
+    state = {"model": {"w": weights}, "config": "model: {}", "optimizer": {"m": weights * 2}}
+    path = save_atomic(with_checksum(state), tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(path)["model"]["w"], weights)
+    data = bytearray(path.read_bytes())
+    start = data.find(weights.numpy().tobytes()[:64])  # the storage of "w" in the zip
+    assert start > 0
+    for i in range(start + 1024, start + 1024 + 4096):
+        data[i] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"^checkpoint {path} is damaged: "):
+        load_checkpoint(path)
+    old = save_atomic(state, tmp_path / "old.pt")
+    assert torch.equal(load_checkpoint(old)["optimizer"]["m"], weights * 2)

@@ -664,7 +664,7 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    run_main(main)
+    run_main(main, own_help=True)  # argparse's --help
 
 
 if __name__ == "__main__":

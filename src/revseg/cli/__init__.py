@@ -14,7 +14,14 @@ from pathlib import Path
 
 from revseg.errors import ConfigError, DataError, RevsegError
 
-__all__ = ["exit_on_error", "run_main", "check_run_dir", "removing_unused_run_dir", "search_dirs"]
+__all__ = [
+    "check_run_dir",
+    "exit_on_error",
+    "exit_with_help_if_asked",
+    "removing_unused_run_dir",
+    "run_main",
+    "search_dirs",
+]
 
 
 @contextlib.contextmanager
@@ -27,9 +34,26 @@ def exit_on_error(status: int = 2) -> Iterator[None]:
         sys.exit(status)
 
 
-def run_main(main: Callable[[list[str]], int | None]) -> None:
+HELP_FOOTER = (
+    "Options are key=value overrides of the command's config; every key with its default and "
+    "meaning: docs/reference/config-keys.md (the documentation site: make docs)."
+)
+
+
+def exit_with_help_if_asked(args: Sequence[str], doc: str | None) -> None:
+    """``-h`` / ``--help`` among ``args``: print ``doc`` (the command's usage) and exit 0; Hydra
+    would read them as a malformed override."""
+    if any(a in ("-h", "--help") for a in args):
+        print(f"{(doc or '').strip()}\n\n{HELP_FOOTER}")
+        sys.exit(0)
+
+
+def run_main(main: Callable[[list[str]], int | None], own_help: bool = False) -> None:
     """A console entry: ``main(sys.argv[1:])``; a :class:`RevsegError` or a Hydra error (an
-    unknown key, a malformed override) is one ``error:`` line and exit status 2."""
+    unknown key, a malformed override) is one ``error:`` line and exit status 2; ``--help``
+    prints the command module's docstring (unless ``own_help``: ``main`` parses it itself)."""
+    if not own_help:
+        exit_with_help_if_asked(sys.argv[1:], sys.modules[main.__module__].__doc__)
     with exit_on_error():
         from hydra.errors import HydraException
 

@@ -6,6 +6,7 @@ text, so a model can be rebuilt from the file alone and loading never unpickles 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import tempfile
@@ -22,6 +23,8 @@ __all__ = [
     "check_writable",
     "save_atomic",
     "load_checkpoint",
+    "payload_digest",
+    "with_checksum",
     "rng_state",
     "set_rng_state",
     "restore_rng",
@@ -53,11 +56,53 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     return write_atomic(path, lambda f: torch.save(obj, f))
 
 
+CHECKSUM = "sha256"
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Hash ``obj`` (tensors by dtype, shape and bytes; containers in order, dict keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for key in sorted(obj, key=repr):
+            h.update(repr(key).encode())
+            _feed(h, obj[key])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for value in obj:
+            _feed(h, value)
+        h.update(b"]")
+    elif isinstance(obj, (bytes, bytearray)):
+        h.update(b"B%d:" % len(obj))
+        h.update(obj)
+    else:
+        h.update(repr(obj).encode())
+
+
+def payload_digest(state: dict[str, Any]) -> str:
+    """The SHA-256 of a checkpoint's contents (every entry but the checksum itself)."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in state.items() if k != CHECKSUM})
+    return h.hexdigest()
+
+
+def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with the SHA-256 of its contents, which :func:`load_checkpoint` verifies."""
+    return {**state, CHECKSUM: payload_digest(state)}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by revseg (``weights_only=True``).
+    """Read a checkpoint written by revseg (``weights_only=True``) and verify its checksum
+    (checkpoints of earlier versions have none and load as they are).
 
     Raises:
-        DataError: the file is missing or is not a readable revseg checkpoint.
+        DataError: the file is missing, is not a readable revseg checkpoint, or its contents
+            do not match its checksum (damaged on disk or in transfer).
     """
     path = Path(path)
     if not path.is_file():
@@ -68,6 +113,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DataError(f"cannot read checkpoint {path}: {type(err).__name__}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise DataError(f"not a revseg checkpoint (no model/config entries): {path}")
+    holds_data = torch.device(map_location).type != "meta"  # meta tensors have no bytes
+    if CHECKSUM in ckpt and holds_data and payload_digest(ckpt) != ckpt[CHECKSUM]:
+        raise DataError(
+            f"checkpoint {path} is damaged: its contents do not match the SHA-256 written with "
+            "it; resume from another checkpoint (checkpoints/best.pt, or a copy)"
+        )
     return ckpt
 
 
