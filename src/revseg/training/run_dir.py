@@ -1,0 +1,81 @@
+"""A run directory belongs to one run at a time, and a new run never replaces another's
+checkpoints without being told to.
+
+:func:`claim_run_dir` takes an exclusive lock on ``<run dir>/.lock`` for the life of the run (an
+``fcntl.flock``: the operating system drops it when the process ends, however it ends, so a
+killed run leaves no stale lock) and records its holder (process, host, start) in the file; a
+second run in the same directory fails at once with one line naming the holder. A fresh run
+(``trainer.resume=false``) in a directory that already holds checkpoints is refused unless
+``trainer.overwrite=true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from revseg.errors import ConfigError
+
+__all__ = ["LOCK_NAME", "claim_run_dir", "check_fresh_run"]
+
+LOCK_NAME = ".lock"
+CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def claim_run_dir(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the run directory's lock while the block runs.
+
+    Raises:
+        ConfigError: another process holds it (the message names that process).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
+                raise ConfigError(
+                    f"{folder} is in use by {holder}: wait for that run to end, or give this one "
+                    "another directory (hydra.run.dir=...)"
+                ) from None
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(
+            fd, f"process {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0
+        )
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_fresh_run(folder: str | os.PathLike, resume: object, overwrite: bool) -> None:
+    """A run that does not resume may not start in a directory holding another run's
+    checkpoints, unless ``overwrite``.
+
+    Raises:
+        ConfigError: naming the checkpoint found and the two ways on.
+    """
+    if resume not in (False, None) or overwrite:
+        return
+    folder = Path(folder)
+    found = [name for name in CHECKPOINTS if (folder / name).is_file()]
+    if found:
+        raise ConfigError(
+            f"{folder} already holds a run ({found[0]}): resume it with trainer.resume=true, "
+            "start this one in another directory (hydra.run.dir=...), or replace it with "
+            "trainer.overwrite=true"
+        )
