@@ -20,7 +20,7 @@ TINY = (
     "data.crop_size=[16,16,16]",
     "trainer.max_epochs=1",
     "trainer.progress_bar=false",
-    "trainer.hd95=false",
+    "metrics.hd95=false",
     "optimizer.lr=1e-3",
 )
 # the same for models without normalisation groups (revup_unet, hybrid_revnet)

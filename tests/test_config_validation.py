@@ -6,7 +6,15 @@ import re
 
 import pytest
 
-from revseg.config import build, check_group_overrides, check_input_sizes, validate_config
+from revseg.config import (
+    TrainerConfig,
+    build,
+    check_group_overrides,
+    check_input_sizes,
+    compose_config,
+    trainer_config,
+    validate_config,
+)
 from revseg.errors import ConfigError
 
 from conftest import compose_train
@@ -28,6 +36,16 @@ BAD = [
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
     ("trainer.compile=inductr", "trainer.compile"),
     ("trainer.compile=3", "trainer.compile"),
+    # types and bounds of the schema (revseg.config.TrainerConfig, MetricsConfig)
+    ("trainer.max_epochs=abc", "trainer.max_epochs"),
+    ("trainer.log_images=maybe", "trainer.log_images"),
+    ("trainer.plan_memory=1", "trainer.plan_memory"),
+    ("trainer.limit_val_batches=-1", "trainer.limit_val_batches"),
+    ("trainer.log_every_n_steps=0.5", "trainer.log_every_n_steps"),
+    ("trainer.strategy=fsdp", "trainer.strategy"),
+    ("trainer.resume=3", "trainer.resume"),
+    ("metrics.hd95=yes", "metrics.hd95"),
+    ("metrics.lesion_wise=null", "metrics.lesion_wise"),
 ]
 
 
@@ -93,3 +111,34 @@ def test_cudnn_benchmark_contradicts_deterministic(tmp_path):
     )
     with pytest.raises(ConfigError, match="^trainer.cudnn_benchmark=true contradicts"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("option", ["default", "ddp"])
+def test_the_schema_types_every_key_of_the_trainer_options(option, tmp_path):
+    cfg = compose_train(f"trainer={option}", f"paths.output_dir={tmp_path}")
+    typed = trainer_config(cfg)
+    assert isinstance(typed, TrainerConfig)
+    assert {f for f in vars(typed)} == set(cfg.trainer)  # the YAML's keys are the schema's
+    assert typed.accumulate_grad_batches == 1 and typed.tf32 is False and typed.compile is False
+    assert typed.strategy == ("ddp" if option == "ddp" else "single")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["+trainer.max_epoch=3"], r"^trainer\.max_epoch: no such key \(configs/trainer/ lists"),
+        (["~trainer.tf32"], r"^trainer\.tf32 is required \(configs/trainer/default\.yaml\)$"),
+        (["+trainer.hd95=false"], r"^trainer\.hd95 is now metrics\.hd95 \(configs/metrics/\)"),
+        (["~metrics"], r"^config section 'metrics' is missing$"),
+    ],
+)
+def test_unknown_missing_and_moved_trainer_keys(overrides, message, tmp_path):
+    cfg = compose_train(*overrides, f"paths.output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+@pytest.mark.parametrize("key", ["hd95", "lesion_wise"])
+def test_old_metric_keys_on_the_command_line_name_the_new_key(key):
+    with pytest.raises(ConfigError, match=rf"^trainer\.{key} is now metrics\.{key} .*: use "):
+        compose_config("train", [f"trainer.{key}=false"])

@@ -6,7 +6,10 @@ here keeps a second list.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,12 @@ from revseg.validation import check_divisible, positive_ints
 
 __all__ = [
     "CONFIG_DIR",
+    "MOVED_KEYS",
+    "MetricsConfig",
+    "TrainerConfig",
+    "check_schema",
+    "metrics_config",
+    "trainer_config",
     "build",
     "group_options",
     "check_group_overrides",
@@ -163,6 +172,8 @@ def check_key_overrides(
     cfg = compose_config(name, rest, False, config_dir=config_dir, search=search, check_keys=False)
     for override in changes:
         key = override.key_or_group
+        if key in MOVED_KEYS:
+            raise _moved(key)
         if _has_key(cfg, key):
             continue
         near = difflib.get_close_matches(key, _keys(cfg), n=1, cutoff=0.6)
@@ -228,54 +239,180 @@ def compose_config(
     return cfg
 
 
+_CHOICES = "choices"
+
+
+def _key(**meta: Any) -> Any:
+    """A required schema field: its type is the annotation, ``meta`` its bounds (``min``,
+    ``positive``) or ``choices``."""
+    return field(metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The ``trainer`` group, typed: what :class:`~revseg.training.trainer.Trainer` reads.
+
+    The values and their meaning are in ``configs/trainer/default.yaml`` (the one place of the
+    defaults); this schema holds the types and bounds, checked by :func:`trainer_config` with
+    one line naming the key. Every key is required: a trainer config of one's own starts from
+    ``defaults: [default]`` as ``configs/trainer/ddp.yaml`` does.
+    """
+
+    device: str
+    max_epochs: int = _key(min=1)
+    val_every: int = _key(min=1)
+    monitor: str = _key()
+    monitor_mode: str = _key(choices=("max", "min"))
+    resume: bool | str = _key()
+    log_every_n_steps: int = _key(min=1)
+    log_images: bool = _key()
+    progress_bar: bool = _key()
+    deterministic: bool = _key()
+    cudnn_benchmark: bool = _key()
+    tf32: bool = _key()
+    channels_last: bool = _key()
+    compile: bool | str = _key()
+    limit_train_batches: int | None = _key(min=0)
+    limit_val_batches: int | None = _key(min=0)
+    precision: str = _key(choices=PRECISIONS)
+    accumulate_grad_batches: int = _key(min=1)
+    grad_clip: float | None = _key(positive=True)
+    nan_policy: str = _key(choices=("stop", "skip"))
+    checkpoint_every_n_steps: int | None = _key(min=1)
+    strategy: str = _key(choices=("single", "ddp"))
+    ddp_backend: str = _key()
+    find_unused_parameters: bool = _key()
+    plan_memory: bool = _key()
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The ``metrics`` group (``configs/metrics/default.yaml``): options of the validation
+    metrics, passed to the data module's ``build_metrics`` (those it takes) or to
+    :class:`~revseg.metrics.brats.RegionMetrics`."""
+
+    hd95: bool = _key()
+    lesion_wise: bool = _key()
+
+
+MOVED_KEYS = {"trainer.hd95": "metrics.hd95", "trainer.lesion_wise": "metrics.lesion_wise"}
+"""Keys that moved to another group: the old name is one line naming the new one."""
+
+
+def _moved(key: str) -> ConfigError:
+    new = MOVED_KEYS[key]
+    return ConfigError(f"{key} is now {new} (configs/{new.split('.')[0]}/): use {new}=...")
+
+
+def _allowed(kind: Any) -> tuple[tuple[type, ...], bool]:
+    """The Python types a field's annotation allows, and whether it allows null."""
+    args = (
+        typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else ()
+    )
+    members = args or (kind,)
+    return tuple(m for m in members if m is not type(None)), type(None) in members
+
+
+def _describe(kinds: tuple[type, ...], nullable: bool, meta: Mapping[str, Any]) -> str:
+    if _CHOICES in meta:
+        text = "one of " + ", ".join(meta[_CHOICES])
+    elif kinds == (bool,):
+        text = "true or false"
+    elif kinds == (bool, str):
+        text = "true, false or a name"
+    elif kinds == (int,):
+        text = {1: "a positive int", 0: "a non-negative int"}.get(meta.get("min"), "an int")
+    elif kinds == (float,):
+        text = "a positive number" if meta.get("positive") else "a number"
+    else:
+        text = "a string"
+    return text + (" or null" if nullable else "")
+
+
+def _fits(value: Any, kinds: tuple[type, ...], meta: Mapping[str, Any]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, never to a config
+        return bool in kinds
+    if isinstance(value, int) and (int in kinds or float in kinds):
+        number: float = value
+    elif isinstance(value, float) and float in kinds:
+        number = value
+    elif isinstance(value, str) and str in kinds:
+        return value in meta.get(_CHOICES, (value,))
+    else:
+        return False
+    if "min" in meta and number < meta["min"]:
+        return False
+    return not (meta.get("positive") and number <= 0)
+
+
+def check_schema(node: Any, schema: type, key: str) -> Any:
+    """The config group ``node`` as an instance of the dataclass ``schema``.
+
+    Raises:
+        ConfigError: one line naming ``<key>.<field>``: an unknown key (a moved one names its new
+            key), a missing one, or a value of the wrong type or out of its bounds.
+    """
+    from omegaconf import OmegaConf
+
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config section '{key}' must be a mapping, got {node!r}")
+    values = OmegaConf.to_container(node, resolve=True)
+    hints = typing.get_type_hints(schema)
+    for name in values:
+        if f"{key}.{name}" in MOVED_KEYS:
+            raise _moved(f"{key}.{name}")
+        if name not in hints:
+            raise ConfigError(f"{key}.{name}: no such key (configs/{key}/ lists them)")
+    for spec in fields(schema):
+        if spec.name not in values:
+            raise ConfigError(f"{key}.{spec.name} is required (configs/{key}/default.yaml)")
+        kinds, nullable = _allowed(hints[spec.name])
+        value = values[spec.name]
+        if (value is None and not nullable) or (
+            value is not None and not _fits(value, kinds, spec.metadata)
+        ):
+            wanted = _describe(kinds, nullable, spec.metadata)
+            raise ConfigError(f"{key}.{spec.name} must be {wanted}, got {value!r}")
+    return schema(**values)
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    """``cfg.trainer`` checked against :class:`TrainerConfig` (and the keys that depend on each
+    other), typed.
+
+    Raises:
+        ConfigError: naming the key and what it must be.
+    """
+    t = check_schema(cfg.get("trainer"), TrainerConfig, "trainer")
+    if t.cudnn_benchmark and t.deterministic:
+        raise ConfigError(
+            "trainer.cudnn_benchmark=true contradicts trainer.deterministic=true (autotuning may "
+            "pick other kernels in each run); set one of them to false"
+        )
+    if t.compile is not False:
+        from revseg.device import compile_backend
+
+        compile_backend(t.compile)
+    return t
+
+
+def metrics_config(cfg: DictConfig) -> MetricsConfig:
+    """``cfg.metrics`` checked against :class:`MetricsConfig`."""
+    return check_schema(cfg.get("metrics"), MetricsConfig, "metrics")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Fail early, before any data is read, on values that cannot work.
 
     Raises:
         ConfigError: naming the key and what it must be.
     """
-    for section in ("model", "data", "trainer", "optimizer", "loss", "paths"):
+    for section in ("model", "data", "trainer", "metrics", "optimizer", "loss", "paths"):
         if cfg.get(section) is None:
             raise ConfigError(f"config section '{section}' is missing")
     require_keys(cfg)
-    t = cfg.trainer
-    if not isinstance(t.max_epochs, int) or t.max_epochs < 1:
-        raise ConfigError(f"trainer.max_epochs must be a positive int, got {t.max_epochs!r}")
-    if not isinstance(t.val_every, int) or t.val_every < 1:
-        raise ConfigError(f"trainer.val_every must be a positive int, got {t.val_every!r}")
-    choices = {"precision": PRECISIONS, "nan_policy": ("stop", "skip")}
-    for key, allowed in choices.items():
-        if t.get(key) not in allowed:
-            raise ConfigError(
-                f"trainer.{key} must be one of {', '.join(allowed)}, got {t.get(key)!r}"
-            )
-    every = t.get("checkpoint_every_n_steps")
-    if every is not None and (not isinstance(every, int) or every < 1):
-        raise ConfigError(
-            f"trainer.checkpoint_every_n_steps must be a positive int or null, got {every!r}"
-        )
-    accumulate = t.get("accumulate_grad_batches", 1)
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise ConfigError(
-            f"trainer.accumulate_grad_batches must be a positive int, got {accumulate!r}"
-        )
-    clip = t.get("grad_clip")
-    if clip is not None and (not isinstance(clip, (int, float)) or clip <= 0):
-        raise ConfigError(f"trainer.grad_clip must be a positive number or null, got {clip!r}")
-    for key in ("deterministic", "cudnn_benchmark", "channels_last", "tf32"):
-        if not isinstance(t.get(key, False), bool):
-            raise ConfigError(f"trainer.{key} must be true or false, got {t.get(key)!r}")
-    if t.get("cudnn_benchmark", False) and t.deterministic:
-        raise ConfigError(
-            "trainer.cudnn_benchmark=true contradicts trainer.deterministic=true (autotuning may "
-            "pick other kernels in each run); set one of them to false"
-        )
-    if t.get("compile", False) is not False:
-        from revseg.device import compile_backend
-
-        compile_backend(t.compile)
-    if t.monitor_mode not in ("max", "min"):
-        raise ConfigError(f"trainer.monitor_mode must be max or min, got {t.monitor_mode!r}")
+    trainer_config(cfg)
+    metrics_config(cfg)
     lr = cfg.optimizer.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")

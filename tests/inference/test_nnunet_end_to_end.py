@@ -143,7 +143,7 @@ def test_cli_bad_dataset_exits_2_with_one_line_before_training(tmp_path):
 
 def test_trained_model_beats_untrained(tmp_path):
     root = tmp_path / "Dataset904_SynthHippocampus"
-    common = ("data.num_cases=8", "trainer.hd95=false")
+    common = ("data.num_cases=8", "metrics.hd95=false")
     untrained = _train(root, tmp_path / "a", "hippocampus", *common, "debug=fast",
                        "trainer.limit_train_batches=1", "optimizer.lr=1e-12")  # fmt: skip
     trained = _train(root, tmp_path / "b", "hippocampus", *common, "trainer.max_epochs=6")

@@ -15,6 +15,7 @@ from revseg.training.contracts import (
     Previews,
     WritesSplit,
     check_data_module,
+    validation_metrics,
 )
 
 from conftest import TINY_VIDEO, compose_train
@@ -55,3 +56,23 @@ def test_a_target_that_is_no_data_module_is_one_line_naming_the_key():
         check_data_module(Folder())
     with pytest.raises(ConfigError, match="input_shape, train_cases, val_cases"):
         check_data_module(Folder())
+
+
+def test_the_metrics_group_reaches_the_metrics_that_take_it(tmp_path):
+    from revseg.metrics.brats import RegionMetrics
+
+    options = {"hd95": False, "lesion_wise": True}
+    brats = instantiate(compose_train(f"data.root={tmp_path}").data)
+    region = validation_metrics(brats, options)  # BraTS: region metrics with every option
+    assert isinstance(region, RegionMetrics) and region.lesion_wise and not region.hd95
+
+    class Named:  # takes the options it names, only those
+        def build_metrics(self, hd95: bool = True):
+            return ("named", hd95)
+
+    class Any_:  # takes every option
+        def build_metrics(self, **options):
+            return ("any", options)
+
+    assert validation_metrics(Named(), options) == ("named", False)
+    assert validation_metrics(Any_(), options) == ("any", options)

@@ -38,8 +38,8 @@ def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 def test_cli_trains_one_epoch_then_resumes(tmp_path, tiny_data_root):
     run = tmp_path / "run"
-    args = [*TINY, "trainer.hd95=true", f"data.root={tiny_data_root}", f"hydra.run.dir={run}"]
-    first = run_cli(*args, "trainer.lesion_wise=true")
+    args = [*TINY, "metrics.hd95=true", f"data.root={tiny_data_root}", f"hydra.run.dir={run}"]
+    first = run_cli(*args, "metrics.lesion_wise=true")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()

@@ -414,7 +414,7 @@ def resume(s: Settings) -> Section:
             "data.crop_size=[16,16,16]",
             f"data.root={root}",
             "trainer.progress_bar=false",
-            "trainer.hd95=false",
+            "metrics.hd95=false",
             "trainer.plan_memory=false",
             "trainer.deterministic=true",
             f"trainer.device={s.device.type}",

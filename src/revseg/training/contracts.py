@@ -6,7 +6,7 @@ module once, at composition time, with one clear error instead of an ``Attribute
 later. Optional capabilities are separate protocols, tested with ``isinstance``:
 
 * a data module (:class:`DataModule`) may also :class:`BuildsMetrics` (its own validation metrics,
-  e.g. DAVIS's IoU / J&F per object; else BraTS region metrics), :class:`Previews` (its own
+  e.g. DAVIS's IoU / J&F per object; else BraTS region metrics: :func:`validation_metrics`), :class:`Previews` (its own
   TensorBoard panel) and :class:`WritesSplit` (the cases used, written to the run directory);
 * a model may have :class:`ParameterGroups` (per-group learning-rate scales: RevUp's Fixup
   scalars), a :class:`MemoryReport` (its own analytic memory terms: Peters et al.'s Table 2) and
@@ -17,7 +17,8 @@ later. Optional capabilities are separate protocols, tested with ``isinstance``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +41,7 @@ __all__ = [
     "WritesSplit",
     "check_data_module",
     "val_key",
+    "validation_metrics",
 ]
 
 VAL_PREFIX = "val/"
@@ -61,8 +63,8 @@ class DataModule(Protocol):
     ``setup()`` reads and checks the data; afterwards ``input_shape`` is the spatial shape of one
     training sample, ``train_cases`` / ``val_cases`` name the cases, and the loaders yield
     ``{"image": (B, C_in, *input_shape), "label": (B, C_out, ...), "case": [...]}`` batches
-    (plus an optional ``"mask"`` of labelled voxels). ``in_channels`` / ``out_channels``, where
-    the module knows them, are checked against the model's.
+    (plus an optional ``"loss_mask"`` of the voxels the loss counts). ``in_channels`` /
+    ``out_channels``, where the module knows them, are checked against the model's.
     """
 
     def setup(self) -> None: ...
@@ -102,7 +104,11 @@ class Figures(Protocol):
 
 @runtime_checkable
 class BuildsMetrics(Protocol):
-    def build_metrics(self, hd95: bool = False) -> Metrics: ...
+    """A data module's own validation metrics. ``build_metrics`` names as keyword parameters the
+    options of the ``metrics`` config group (``configs/metrics/``) it uses, e.g. ``hd95``;
+    :func:`validation_metrics` passes only those."""
+
+    def build_metrics(self, **options: Any) -> Metrics: ...
 
 
 @runtime_checkable
@@ -153,6 +159,25 @@ class TrainerView(Protocol):
 
     def sync_optimizer_params(self) -> None:
         """Make the optimizer (and DDP) follow parameters a callback added or removed."""
+
+
+def validation_metrics(data: Any, options: Mapping[str, Any]) -> Metrics:
+    """The validation metrics of ``data``: its own (:class:`BuildsMetrics`, given the
+    ``options`` its ``build_metrics`` names), else BraTS region metrics
+    (:class:`~revseg.metrics.brats.RegionMetrics` with every option).
+
+    Args:
+        options: the ``metrics`` config group (``hd95``, ``lesion_wise``).
+    """
+    if not isinstance(data, BuildsMetrics):
+        from revseg.metrics.brats import RegionMetrics
+
+        return RegionMetrics(**options)
+    parameters = inspect.signature(data.build_metrics).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return data.build_metrics(**options)
+    names = {p.name for p in parameters}
+    return data.build_metrics(**{k: v for k, v in options.items() if k in names})
 
 
 def check_data_module(data: Any, key: str = "data") -> None:

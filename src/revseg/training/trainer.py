@@ -9,6 +9,7 @@ Every run directory gets TensorBoard event files, ``checkpoints/last.pt`` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -30,8 +31,10 @@ from revseg.config import (
     build,
     check_input_sizes,
     data_name,
+    metrics_config,
     model_name,
     model_option,
+    trainer_config,
     validate_config,
 )
 from revseg.device import (
@@ -46,7 +49,6 @@ from revseg.device import (
 )
 from revseg.errors import ConfigError, TrainingError
 from revseg.memory.measure import MemoryMeasurement, PeakMemoryMeter, format_bytes
-from revseg.metrics.brats import RegionMetrics
 from revseg.step import NON_FINITE, OVERFLOW, MicroBatch, TrainStep
 from revseg.training.callbacks import Callback
 from revseg.training.checkpoint import (
@@ -58,7 +60,6 @@ from revseg.training.checkpoint import (
     write_text_atomic,
 )
 from revseg.training.contracts import (
-    BuildsMetrics,
     DataModule,
     Figures,
     MemoryReport,
@@ -68,6 +69,7 @@ from revseg.training.contracts import (
     WritesSplit,
     check_data_module,
     val_key,
+    validation_metrics,
 )
 from revseg.training.distributed import (
     DistInfo,
@@ -153,12 +155,12 @@ class Trainer:
         dist_info: DistInfo | None = None,
     ) -> None:
         self.cfg = cfg
-        self.tcfg = cfg.trainer
+        self.tcfg = trainer_config(cfg)  # typed: revseg.config.TrainerConfig
         self.dist = dist_info or DistInfo()
         self.module = model  # the network itself (state dicts, parameters)
         self.device = device
         self.pin_memory = device.type == "cuda"  # page-locked batches only for a GPU that trains
-        self.channels_last = bool(cfg.trainer.get("channels_last", False))
+        self.channels_last = self.tcfg.channels_last
         if self.channels_last:
             model.to(memory_format=CHANNELS_LAST)
         self.model = self._wrap(model)  # what is called in training: DDP when distributed
@@ -173,18 +175,12 @@ class Trainer:
         self.meter = PeakMemoryMeter(device)
         # cuDNN's autotuner (trainer.cudnn_benchmark) tries every algorithm, with its trial
         # workspaces, at this process's first step: that step's peak is kept apart
-        self.autotune_first_step = device.type == "cuda" and bool(
-            self.tcfg.get("cudnn_benchmark", False)
-        )
+        self.autotune_first_step = device.type == "cuda" and self.tcfg.cudnn_benchmark
         # the data module's own metrics and preview where it has them (contracts.BuildsMetrics,
-        # contracts.Previews), else BraTS region metrics and a slice panel
-        self.metrics: Metrics = (
-            data.build_metrics(hd95=bool(self.tcfg.hd95))
-            if isinstance(data, BuildsMetrics)
-            else RegionMetrics(
-                hd95=bool(self.tcfg.hd95), lesion_wise=bool(self.tcfg.get("lesion_wise", False))
-            )
-        )
+        # contracts.Previews), else BraTS region metrics and a slice panel; the metrics group's
+        # options (configs/metrics/)
+        options = dataclasses.asdict(metrics_config(cfg))
+        self.metrics: Metrics = validation_metrics(data, options)
         self.preview = data.preview if isinstance(data, Previews) else slice_panel
         # state that a resume restores
         self.epoch = 0  # epochs completed
@@ -206,11 +202,11 @@ class Trainer:
         self.epoch_loss_count = 0
         self.skipped_steps = 0
         self.planned_peak_bytes: int | None = None
-        self.precision = str(self.tcfg.precision)
+        self.precision = self.tcfg.precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.scale = self.scaler.get_scale()  # after the last step (fp16; read without a sync)
         # micro-batches per optimizer step (gradient accumulation)
-        self.accumulate = int(self.tcfg.get("accumulate_grad_batches", 1))
+        self.accumulate = self.tcfg.accumulate_grad_batches
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -338,9 +334,9 @@ class Trainer:
             model = DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=bool(self.cfg.trainer.get("find_unused_parameters", False)),
+                find_unused_parameters=self.tcfg.find_unused_parameters,
             )
-        backend = compile_backend(self.tcfg.get("compile", False))
+        backend = compile_backend(self.tcfg.compile)
         if backend is not None:
             model = torch.compile(model, backend=backend)
         return model
@@ -371,7 +367,7 @@ class Trainer:
     @contextlib.contextmanager
     def _compile_errors(self) -> Any:
         """A torch.compile failure (``trainer.compile``) as one line naming the model."""
-        if compile_backend(self.tcfg.get("compile", False)) is None:
+        if compile_backend(self.tcfg.compile) is None:
             yield
             return
         from torch._dynamo.exc import TorchDynamoException
@@ -621,7 +617,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        max_epochs = int(self.tcfg.max_epochs)
+        max_epochs = self.tcfg.max_epochs
         for cb in self.callbacks.values():
             cb.on_train_start(self)
         if self.epoch >= max_epochs or self.should_stop:
@@ -900,12 +896,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ConfigError / DataError: bad config values or data (one line naming the key or file).
     """
     validate_config(cfg)
-    device = resolve_device(str(cfg.trainer.device))
-    info = init_distributed(
-        str(cfg.trainer.get("strategy", "single")),
-        str(cfg.trainer.get("ddp_backend", "auto")),
-        device.type,
-    )
+    options = trainer_config(cfg)
+    device = resolve_device(options.device)
+    info = init_distributed(options.strategy, options.ddp_backend, device.type)
     device = training_device(device, info)
     # every rank uses rank 0's run directory (Hydra names one per process)
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
@@ -913,19 +906,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_writable(output_dir, "paths.output_dir (the run directory)")
         check_writable(output_dir / "checkpoints", "the checkpoint directory")
     seed_everything(int(cfg.seed))
-    if cfg.trainer.precision == "bf16" and device.type == "cpu":
+    if options.precision == "bf16" and device.type == "cpu":
         log.info(
             "trainer.precision=bf16 on CPU: convolutions of inputs with a spatial size of 2 run "
             "in float32 (torch's CPU bf16 conv3d weight gradient is wrong there; "
             "docs/precision.md)"
         )
-    if cfg.trainer.deterministic:
+    if options.deterministic:
         set_deterministic(device)
-    set_cudnn_benchmark(bool(cfg.trainer.get("cudnn_benchmark", False)))
-    set_tf32(bool(cfg.trainer.get("tf32", False)))
-    if compile_backend(cfg.trainer.get("compile", False)) and device.type != "cuda":
+    set_cudnn_benchmark(options.cudnn_benchmark)
+    set_tf32(options.tf32)
+    if compile_backend(options.compile) and device.type != "cuda":
         raise ConfigError(
-            f"trainer.compile={_text(cfg.trainer.compile)} needs trainer.device=cuda: on {device} the "
+            f"trainer.compile={_text(options.compile)} needs trainer.device=cuda: on {device} the "
             "step's memory is measured under a dispatch mode, in which torch.compile does not "
             "compile (the model would run uncompiled); use trainer.compile=false"
         )
@@ -933,8 +926,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = build(cfg.model, "model").to(device)
     check_input_sizes(cfg, model_divisor(model))
     checkpoint = None
-    if cfg.trainer.resume:  # before the data is read: a wrong checkpoint fails at once
-        checkpoint = read_resume_checkpoint(cfg.trainer.resume, output_dir / "checkpoints", cfg)
+    if options.resume:  # before the data is read: a wrong checkpoint fails at once
+        checkpoint = read_resume_checkpoint(options.resume, output_dir / "checkpoints", cfg)
     optimizer = build(cfg.optimizer, "optimizer")(params=parameter_groups(model, cfg.optimizer.lr))
     scheduler = (
         build(cfg.scheduler, "scheduler")(optimizer=optimizer) if cfg.get("scheduler") else None
@@ -957,7 +950,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, model, data, loss_fn, optimizer, scheduler, callbacks, writer, output_dir, device, info
     )
     if checkpoint is not None:
-        trainer.resume(cfg.trainer.resume, checkpoint)
+        trainer.resume(options.resume, checkpoint)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s, input %s, %d train / %d val cases, run dir %s",
@@ -969,7 +962,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         len(data.val_cases),
         output_dir,
     )
-    if cfg.trainer.get("plan_memory", True) and info.is_main:
+    if options.plan_memory and info.is_main:
         from revseg.memory.plan import plan_run
 
         try:  # the planner's prediction, next to the measured peak in summary.json
