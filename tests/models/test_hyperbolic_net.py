@@ -176,7 +176,7 @@ def test_opening_conv_takes_any_number_of_input_channels():
     assert model(torch.randn(1, 4, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
     with pytest.raises(ValueError, match="opening='repeat' needs state_channels"):
         HyperbolicNet(in_channels=4)
-    with pytest.raises(ValueError, match=r"expected \(B, 3, D, H, W\)"):
+    with pytest.raises(ValueError, match=r"^HyperbolicNet expects \(B, 3, D, H, W\)"):
         HyperbolicNet(layers=[1, 1, 1])(torch.randn(1, 4, 8, 8, 8))
     with pytest.raises(ValueError, match="odd number of levels"):
         HyperbolicNet(layers=[1, 1])

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from revseg.nn.blocks import check_volume, per_level
+from revseg.nn.base import SegmentationModel
+from revseg.nn.blocks import per_level
 from revseg.nn.hybrid import HybridBlock, hybrid_block
 from revseg.nn.invertible import (
     BatchPooling3d,
@@ -57,7 +58,7 @@ def pooling_plan(channels: Sequence[int]) -> list[str]:
     return plan
 
 
-class HybridRevNet(nn.Module):
+class HybridRevNet(SegmentationModel):
     """Fully reversible V-shaped 3D segmentation network of hybrid blocks (Hascoet et al.).
 
     ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)`` logits, with ``D, H, W``
@@ -129,19 +130,11 @@ class HybridRevNet(nn.Module):
         self.body = InvertibleSequence(body, memory_saving=memory_saving, preserve_rng_state=False)
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
-    @property
-    def memory_saving(self) -> bool:
-        return self.body.memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self.body.memory_saving = bool(value)
-
     def hybrid_blocks(self) -> list[HybridBlock]:
         """The hybrid blocks of the body, in forward order (the SNR analysis walks these)."""
         return [b for b in self.body.blocks if isinstance(b, HybridBlock)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         poolings = f"{len(self.pooling)} poolings"
-        check_volume(x, self.divisor, "HybridRevNet", self.in_channels, poolings)
+        self.check_input(x, poolings)
         return self.head(self.body(self.opening(x)))

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from revseg.nn.base import SegmentationModel
 from revseg.nn.leapfrog import LeapfrogStack, Rank, level_plan, resolve_ranks
 from revseg.nn.reversible import states_in
 
 __all__ = ["HyperbolicNet", "MemoryReport", "memory_report"]
 
 
-class HyperbolicNet(nn.Module):
+class HyperbolicNet(SegmentationModel):
     """Fully reversible hyperbolic segmentation network with block-low-rank layers.
 
     ``(B, in_channels, D, H, W) -> (B, out_channels, D, H, W)`` logits; ``D, H, W`` divisible by
@@ -90,18 +91,9 @@ class HyperbolicNet(nn.Module):
         """The factor ``D, H, W`` must be multiples of (the stack's Haar coarsenings)."""
         return self.stack.divisor
 
-    @property
-    def memory_saving(self) -> bool:
-        return self.stack.memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self.stack.memory_saving = value
-
     def open(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_channels, D, H, W) -> (B, state_channels, D, H, W)``: the first state."""
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
+        self.check_input(x, "the stack's Haar coarsenings")
         if self.opening is not None:
             # under autocast the convolution gives half precision; the states stay float32, as
             # everywhere in revseg's reversible parts, so the leapfrog reverse is float32-exact

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import NormActConv, checkpointed, max_pool2x, per_level
+from revseg.nn.base import SegmentationModel
+from revseg.nn.blocks import NormActConv, max_pool2x, per_level
 from revseg.nn.reversible import fork
 
 __all__ = ["UNetBaseline", "ConvBlock"]
@@ -69,7 +70,7 @@ class ConvBlock(nn.Sequential):
         )
 
 
-class UNetBaseline(nn.Module):
+class UNetBaseline(SegmentationModel):
     """The non-reversible No-New-Net equivalent of :class:`PartiallyReversibleUNet`.
 
     Args:
@@ -110,6 +111,7 @@ class UNetBaseline(nn.Module):
         if len(c) < 2:
             raise ValueError(f"UNetBaseline needs at least 2 levels, got channels={c}")
         extra = [k - 1 for k in per_level(encoder_blocks, len(c), "encoder_blocks")]
+        self.in_channels = in_channels
         self.channels = c
         self.divisor = 2 ** (len(c) - 1)
         self.checkpointing = checkpointing
@@ -134,31 +136,22 @@ class UNetBaseline(nn.Module):
             nn.ModuleList(block(out, out, out) for _ in range(n)) for out, n in zip(outs, extra)
         )
 
-    def _run(self, block: ConvBlock, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpointed(block, x)
-        return block(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 5 or any(s % self.divisor for s in x.shape[2:]):
-            raise ValueError(
-                f"UNetBaseline expects (B, C, D, H, W) with D, H, W divisible by "
-                f"{self.divisor}, got {tuple(x.shape)}"
-            )
+        self.check_input(x)
         skips = []
         for i, encoder in enumerate(self.encoders):
-            x = self._run(encoder, max_pool2x(x) if i > 0 else x)
+            x = self.checkpoint(encoder, max_pool2x(x) if i > 0 else x)
             for extra in self.extra_encoders[i]:
-                x = self._run(extra, x)
+                x = self.checkpoint(extra, x)
             skip, x = fork(x)
             skips.append(skip)
-        x = self._run(self.bottom, max_pool2x(x))
+        x = self.checkpoint(self.bottom, max_pool2x(x))
         for extra in self.extra_encoders[-1]:
-            x = self._run(extra, x)
+            x = self.checkpoint(extra, x)
         for i in range(len(self.decoders) - 1, -1, -1):
             x = (
                 F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
                 + skips.pop()
             )
-            x = self._run(self.decoders[i], x)
+            x = self.checkpoint(self.decoders[i], x)
         return self.head(x)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import check_volume, checkpointed, max_pool2x, per_level
+from revseg.nn.base import SegmentationModel
+from revseg.nn.blocks import max_pool2x, per_level
 from revseg.nn.reversible import fork, reversible_parts
 
 __all__ = [
@@ -116,7 +117,7 @@ def level_sequence(
     )
 
 
-class ReversibleUNet(nn.Module):
+class ReversibleUNet(SegmentationModel):
     """U-Net skeleton with one memory-saving sequence per level in the encoder and the decoder.
 
     Submodules, in this order (the order the factories are called in, so parameter
@@ -174,6 +175,7 @@ class ReversibleUNet(nn.Module):
         levels = len(channels)
         enc = per_level(encoder_depth, levels, "encoder_depth")
         dec = per_level(decoder_depth, levels, "decoder_depth")
+        self.in_channels = in_channels
         self.channels = channels
         self.divisor = 2 ** (levels - 1)
         pairs = list(enumerate(zip(channels, channels[1:])))
@@ -184,33 +186,18 @@ class ReversibleUNet(nn.Module):
         self.up = nn.ModuleList(up(i, coarse, fine) for i, (fine, coarse) in pairs)
         self.head = nn.Conv3d(channels[0], out_channels, 1)
 
-    @property
-    def memory_saving(self) -> bool:
-        """``True`` if every sequence is memory-saving; setting it sets every sequence."""
-        return all(seq.memory_saving for seq in self.reversible_sequences())
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        for seq in self.reversible_sequences():
-            seq.memory_saving = bool(value)
-
     def reversible_sequences(self) -> list[nn.Module]:
         """The memory-saving sequences: the encoders top to bottom, then the decoders
         (:func:`~revseg.nn.reversible.reversible_parts`)."""
         return [module for _, module in reversible_parts(self)]
 
-    def _resample(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing and self.training and torch.is_grad_enabled():
-            return checkpointed(module, x)
-        return module(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_volume(x, self.divisor, type(self).__name__)
+        self.check_input(x)
         x = self.stem(x)
         skips = []
         for i, encoder in enumerate(self.encoders):
             if i > 0:
-                x = self._resample(self.down[i - 1], x)
+                x = self.checkpoint(self.down[i - 1], x)
             x = encoder(x)
             if i < len(self.encoders) - 1:  # the bottom level has no skip
                 skip, x = fork(x)
@@ -218,5 +205,5 @@ class ReversibleUNet(nn.Module):
         for i in range(len(self.decoders) - 1, -1, -1):
             x = self.decoders[i](x)
             if i > 0:
-                x = self._resample(self.up[i - 1], x) + skips.pop()
+                x = self.checkpoint(self.up[i - 1], x) + skips.pop()
         return head_in_state_dtype(self.head, x)
