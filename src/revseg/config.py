@@ -264,6 +264,7 @@ class TrainerConfig:
     monitor: str = _key()
     monitor_mode: str = _key(choices=("max", "min"))
     resume: bool | str = _key()
+    overwrite: bool = _key()
     log_every_n_steps: int = _key(min=1)
     log_images: bool = _key()
     progress_bar: bool = _key()

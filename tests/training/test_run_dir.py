@@ -34,3 +34,32 @@ def test_a_fresh_run_does_not_replace_checkpoints(tmp_path):
     check_fresh_run(tmp_path, resume=True, overwrite=False)
     check_fresh_run(tmp_path, resume="other/last.pt", overwrite=False)
     check_fresh_run(tmp_path, resume=False, overwrite=True)
+
+
+def test_train_refuses_a_fresh_run_over_checkpoints_and_a_held_directory(tmp_path, tiny_data_root):
+    from revseg.training.checkpoint import CHECKSUM, load_checkpoint
+    from revseg.training.run_dir import RunDirInUse
+    from revseg.training.trainer import train
+
+    from conftest import TINY, compose_train
+
+    common = [
+        *TINY,
+        f"data.root={tiny_data_root}",
+        f"paths.output_dir={tmp_path}",
+        "~logger",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.plan_memory=false",
+    ]
+    train(compose_train(*common))
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert CHECKSUM in load_checkpoint(last)
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(compose_train(*common))
+    assert last.read_bytes() == before
+    with claim_run_dir(tmp_path), pytest.raises(RunDirInUse, match="is in use by process"):
+        train(compose_train(*common, "trainer.overwrite=true"))
+    summary = train(compose_train(*common, "trainer.overwrite=true"))
+    assert summary["epochs_completed"] == 1

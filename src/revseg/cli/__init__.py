@@ -108,7 +108,7 @@ def check_run_dir(args: Sequence[str]) -> None:
 
 
 # what a run writes before training starts: removed again when it fails on its config or data
-_BEFORE_TRAINING = (".hydra", "split.json", "checkpoints")
+_BEFORE_TRAINING = (".hydra", "split.json", "checkpoints", ".lock")
 
 
 @contextlib.contextmanager
@@ -117,8 +117,12 @@ def removing_unused_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
     ``.hydra/`` and log, ``split.json``, empty TensorBoard files, an empty ``checkpoints/``),
     and the run directory if nothing else is left. A directory holding anything else (a
     checkpoint, ``summary.json``, files of the user) is kept as it is."""
+    from revseg.training.run_dir import RunDirInUse
+
     try:
         yield
+    except RunDirInUse:
+        raise  # the directory is another run's: leave everything in it
     except (ConfigError, DataError):
         _remove_if_unused(Path(run_dir))
         raise

@@ -20,10 +20,14 @@ from pathlib import Path
 
 from revseg.errors import ConfigError
 
-__all__ = ["LOCK_NAME", "claim_run_dir", "check_fresh_run"]
+__all__ = ["LOCK_NAME", "RunDirInUse", "check_fresh_run", "claim_run_dir"]
 
 LOCK_NAME = ".lock"
 CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")
+
+class RunDirInUse(ConfigError):
+    """Another run holds the directory: nothing in it may be cleaned up by this one."""
+
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -36,7 +40,7 @@ def claim_run_dir(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold the run directory's lock while the block runs.
 
     Raises:
-        ConfigError: another process holds it (the message names that process).
+        RunDirInUse: another process holds it (the message names that process).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,7 +52,7 @@ def claim_run_dir(folder: str | os.PathLike) -> Iterator[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
-                raise ConfigError(
+                raise RunDirInUse(
                     f"{folder} is in use by {holder}: wait for that run to end, or give this one "
                     "another directory (hydra.run.dir=...)"
                 ) from None

@@ -57,6 +57,7 @@ from revseg.training.checkpoint import (
     restore_rng,
     rng_state,
     save_atomic,
+    with_checksum,
     write_text_atomic,
 )
 from revseg.training.contracts import (
@@ -82,6 +83,7 @@ from revseg.training.distributed import (
     shard_loader,
     training_device,
 )
+from revseg.training.run_dir import check_fresh_run, claim_run_dir
 from revseg.training.visualize import slice_panel
 from revseg.validation import model_divisor
 
@@ -286,7 +288,7 @@ class Trainer:
         # rank reads the same file on resume
         rngs = gather_objects(rng_state(self.device), self.dist) if self.dist.enabled else None
         if self.dist.is_main:
-            save_atomic(self.state_dict(rngs), path)
+            save_atomic(with_checksum(self.state_dict(rngs)), path)
         return path
 
     def resume(self, resume: bool | str, checkpoint: tuple[Path, dict] | None = None) -> None:
@@ -902,9 +904,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     device = training_device(device, info)
     # every rank uses rank 0's run directory (Hydra names one per process)
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), info))
-    if info.is_main:  # before anything is read or trained: a save must not fail an epoch later
+    if not info.is_main:
+        return _train(cfg, options, device, info, output_dir)
+    # one run per directory; a fresh run does not replace another's checkpoints
+    check_fresh_run(output_dir, options.resume, options.overwrite)
+    with claim_run_dir(output_dir):
+        # before anything is read or trained: a save must not fail an epoch later
         check_writable(output_dir, "paths.output_dir (the run directory)")
         check_writable(output_dir / "checkpoints", "the checkpoint directory")
+        return _train(cfg, options, device, info, output_dir)
+
+
+def _train(
+    cfg: DictConfig, options: Any, device: torch.device, info: Any, output_dir: Path
+) -> dict[str, Any]:
+    """:func:`train` once the run directory is this run's."""
     seed_everything(int(cfg.seed))
     if options.precision == "bf16" and device.type == "cpu":
         log.info(
