@@ -3,8 +3,9 @@ checkpoints without being told to.
 
 :func:`claim_run_dir` takes an exclusive lock on ``<run dir>/.lock`` for the life of the run (an
 ``fcntl.flock``: the operating system drops it when the process ends, however it ends, so a
-killed run leaves no stale lock) and records its holder (process, host, start) in the file; a
-second run in the same directory fails at once with one line naming the holder. A fresh run
+killed run leaves no stale lock) and records its holder (process, host, start) in the file,
+which a run that ends removes; a second run in the same directory fails at once with one line
+naming the holder. A fresh run
 (``trainer.resume=false``) in a directory that already holds checkpoints is refused unless
 ``trainer.overwrite=true``.
 """
@@ -24,6 +25,7 @@ __all__ = ["LOCK_NAME", "RunDirInUse", "check_fresh_run", "claim_run_dir"]
 
 LOCK_NAME = ".lock"
 CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")
+
 
 class RunDirInUse(ConfigError):
     """Another run holds the directory: nothing in it may be cleaned up by this one."""
@@ -45,25 +47,41 @@ def claim_run_dir(folder: str | os.PathLike) -> Iterator[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _locked(path, folder)
     try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
-                raise RunDirInUse(
-                    f"{folder} is in use by {holder}: wait for that run to end, or give this one "
-                    "another directory (hydra.run.dir=...)"
-                ) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
+        holder = f"process {os.getpid()} on {socket.gethostname()} since {started}\n"
         os.ftruncate(fd, 0)
-        os.pwrite(
-            fd, f"process {os.getpid()} on {socket.gethostname()} since {started}\n".encode(), 0
-        )
+        os.pwrite(fd, holder.encode(), 0)
         yield folder
     finally:
+        path.unlink(missing_ok=True)  # before the lock goes: see _locked
         os.close(fd)  # releases the lock
+
+
+def _locked(path: Path, folder: Path) -> int:
+    """An open descriptor of ``path`` holding its lock. A lock won on a file its holder removed
+    on the way out (between our open and our lock) is given up and taken again on the new one."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another run"
+            os.close(fd)
+            raise RunDirInUse(
+                f"{folder} is in use by {holder}: wait for that run to end, or give this one "
+                "another directory (hydra.run.dir=...)"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 def check_fresh_run(folder: str | os.PathLike, resume: object, overwrite: bool) -> None:
