@@ -287,6 +287,33 @@ class _Loader(DataLoader):
             raise
 
 
+def train_loader(
+    dataset: Any, batch_size: int, num_workers: int, seed: int | None, pin_memory: bool
+) -> DataLoader:
+    """Shuffled training batches; ``seed`` seeds the order and the random transforms (``None``:
+    torch's global RNG)."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    return _Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def val_loader(dataset: Any, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Validation batches of one case each, in case order."""
+    return _Loader(
+        dataset, batch_size=1, shuffle=False, num_workers=num_workers, pin_memory=pin_memory
+    )
+
+
 class BratsData:
     """Data module for BraTS datasets in any public layout (or the generated demo dataset).
 
@@ -727,30 +754,12 @@ class BratsData:
             pin_memory: batches in page-locked memory (for faster copies to a GPU that trains).
         """
         self.setup()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator()
-            generator.manual_seed(seed)
-        return _Loader(
-            self._train_ds,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            generator=generator,
-            pin_memory=pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return train_loader(self._train_ds, self.batch_size, self.num_workers, seed, pin_memory)
 
     def val_dataloader(self, pin_memory: bool = False) -> DataLoader:
         """Validation batches of one whole crop: ``(1, 4, *crop_size)``, in case order."""
         self.setup()
-        return _Loader(
-            self._val_ds,
-            batch_size=1,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=pin_memory,
-        )
+        return val_loader(self._val_ds, self.num_workers, pin_memory)
 
     def __repr__(self) -> str:
         return (

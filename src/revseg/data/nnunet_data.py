@@ -34,7 +34,14 @@ from monai.transforms import (
     ResizeWithPadOrCropd,
 )
 
-from revseg.data.brats import _Loader, _Transformed, fold_cases, read_split_file, split_cases
+from revseg.data.brats import (
+    _Transformed,
+    fold_cases,
+    read_split_file,
+    split_cases,
+    train_loader,
+    val_loader,
+)
 from revseg.data.nnunet import (
     DatasetSpec,
     LabelsToChannelsd,
@@ -327,29 +334,11 @@ class NnUNetData:
 
     def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
         self.setup()
-        generator = None
-        if seed is not None:
-            generator = torch.Generator()
-            generator.manual_seed(seed)
-        return _Loader(
-            self._train_ds,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            generator=generator,
-            pin_memory=pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return train_loader(self._train_ds, self.batch_size, self.num_workers, seed, pin_memory)
 
     def val_dataloader(self, pin_memory: bool = False) -> DataLoader:
         self.setup()
-        return _Loader(
-            self._val_ds,
-            batch_size=1,
-            shuffle=False,
-            num_workers=self.num_workers,
-            pin_memory=pin_memory,
-        )
+        return val_loader(self._val_ds, self.num_workers, pin_memory)
 
     # -- what the trainer asks of a data module beyond batches ---------------------------------
 
