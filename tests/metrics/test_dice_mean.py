@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import Writer
 from revseg.cli.evaluate import main as evaluate_main
 from revseg.metrics.brats import DICE_MEAN, label_regions
 from revseg.metrics.regions import BRATS
@@ -45,19 +46,6 @@ CASES = {
 }
 WT = (2 / 3 + 0.4) / 2
 EXPECTED = (WT + 0.4 + 0.4) / 3  # 4/9: TC and ET are 0.4 (case A's NaN cells left out)
-
-
-class _Writer:
-    """TensorBoard's ``add_scalar`` kept as ``scalars[tag][step]``; every other call ignored."""
-
-    def __init__(self) -> None:
-        self.scalars: dict[str, dict[int, float]] = {}
-
-    def add_scalar(self, tag, value, step) -> None:
-        self.scalars.setdefault(tag, {})[step] = value
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 class _Identity(nn.Module):
@@ -98,7 +86,7 @@ def test_validation_tensorboard_and_evaluate_agree(tmp_path, capsys):
     cfg = compose_train(*TINY, f"paths.output_dir={tmp_path}", "trainer.log_images=false")
     model = _Identity()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    writer = _Writer()
+    writer = Writer()
     trainer = Trainer(
         cfg, model, _Cases(), nn.Identity(), optimizer, None, {}, writer, tmp_path,
         torch.device("cpu"),

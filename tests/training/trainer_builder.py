@@ -8,24 +8,12 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 
+from helpers import Writer
 from revseg.training.callbacks import Callback
 from revseg.training.distributed import DistInfo
 from revseg.training.trainer import Trainer
 
 from conftest import TINY, compose_train
-
-
-class Writer:
-    """Keeps ``add_scalar``'s values as ``scalars[tag][step]``; every other call does nothing."""
-
-    def __init__(self) -> None:
-        self.scalars: dict[str, dict[int, float]] = {}
-
-    def add_scalar(self, tag, value, step) -> None:
-        self.scalars.setdefault(tag, {})[step] = value
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
 
 
 def make_trainer(
