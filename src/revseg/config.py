@@ -273,8 +273,8 @@ class TrainerConfig:
     tf32: bool = _key()
     channels_last: bool = _key()
     compile: bool | str = _key()
-    limit_train_batches: int | None = _key(min=0)
-    limit_val_batches: int | None = _key(min=0)
+    limit_train_batches: int | None = _key(min=1)
+    limit_val_batches: int | None = _key(min=1)
     precision: str = _key(choices=PRECISIONS)
     accumulate_grad_batches: int = _key(min=1)
     grad_clip: float | None = _key(positive=True)
@@ -402,6 +402,10 @@ def metrics_config(cfg: DictConfig) -> MetricsConfig:
     return check_schema(cfg.get("metrics"), MetricsConfig, "metrics")
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Fail early, before any data is read, on values that cannot work.
 
@@ -417,6 +421,16 @@ def validate_config(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and (not isinstance(lr, (int, float)) or lr <= 0):
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")
+    decay = cfg.optimizer.get("weight_decay")
+    if decay is not None and (not _number(decay) or decay < 0):
+        raise ConfigError(f"optimizer.weight_decay must be a number >= 0, got {decay!r}")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed must be an int, got {seed!r}")
+    for key in ("memory_saving", "checkpointing"):
+        value = cfg.model.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"model.{key} must be true or false, got {value!r}")
     for key in ("crop_size", "patch_size"):
         if cfg.data.get(key) is not None:
             positive_ints(cfg.data[key], f"data.{key}", 3)
