@@ -265,6 +265,7 @@ class TrainerConfig:
     monitor_mode: str = _key(choices=("max", "min"))
     resume: bool | str = _key()
     overwrite: bool = _key()
+    resume_changes: list = _key()
     log_every_n_steps: int = _key(min=1)
     log_images: bool = _key()
     progress_bar: bool = _key()
@@ -325,12 +326,16 @@ def _describe(kinds: tuple[type, ...], nullable: bool, meta: Mapping[str, Any]) 
         text = {1: "a positive int", 0: "a non-negative int"}.get(meta.get("min"), "an int")
     elif kinds == (float,):
         text = "a positive number" if meta.get("positive") else "a number"
+    elif kinds == (list,):
+        text = "a list of config keys, e.g. [optimizer.lr]"
     else:
         text = "a string"
     return text + (" or null" if nullable else "")
 
 
 def _fits(value: Any, kinds: tuple[type, ...], meta: Mapping[str, Any]) -> bool:
+    if isinstance(value, list):  # a list of config keys
+        return list in kinds and all(isinstance(v, str) for v in value)
     if isinstance(value, bool):  # a bool is an int to Python, never to a config
         return bool in kinds
     if isinstance(value, int) and (int in kinds or float in kinds):

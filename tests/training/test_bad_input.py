@@ -52,6 +52,21 @@ def test_resume_with_other_model_settings_names_them(trained):
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(
+        f"trainer.resume: {run / 'checkpoints' / 'last.pt'} was trained with other settings: "
+        "model.channels=[8, 16, 32] (was [8, 16, 24]); "
+    )
+    # said to be intended, the weights still cannot fit: the checkpoint's model is named
+    with pytest.raises(ConfigError) as info:
+        train(
+            compose_train(
+                *overrides,
+                "model.channels=[8,16,32]",
+                "trainer.resume=true",
+                "trainer.max_epochs=2",
+                "trainer.resume_changes=[model.channels]",
+            )
+        )
+    assert str(info.value).startswith(
         f"trainer.resume: {run / 'checkpoints' / 'last.pt'} does not fit this "
         "prev_unet model (prev_unet with model.channels=[8, 16, 24]): "
     )

@@ -63,3 +63,39 @@ def test_train_refuses_a_fresh_run_over_checkpoints_and_a_held_directory(tmp_pat
         train(compose_train(*common, "trainer.overwrite=true"))
     summary = train(compose_train(*common, "trainer.overwrite=true"))
     assert summary["epochs_completed"] == 1
+
+
+def test_a_resume_with_other_settings_is_refused_unless_intended(tmp_path, tiny_data_root):
+    """A resume that changed the learning rate or the crop went ahead with the new values and no
+    warning (issue 22, item 4); how long it trains may change freely."""
+    from revseg.training.trainer import train
+
+    from conftest import TINY, compose_train
+
+    common = [
+        *TINY,
+        f"data.root={tiny_data_root}",
+        f"paths.output_dir={tmp_path}",
+        "~logger",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.plan_memory=false",
+    ]
+    train(compose_train(*common))
+    with pytest.raises(ConfigError) as info:
+        train(compose_train(*common, "trainer.resume=true", "optimizer.lr=0.5", "seed=7"))
+    message = str(info.value)
+    assert "was trained with other settings: optimizer.lr=0.5 (was 0.001); seed=7 (was 42)" in (
+        message
+    )
+    assert message.endswith("trainer.resume_changes=[optimizer.lr,seed]")
+    summary = train(
+        compose_train(
+            *common,
+            "trainer.resume=true",
+            "trainer.max_epochs=2",
+            "optimizer.lr=0.5",
+            "trainer.resume_changes=[optimizer.lr]",
+        )
+    )
+    assert summary["epochs_completed"] == 2

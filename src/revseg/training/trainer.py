@@ -834,6 +834,62 @@ def _config_differences(state: dict[str, Any], cfg: DictConfig) -> str:
     return ", ".join(f"model.{k}={then.get(k)!r}".replace("'", "") for k in keys)
 
 
+# what a resumed run may change without saying so: how long it trains and how it reports, where it
+# runs and where it finds the data (everything else changes what it trains and is refused)
+RESUME_MAY_CHANGE = (
+    "trainer.max_epochs",
+    "trainer.resume",
+    "trainer.resume_changes",
+    "trainer.overwrite",
+    "trainer.device",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+    "trainer.log_images",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.plan_memory",
+    "trainer.val_every",
+    "trainer.limit_val_batches",
+    "data.root",
+    "data.num_workers",
+    "metrics",
+    "paths",
+    "logger",
+    "task_name",
+)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _covered(key: str, prefixes: Any) -> bool:
+    return any(key == p or key.startswith(f"{p}.") for p in prefixes)
+
+
+def resume_differences(state: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """``key=<now> (was <then>)`` for every setting that differs from the checkpoint's run,
+    except those a resumed run may change (:data:`RESUME_MAY_CHANGE`) and those the user names
+    in ``trainer.resume_changes``."""
+    try:
+        then = _flat(OmegaConf.to_container(OmegaConf.create(state["config"]), resolve=True))
+    except Exception:  # noqa: BLE001 - an unreadable config: the model check reports it
+        return []
+    now = _flat(OmegaConf.to_container(cfg, resolve=True))
+    intended = [str(k) for k in (cfg.trainer.get("resume_changes") or [])]
+    return [
+        f"{key}={_text(now.get(key))} (was {_text(then.get(key))})"
+        for key in sorted(set(now) | set(then))
+        if now.get(key) != then.get(key)
+        and not _covered(key, RESUME_MAY_CHANGE)
+        and not _covered(key, intended)
+    ]
+
+
 def read_resume_checkpoint(
     resume: bool | str, ckpt_dir: Path, cfg: DictConfig
 ) -> tuple[Path, dict[str, Any]]:
@@ -855,6 +911,14 @@ def read_resume_checkpoint(
         raise ConfigError(
             f"trainer.resume: {path} holds {name}, not {_current_model(cfg)}: resume with "
             f"model={name}, or start a new run in another directory"
+        )
+    changed = resume_differences(state, cfg)
+    if changed:
+        keys = ",".join(c.split("=", 1)[0] for c in changed)
+        raise ConfigError(
+            f"trainer.resume: {path} was trained with other settings: {'; '.join(changed)}; "
+            f"resume with the same ones, or say the change is intended with "
+            f"trainer.resume_changes=[{keys}]"
         )
     return path, state
 
