@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from revseg.device import autocast_context
 
@@ -149,16 +150,20 @@ class TrainStep:
         self, image: torch.Tensor, label: torch.Tensor, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The loss of one micro-batch, under the precision's autocast."""
-        with self.autocast(), self.guard():
+        with self.autocast(), self.guard(), record_function("step: forward and loss"):
             return self.loss_fn(self.model(image), label, mask)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a (weighted) loss through the gradient scaler."""
-        with self.guard():
+        with self.guard(), record_function("step: backward"):
             self.scaler.scale(loss).backward()
 
     def finish(self, loss: torch.Tensor) -> StepResult:
         """Unscale, take the global norm (clip it), check finiteness once, step."""
+        with record_function("step: optimizer"):
+            return self._finish(loss)
+
+    def _finish(self, loss: torch.Tensor) -> StepResult:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_clip:

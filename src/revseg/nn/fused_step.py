@@ -41,6 +41,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from revseg.nn.blocks import NormActConv, conv_in_float32
 
@@ -278,8 +279,10 @@ def half_step(
         the gradients of ``fn``'s trainable parameters in ``fn.parameters()`` order.
     """
     if chunks <= 1 and not _low_precision(inp):
-        return _whole_step(fn, inp, upstream, target, grad_acc)
-    return _slab_step(fn, inp, upstream, target, grad_acc, max(chunks, 1))
+        with record_function("fused half step: whole volume"):
+            return _whole_step(fn, inp, upstream, target, grad_acc)
+    with record_function("fused half step: slabs"):
+        return _slab_step(fn, inp, upstream, target, grad_acc, max(chunks, 1))
 
 
 def _whole_step(fn, inp, upstream, target, grad_acc) -> list[torch.Tensor | None]:

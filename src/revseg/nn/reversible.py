@@ -58,6 +58,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.profiler import record_function
 
 from revseg.nn import fused_step
 from revseg.nn.blocks import FunctionModes
@@ -683,32 +684,35 @@ class _ChainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_out):  # type: ignore[override]
         refs = [_python_refs(g) for g in grad_out]  # first, as in _GradientProbe.backward
-        state = [t.detach() for t in ctx.saved_tensors]
-        steps = ctx.steps
-        if any(step.writes_state for step in steps):
-            state = [t if _sole_owner(t) else t.clone() for t in state]
-        grads = [
-            torch.zeros_like(t) if g is None else g if _gradient_is_ours(g, r) else g.clone()
-            for t, g, r in zip(state, grad_out, refs)
-        ]
-        del grad_out
-        param_grads: list[list[torch.Tensor | None]] = []  # per step, last step first
-        for step in reversed(steps):
-            module = [step.module] if step.module is not None else []
-            # gradients are taken inside: the graph saved the BatchNorm buffers the exit restores
-            with (
-                torch.enable_grad(),
-                recomputing(),
-                ctx.autocast.context(),
-                _frozen_batchnorm_stats(module),
-            ):
-                param_grads.append(step.backward(state, grads))
-        del state
-        n = ctx.n_state
-        grad_in = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2 : 2 + n])]
-        del grads
-        ordered = [g for step_grads in reversed(param_grads) for g in step_grads]
-        return (None, None, *grad_in, *ordered)
+        with record_function("reversible chain: backward"):
+            state = [t.detach() for t in ctx.saved_tensors]
+            steps = ctx.steps
+            if any(step.writes_state for step in steps):
+                state = [t if _sole_owner(t) else t.clone() for t in state]
+            grads = [
+                torch.zeros_like(t) if g is None else g if _gradient_is_ours(g, r) else g.clone()
+                for t, g, r in zip(state, grad_out, refs)
+            ]
+            del grad_out
+            param_grads: list[list[torch.Tensor | None]] = []  # per step, last step first
+            for step in reversed(steps):
+                module = [step.module] if step.module is not None else []
+                # gradients are taken inside: the graph saved the BatchNorm buffers the exit restores
+                with (
+                    torch.enable_grad(),
+                    recomputing(),
+                    ctx.autocast.context(),
+                    _frozen_batchnorm_stats(module),
+                ):
+                    param_grads.append(step.backward(state, grads))
+            del state
+            n = ctx.n_state
+            grad_in = [
+                g if need else None for g, need in zip(grads, ctx.needs_input_grad[2 : 2 + n])
+            ]
+            del grads
+            ordered = [g for step_grads in reversed(param_grads) for g in step_grads]
+            return (None, None, *grad_in, *ordered)
 
 
 @torch.compiler.disable
