@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from revseg.cli import run_main
+from revseg.cli.doctor import _ddp_gradients, _tiny_unet
 
 __all__ = ["FULL_FOV", "Section", "main", "run", "validate"]
 
@@ -66,6 +67,7 @@ DRY_FOV = (32, 32, 32)
 GRAD_TOLERANCE = 1e-6  # float64, memory saving vs plain autograd (docs/architecture.md)
 FP32_TOLERANCE = 1e-4  # float32 without TF32 (gradients, relative)
 LOSS_SCALE = 4096.0
+F64 = torch.float64
 PLAN_SLACK = 1.02  # measured max_memory_allocated may exceed the plan's bound by this much
 DEPTHS = (1, 2, 4, 8)
 MODES = ("fp32", "tf32", "bf16", "fp16")
@@ -141,21 +143,6 @@ def environment(s: Settings) -> Section:
     return sec
 
 
-def _tiny_unet(memory_saving: bool, chunks=None, **kwargs) -> nn.Module:
-    from revseg.models.prev_unet import PartiallyReversibleUNet
-
-    torch.manual_seed(0)
-    return PartiallyReversibleUNet(
-        channels=(8, 16),
-        encoder_depth=2,
-        decoder_depth=2,
-        norm_groups=2,
-        memory_saving=memory_saving,
-        chunks=chunks,
-        **kwargs,
-    )
-
-
 def _tiny_baseline(checkpointing: bool) -> nn.Module:
     from revseg.models.unet_baseline import UNetBaseline
 
@@ -180,13 +167,13 @@ def exactness(s: Settings) -> Section:
     sec = Section("exactness")
     x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64, device=s.device)
     cases: list[tuple[str, Callable[[bool], nn.Module]]] = [
-        ("prev_unet, whole volume", lambda saving: _tiny_unet(saving)),
-        ("prev_unet, slabs (chunks=3)", lambda saving: _tiny_unet(saving, chunks=3)),
-        ("unet_baseline, checkpointing", _tiny_baseline),
+        ("prev_unet, whole volume", lambda saving: _tiny_unet(saving, F64, s.device, chunks=None)),
+        ("prev_unet, slabs (chunks=3)", lambda saving: _tiny_unet(saving, F64, s.device, chunks=3)),
+        ("unet_baseline, checkpointing", lambda saving: _tiny_baseline(saving).to(s.device, F64)),
     ]
     for label, make in cases:
-        got = _grads(make(True).double().to(s.device), x)
-        want = _grads(make(False).double().to(s.device), x)
+        got = _grads(make(True), x)
+        want = _grads(make(False), x)
         err = _max_rel(got, want)
         sec.rows.append({"model": label, "max_rel_grad_error": err, "tolerance": GRAD_TOLERANCE})
         if not err < GRAD_TOLERANCE:
@@ -204,7 +191,7 @@ def channels_last(s: Settings) -> Section:
     sec = Section("channels_last")
     for dtype, tol in ((torch.float64, GRAD_TOLERANCE), (torch.float32, FP32_TOLERANCE)):
         for chunks in (None, 3):
-            model = _tiny_unet(True, chunks=chunks).to(s.device, dtype)
+            model = _tiny_unet(True, dtype, s.device, chunks=chunks)
             x = torch.randn(1, 4, 16, 16, 16, dtype=dtype, device=s.device)
             want = _grads(copy.deepcopy(model), x)
             got = _grads(model, x, torch.channels_last_3d)
@@ -446,8 +433,6 @@ def resume(s: Settings) -> Section:
 def ddp(s: Settings) -> Section:
     """revseg-doctor's DDP check: two gloo processes on the one device, and on a GPU also a
     one-process NCCL group (a one-GPU node), against one process on the combined batch."""
-    from revseg.cli.doctor import _ddp_gradients
-
     sec = Section("ddp")
     runs = [("gloo", 2)] + ([("nccl", 1)] if s.cuda else [])
     for backend, processes in runs:
@@ -476,7 +461,7 @@ def compiled(s: Settings) -> Section:
     x = torch.randn(1, 4, side, side, side, device=s.device)
     results = {}
     for name in ("eager", s.compile_backend):
-        model = _tiny_unet(True).to(s.device)
+        model = _tiny_unet(True, torch.float32, s.device, chunks=None)
         run = model if name == "eager" else torch.compile(model, backend=name)
         _grads(run, x)  # warm-up (compiles)
         model.zero_grad(set_to_none=True)

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -50,16 +51,21 @@ class Check:
     fn: Callable[[], str]
 
 
-def _tiny_unet(memory_saving: bool, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _tiny_unet(
+    memory_saving: bool, dtype: torch.dtype, device: torch.device, **kwargs: Any
+) -> torch.nn.Module:
+    """A small prev_unet (``kwargs``: more of its arguments, e.g. ``chunks``), the same weights
+    with and without memory saving."""
     from revseg.models.prev_unet import PartiallyReversibleUNet
 
-    torch.manual_seed(0)  # the same weights with and without memory saving
+    torch.manual_seed(0)
     model = PartiallyReversibleUNet(
         channels=(8, 16),
         encoder_depth=2,
         decoder_depth=2,
         norm_groups=2,
         memory_saving=memory_saving,
+        **kwargs,
     )
     return model.to(device=device, dtype=dtype)
 

@@ -332,10 +332,10 @@ def _trace_step(
         ledger.add_as(list(optimizer.state.values()), _CAT["optimizer state"])
     ledger.add_as([image, label], _CAT["batch"])
     if accumulate > 1:  # a later micro-batch: the gradients so far are held through it
-        grads = [torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
-        for p, g in zip((p for p in model.parameters() if p.requires_grad), grads):
-            p.grad = g
-        ledger.add_as(grads, _CAT["gradients"])
+        trained = [p for p in model.parameters() if p.requires_grad]
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        ledger.add_as([p.grad for p in trained], _CAT["gradients"])
 
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
     step = TrainStep(
