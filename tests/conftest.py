@@ -54,3 +54,23 @@ def tiny_data_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data") / "synthetic_brats"
     make_synthetic_brats(root, num_cases=4, shape=(24, 24, 24), seed=0)
     return root
+
+
+# the tiny model of TINY alone (the planner's tests give the data sizes themselves)
+TINY_MODEL = [o for o in TINY if o.startswith("model.")]
+
+
+def plan_config(*overrides: str, size: int = 16):
+    """The composed train config of the tiny model with a ``size``³ crop."""
+    return compose_train(*TINY_MODEL, *overrides, f"data.crop_size=[{size},{size},{size}]")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops: one thread is faster, and much faster on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

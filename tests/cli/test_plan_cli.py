@@ -4,25 +4,16 @@ budget answer is the total with its parts."""
 import re
 
 import pytest
-import torch
 
 from revseg.cli.plan import main
 
-from conftest import TINY
+from conftest import TINY_MODEL
 
-MODEL = [o for o in TINY if o.startswith("model.")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(capsys, *args: str) -> str:
-    assert main(["model=prev_unet", *MODEL, "data.crop_size=[16,16,16]", *args]) == 0
+    assert main(["model=prev_unet", *TINY_MODEL, "data.crop_size=[16,16,16]", *args]) == 0
     return capsys.readouterr().out
 
 

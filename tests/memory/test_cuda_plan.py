@@ -19,21 +19,9 @@ from revseg.memory.trace import (
 )
 from revseg.memory.tracker import StorageTracker
 
-from conftest import TINY, compose_train
+from conftest import plan_config
 
-MODEL = [o for o in TINY if o.startswith("model.")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cfg(*overrides: str, size: int = 16):
-    return compose_train(*MODEL, *overrides, f"data.crop_size=[{size},{size},{size}]")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cuda_block_bytes_by_hand():
@@ -87,7 +75,7 @@ def _measured(cfg, size: int, block=None, ddp: bool = False, foreach=None) -> in
 
 
 def test_cpu_plans_add_nothing():
-    plan = plan_from_config(_cfg("model=prev_unet", "trainer.device=cpu"))
+    plan = plan_from_config(plan_config("model=prev_unet", "trainer.device=cpu"))
     assert plan.added == {} and plan.allowance == {}
     assert plan.peak_bytes == plan.allocated_bytes == plan.total_bytes
 
@@ -96,7 +84,7 @@ def test_cuda_plan_is_the_foreach_step_in_allocator_blocks():
     """A CUDA plan (fp32) against an independent measurement of the same step: the optimizer
     with foreach=True, every storage costing the allocator's block; at 24^3 (the planner
     traces 4^3 and 8x4x4): the computed rounding extrapolates, to the byte."""
-    cfg = _cfg("model=prev_unet", "model.encoder_depth=2", "trainer.device=cuda", size=24)
+    cfg = plan_config("model=prev_unet", "model.encoder_depth=2", "trainer.device=cuda", size=24)
     plan = plan_from_config(cfg)
     assert plan.rules == "cuda" and "foreach=True" in " ".join(plan.notes)
     measured = _measured(cfg, 24, block=cuda_block_bytes, foreach=True)
@@ -113,13 +101,13 @@ def test_foreach_temporaries_hold_a_parameter_size():
     """With a tiny input the peak is the optimizer step: foreach Adam holds the square roots of
     all second moments at once (a parameter-size), the CPU's one tensor at a time."""
     size = 4
-    cpu = plan_from_config(_cfg("model=prev_unet", "trainer.device=cpu", size=size))
-    cuda = plan_from_config(_cfg("model=prev_unet", "trainer.device=cuda", size=size))
+    cpu = plan_from_config(plan_config("model=prev_unet", "trainer.device=cpu", size=size))
+    cuda = plan_from_config(plan_config("model=prev_unet", "trainer.device=cuda", size=size))
     param_bytes = 4 * cpu.params
     assert cuda.peak_phase == "optimizer"
     assert cuda.breakdown["workspace"] >= param_bytes > cpu.breakdown["workspace"]
     assert cuda.peak_bytes > cpu.peak_bytes
-    cfg = _cfg("model=prev_unet", size=size)
+    cfg = plan_config("model=prev_unet", size=size)
     assert abs(cuda.peak_bytes - _measured(cfg, size, foreach=True)) <= 64
 
 
@@ -145,7 +133,7 @@ def test_ddp_bucket_bytes_are_ddps():
 def test_ddp_plan_is_one_parameter_size_more_as_measured():
     """trainer.strategy=ddp: the plan adds the buckets, and a one-process gloo DDP step measures
     exactly that much more (CPU: no rounding, no allowance)."""
-    cfg = _cfg("model=prev_unet", "model.encoder_depth=2", "trainer.device=cpu", size=16)
+    cfg = plan_config("model=prev_unet", "model.encoder_depth=2", "trainer.device=cpu", size=16)
     single = plan_from_config(cfg)
     cfg.trainer.strategy = "ddp"
     ddp = plan_from_config(cfg)
@@ -172,7 +160,7 @@ def test_autocast_weight_cache_is_traced():
 
 
 def test_allowance_is_labelled_and_scales():
-    cfg = _cfg("model=prev_unet", "trainer.device=cuda", "trainer.precision=bf16")
+    cfg = plan_config("model=prev_unet", "trainer.device=cuda", "trainer.precision=bf16")
     small = plan_from_config(cfg, spatial=[16] * 3)
     large = plan_from_config(cfg, spatial=[64] * 3)
     for plan in (small, large):
@@ -196,8 +184,8 @@ def test_budget_keeps_the_cuda_margin():
     """A budget the traced peak just fits: the CPU plan takes it, the CUDA plan refuses (the
     allowance does not fit); with the CUDA total as the budget it picks that size and no more."""
     size = 32
-    cpu_cfg = _cfg("model=prev_unet", "trainer.device=cpu", size=size)
-    cuda_cfg = _cfg("model=prev_unet", "trainer.device=cuda", size=size)
+    cpu_cfg = plan_config("model=prev_unet", "trainer.device=cpu", size=size)
+    cuda_cfg = plan_config("model=prev_unet", "trainer.device=cuda", size=size)
     traced = plan_from_config(cpu_cfg).peak_bytes
     assert fit_budget(cpu_cfg, traced, depth=False).cube == [size] * 3
     refused = fit_budget(cuda_cfg, traced, depth=False)

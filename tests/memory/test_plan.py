@@ -9,24 +9,11 @@ from revseg.errors import ConfigError
 from revseg.memory import PeakMemoryMeter
 from revseg.memory.plan import CATEGORIES, fit_budget, plan_from_config, plan_run
 
-from conftest import TINY, compose_train
+from conftest import TINY_MODEL, compose_train, plan_config
 
 # the planner traces at the model's divisor (4 for three levels) and 2x in one dimension; the
 # checks are at sizes 4 times larger in voxels and more, so the extrapolation is tested
-MODEL = [o for o in TINY if o.startswith("model.")]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _cfg(*overrides: str, size: int = 16):
-    return compose_train(*MODEL, *overrides, f"data.crop_size=[{size},{size},{size}]")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured_peak(cfg, size, precision: str = "fp32") -> int:
@@ -71,7 +58,7 @@ def measured_peak(cfg, size, precision: str = "fp32") -> int:
 )
 def test_plan_matches_measured_peak(overrides):
     size = 8
-    cfg = _cfg(*overrides, size=size)
+    cfg = plan_config(*overrides, size=size)
     plan = plan_from_config(cfg)
     measured = measured_peak(cfg, size)
     assert plan.input_shape == (1, 4, size, size, size)
@@ -93,7 +80,7 @@ def test_plan_follows_the_precision(overrides, precision):
     """trainer.precision is planned as the trainer runs it (CPU rules on the CPU), to the byte
     with float32 states."""
     size = 8
-    cfg = _cfg(*overrides, f"trainer.precision={precision}", "trainer.device=cpu", size=size)
+    cfg = plan_config(*overrides, f"trainer.precision={precision}", "trainer.device=cpu", size=size)
     plan = plan_from_config(cfg)
     assert (plan.precision, plan.rules) == (precision, "cpu")
     assert f"{precision} with CPU autocast rules" in plan.table().splitlines()[0]
@@ -141,7 +128,7 @@ def test_every_model_is_planned_as_measured_at_every_precision(name, precision):
 def test_low_precision_plans_less_and_cuda_rules_keep_float32_norms():
     """The baseline's convolutions shrink under bf16; under CUDA's rules its GroupNorms run in
     float32 (their inputs cast up and kept), under CPU's in bf16."""
-    cfg = _cfg("model=unet_baseline", "model.checkpointing=true", size=32)
+    cfg = plan_config("model=unet_baseline", "model.checkpointing=true", size=32)
     peaks = {}
     for precision, device in (("fp32", "cpu"), ("bf16", "cpu"), ("bf16", "cuda")):
         c = cfg.copy()
@@ -157,15 +144,15 @@ def test_low_precision_plans_less_and_cuda_rules_keep_float32_norms():
 
 def test_precision_and_device_errors_name_the_key():
     with pytest.raises(ConfigError, match="trainer.precision"):
-        plan_from_config(_cfg("model=prev_unet", "trainer.precision=fp64"))
+        plan_from_config(plan_config("model=prev_unet", "trainer.precision=fp64"))
     with pytest.raises(ConfigError, match="trainer.device"):
-        plan_from_config(_cfg("model=prev_unet", "trainer.device=tpu"))
+        plan_from_config(plan_config("model=prev_unet", "trainer.device=tpu"))
 
 
 def test_breakdown_adds_up_and_names_the_reversible_states():
-    saving = plan_from_config(_cfg("model=prev_unet", "model.encoder_depth=3"))
+    saving = plan_from_config(plan_config("model=prev_unet", "model.encoder_depth=3"))
     plain = plan_from_config(
-        _cfg("model=prev_unet", "model.encoder_depth=3", "model.memory_saving=false")
+        plan_config("model=prev_unet", "model.encoder_depth=3", "model.memory_saving=false")
     )
     for plan in (saving, plain):
         assert set(plan.breakdown) == set(CATEGORIES)
@@ -185,8 +172,12 @@ def test_breakdown_adds_up_and_names_the_reversible_states():
 
 
 def test_reversible_depth_costs_parameters_not_activations():
-    shallow = plan_from_config(_cfg("model=prev_unet", "model.encoder_depth=1"), spatial=[32] * 3)
-    deep = plan_from_config(_cfg("model=prev_unet", "model.encoder_depth=3"), spatial=[32] * 3)
+    shallow = plan_from_config(
+        plan_config("model=prev_unet", "model.encoder_depth=1"), spatial=[32] * 3
+    )
+    deep = plan_from_config(
+        plan_config("model=prev_unet", "model.encoder_depth=3"), spatial=[32] * 3
+    )
     extra_params = (deep.params - shallow.params) * 4
     activations = ("reversible states", "non-reversible activations")
     assert sum(deep.kept_after_forward.values()) == sum(shallow.kept_after_forward.values())
@@ -195,7 +186,7 @@ def test_reversible_depth_costs_parameters_not_activations():
 
 
 def test_plan_leaves_the_model_alone_and_logs_to_tensorboard():
-    cfg = _cfg("model=prev_unet")
+    cfg = plan_config("model=prev_unet")
     model = build(cfg.model, "model")
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -219,7 +210,7 @@ def test_plan_of_the_run_uses_its_objects():
     from types import SimpleNamespace
 
     for optimizer in ("adam", "adamw"):
-        cfg = _cfg("model=prev_unet", f"optimizer={optimizer}")
+        cfg = plan_config("model=prev_unet", f"optimizer={optimizer}")
         model = build(cfg.model, "model")
         opt = build(cfg.optimizer, "optimizer")(params=model.parameters())
         loss_fn = build(cfg.loss, "loss")
@@ -232,7 +223,7 @@ def test_plan_of_the_run_uses_its_objects():
 
 
 def test_budget_fit_is_the_largest_that_fits():
-    cfg = _cfg("model=prev_unet", size=16)
+    cfg = plan_config("model=prev_unet", size=16)
     small = plan_from_config(cfg, spatial=[16] * 3)
     budget = small.peak_bytes * 1.5
     fit = fit_budget(cfg, budget, max_depth=2)
@@ -248,7 +239,7 @@ def test_budget_fit_is_the_largest_that_fits():
 
 def test_bad_sizes_are_config_errors():
     with pytest.raises(ConfigError, match="divisible by 4"):
-        plan_from_config(_cfg("model=prev_unet"), spatial=[10, 12, 12])
+        plan_from_config(plan_config("model=prev_unet"), spatial=[10, 12, 12])
 
 
 def _script(*args):
@@ -256,7 +247,7 @@ def _script(*args):
 
 
 def test_memory_plan_script():
-    proc = _script(*MODEL, "data.crop_size=[16,16,16]", "budget_gb=0.5", "max_depth=2")
+    proc = _script(*TINY_MODEL, "data.crop_size=[16,16,16]", "budget_gb=0.5", "max_depth=2")
     assert proc.returncode == 0, proc.stderr
     assert "memory plan: prev_unet" in proc.stdout
     assert "predicted peak" in proc.stdout
@@ -270,7 +261,7 @@ def test_memory_plan_script():
 
 def test_planning_leaves_the_random_stream_alone():
     # the trainer plans on rank 0 only: planning must not change what the run draws next
-    cfg = _cfg()
+    cfg = plan_config()
     model = build(cfg.model, "model")
     torch.manual_seed(1)
     expected = torch.rand(4)

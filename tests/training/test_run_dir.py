@@ -36,22 +36,29 @@ def test_a_fresh_run_does_not_replace_checkpoints(tmp_path):
     check_fresh_run(tmp_path, resume=False, overwrite=True)
 
 
-def test_train_refuses_a_fresh_run_over_checkpoints_and_a_held_directory(tmp_path, tiny_data_root):
-    from revseg.training.checkpoint import CHECKSUM, load_checkpoint
-    from revseg.training.run_dir import RunDirInUse
-    from revseg.training.trainer import train
+def one_batch_run(run_dir, data_root) -> list[str]:
+    """Overrides of a tiny run in ``run_dir``: one training and one validation batch."""
+    from conftest import TINY
 
-    from conftest import TINY, compose_train
-
-    common = [
+    return [
         *TINY,
-        f"data.root={tiny_data_root}",
-        f"paths.output_dir={tmp_path}",
+        f"data.root={data_root}",
+        f"paths.output_dir={run_dir}",
         "~logger",
         "trainer.limit_train_batches=1",
         "trainer.limit_val_batches=1",
         "trainer.plan_memory=false",
     ]
+
+
+def test_train_refuses_a_fresh_run_over_checkpoints_and_a_held_directory(tmp_path, tiny_data_root):
+    from revseg.training.checkpoint import CHECKSUM, load_checkpoint
+    from revseg.training.run_dir import RunDirInUse
+    from revseg.training.trainer import train
+
+    from conftest import compose_train
+
+    common = one_batch_run(tmp_path, tiny_data_root)
     train(compose_train(*common))
     last = tmp_path / "checkpoints" / "last.pt"
     assert CHECKSUM in load_checkpoint(last)
@@ -70,17 +77,9 @@ def test_a_resume_with_other_settings_is_refused_unless_intended(tmp_path, tiny_
     warning (issue 22, item 4); how long it trains may change freely."""
     from revseg.training.trainer import train
 
-    from conftest import TINY, compose_train
+    from conftest import compose_train
 
-    common = [
-        *TINY,
-        f"data.root={tiny_data_root}",
-        f"paths.output_dir={tmp_path}",
-        "~logger",
-        "trainer.limit_train_batches=1",
-        "trainer.limit_val_batches=1",
-        "trainer.plan_memory=false",
-    ]
+    common = one_batch_run(tmp_path, tiny_data_root)
     train(compose_train(*common))
     with pytest.raises(ConfigError) as info:
         train(compose_train(*common, "trainer.resume=true", "optimizer.lr=0.5", "seed=7"))
