@@ -196,6 +196,9 @@ def _decision_worker(rank: int, init_file: str, run: str, data_root: str) -> Non
         trainer.fit()
         decided = {"epoch": trainer.epoch, "stopped": trainer.should_stop, "best": trainer.best}
         Path(run, f"rank{rank}.json").write_text(json.dumps(decided))
+        # leave together: a gloo rank tearing down its connections while the other still used
+        # them left that rank waiting forever once (as revseg-doctor's DDP check does)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
