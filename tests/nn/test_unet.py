@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revseg.nn.blocks import NormActConv
+from revseg.nn.blocks import NormActConv, PointwiseConv3d
 from revseg.nn.reversible import AdditiveCoupling, ReversibleSequence
 from revseg.nn.unet import (
     ConvTrilinearUp3d,
@@ -127,14 +127,53 @@ def test_resampling_modules_are_plain_convolutions_around_the_resampling():
     x = torch.randn(2, 4, 8, 6, 4)
     with torch.no_grad():
         y = down(x)
-        assert torch.equal(y, F.conv3d(F.max_pool3d(x, 2), down.weight, down.bias))
+        # a matrix product on the CPU (PointwiseConv3d): equal to float rounding
+        close = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, F.conv3d(F.max_pool3d(x, 2), down.weight, down.bias), **close)
         z = up(y)
         expected = F.interpolate(
             F.conv3d(y, up.weight, up.bias), scale_factor=2, mode="trilinear", align_corners=False
         )
-        assert torch.equal(z, expected)
+        torch.testing.assert_close(z, expected, **close)
         assert torch.equal(upsample2x(z), F.interpolate(z, size=(16, 12, 8), mode="trilinear"))
     assert y.shape == (2, 6, 4, 3, 2) and z.shape == (2, 4, 8, 6, 4)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_conv_equals_conv3d_with_its_gradients(layout, bias):
+    """The 1x1x1 convolution as a matrix product: the values and the gradients of the input,
+    weight and bias are conv3d's (float64, so to rounding), in every memory layout, without
+    changing the input's layout of the result."""
+    torch.manual_seed(0)
+    conv = PointwiseConv3d(6, 3, bias=bias).double()
+    x = torch.randn(2, 6, 4, 6, 8, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "strided":
+        x = x[:, :, :, ::2]
+    x.requires_grad_(True)
+    y = conv(x)
+    reference = F.conv3d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(reference)
+    params = [p for p in (x, conv.weight, conv.bias) if p is not None]
+    ours = torch.autograd.grad(y, params, g)
+    theirs = torch.autograd.grad(reference, params, g)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_pointwise_conv_under_autocast_runs_in_the_low_precision_as_conv3d():
+    conv = PointwiseConv3d(6, 3)
+    x = torch.randn(1, 6, 4, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+        reference = F.conv3d(x, conv.weight, conv.bias)
+    assert y.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_level_sequence_builds_distinct_blocks_and_passes_the_flags():

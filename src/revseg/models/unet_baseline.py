@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revseg.nn.base import SegmentationModel
-from revseg.nn.blocks import NormActConv, max_pool2x, per_level
+from revseg.nn.blocks import NormActConv, PointwiseConv3d, max_pool2x, per_level
 from revseg.nn.reversible import fork
 
 __all__ = ["UNetBaseline", "ConvBlock"]
@@ -129,7 +129,7 @@ class UNetBaseline(SegmentationModel):
         self.decoders = nn.ModuleList(
             [block(c[0], c[0], c[0])] + [block(c[i], c[i], c[i - 1]) for i in range(1, levels - 1)]
         )
-        self.head = nn.Conv3d(c[0], out_channels, 1)
+        self.head = PointwiseConv3d(c[0], out_channels)
         # the encoder_blocks - 1 further blocks per encoder level (none by default: no keys)
         outs = [*c[:-1], c[-2]]
         self.extra_encoders = nn.ModuleList(

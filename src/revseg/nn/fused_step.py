@@ -57,6 +57,9 @@ __all__ = [
 
 # ``chunks="auto"``: the number of slabs that keeps one slab of a half-state at or below this
 SLAB_BYTES = 64 * 2**20
+# the group statistics' workspace: pieces that stay in the CPU's cache
+_PIECE_BYTES = 4 * 2**20
+_MIN_PIECES = 16
 
 _AUTO_SCALE: contextvars.ContextVar[float] = contextvars.ContextVar(
     "revseg_auto_chunks_scale", default=1.0
@@ -142,25 +145,37 @@ def _low_precision(t: torch.Tensor) -> bool:
 
 
 def _statistics(fn: NormActConv, inp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group ``mean`` and ``rstd`` of ``inp``, shape ``(B, groups)``, over the whole volume
-    (float32 for low-precision states: summed with float32 accumulators, piece by piece, without
-    a float32 copy of the half-state)."""
+    """Per-group ``mean`` and ``rstd`` of ``inp``, shape ``(B, groups)``, over the whole volume,
+    in float32 (or ``inp``'s dtype if wider) whatever ``inp``'s dtype.
+
+    Two passes, both vectorised: the mean by one sum, then the variance as the sum of the
+    squared deviations from it, piece by piece (pieces of at most :data:`_PIECE_BYTES` in
+    float32, as many as at the planned size under :func:`auto_chunks_as_if_scaled`, and at least
+    :data:`_MIN_PIECES`: a piece is a small fraction of a slab), so that no
+    float32 copy of the half-state is made. ``torch.var_mean`` (a Welford pass) reads the same
+    bytes about ten times slower on the CPU; the two-pass variance is as accurate (no
+    cancellation: the deviations are taken from the mean).
+    """
     n, _, _, groups = _gn_args(fn, inp)
     x = inp.reshape(n, groups, -1)
-    if not _low_precision(inp):
-        var, mean = torch.var_mean(x, dim=-1, correction=0)
-        return mean, (var + fn.norm.eps).rsqrt()
     count = x.shape[-1]
-    mean = torch.sum(x, dim=-1, dtype=torch.float32) / count
-    # float32 pieces of at most a quarter of SLAB_BYTES (as many as at the planned size under
-    # auto_chunks_as_if_scaled): a piece and its centred copy are alive at once
-    pieces = math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / (SLAB_BYTES / 4))
-    piece = max(1, math.ceil(count / max(pieces, 1)))
-    var = (
-        sum((part.float() - mean[..., None]).square_().sum(-1) for part in x.split(piece, dim=-1))
-        / count
-    )
+    acc = torch.promote_types(inp.dtype, torch.float32)
+    mean = torch.sum(x, dim=-1, dtype=acc) / count
+    pieces = max(_MIN_PIECES, math.ceil(inp.numel() * _AUTO_SCALE.get() * 4 / _PIECE_BYTES))
+    piece = max(1, math.ceil(count / pieces))
+    centre = mean[..., None]
+    var = sum((part.to(acc) - centre).square_().sum(-1) for part in x.split(piece, dim=-1)) / count
     return mean, (var + fn.norm.eps).rsqrt()
+
+
+def _dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(g * x).sum((2, 3, 4))`` in ``g``'s dtype (float32 at least), without the product's
+    temporary where ``x`` has ``g``'s dtype (autocast off: CUDA's would run ``einsum`` in
+    bf16/fp16)."""
+    if x.dtype != g.dtype:
+        return (g * x).sum(dim=(2, 3, 4), dtype=g.dtype)
+    with torch.autocast(g.device.type, enabled=False):
+        return torch.einsum("ncdhw,ncdhw->nc", g, x)
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
@@ -181,24 +196,34 @@ def _halo(fn: NormActConv) -> int:
     return fn.conv.kernel_size[0] // 2
 
 
-def _with_halo(t: torch.Tensor, start: int, stop: int, halo: int, op) -> torch.Tensor:
-    """``op(t[:, :, start - halo : stop + halo])``, zero-padded where the range leaves ``D``."""
+def _halo_rows(t: torch.Tensor, start: int, stop: int, halo: int, dtype: torch.dtype):
+    """``(buffer, interior, source)`` for ``t[:, :, start - halo : stop + halo]``: a new
+    contiguous ``buffer`` of that many rows (``dtype``) whose rows outside ``D`` are zero,
+    ``interior`` its rows inside ``D``, to be filled from ``source``, ``t``'s rows there."""
     lo, hi = max(start - halo, 0), min(stop + halo, t.shape[2])
-    out = op(t[:, :, lo:hi])
-    if lo > start - halo or hi < stop + halo:
-        out = F.pad(out, (0, 0, 0, 0, lo - (start - halo), stop + halo - hi))
-    return out
+    rows = stop - start + 2 * halo
+    buffer = t.new_empty((*t.shape[:2], rows, *t.shape[3:]), dtype=dtype)
+    first, last = lo - (start - halo), hi - (start - halo)
+    buffer[:, :, :first].zero_()
+    buffer[:, :, last:].zero_()
+    return buffer, buffer[:, :, first:last], t[:, :, lo:hi]
 
 
 def _activation(
     fn: NormActConv, inp: torch.Tensor, scale, shift, start: int, stop: int
 ) -> torch.Tensor:
-    """Norm -> activation of ``inp[:, :, start - halo : stop + halo]``, zero outside ``D``."""
+    """Norm -> activation of ``inp[:, :, start - halo : stop + halo]``, zero outside ``D``
+    (float32, or ``scale``'s dtype: the states' if wider)."""
+    buffer, interior, source = _halo_rows(inp, start, stop, _halo(fn), scale.dtype)
+    torch.addcmul(shift, source, scale, out=interior)
+    return F.leaky_relu_(buffer, fn.act.negative_slope)  # zero rows stay zero
 
-    def norm_act(x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu_(torch.addcmul(shift, x, scale), fn.act.negative_slope)
 
-    return _with_halo(inp, start, stop, _halo(fn), norm_act)
+def _upstream_rows(upstream: torch.Tensor, start: int, stop: int, halo: int, dtype):
+    """``upstream[:, :, start - halo : stop + halo]`` in ``dtype``, zero outside ``D``."""
+    buffer, interior, source = _halo_rows(upstream, start, stop, halo, dtype)
+    interior.copy_(source)
+    return buffer
 
 
 def _slab_padding(fn: NormActConv) -> tuple[int, int, int]:
@@ -364,7 +389,7 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
             dweight.add_(dw)
             del dw
         del a_c, up
-        up = _with_halo(upstream, start, stop, halo, lambda t: t.to(dtype))
+        up = _upstream_rows(upstream, start, stop, halo, dtype)
         g = F.conv_transpose3d(up, weight_c, None, 1, transposed_padding).to(a.dtype)
         del up
         torch.ops.aten.leaky_relu_backward.grad_input(
@@ -373,7 +398,7 @@ def _slab_step(fn, inp, upstream, target, grad_acc, chunks) -> list[torch.Tensor
         del a
         x = inp[:, :, start:stop]
         sum_g += g.sum(dim=(2, 3, 4), dtype=acc)
-        sum_gx += (g * x).sum(dim=(2, 3, 4), dtype=acc)
+        sum_gx += _dot(g, x)
         grad_acc[:, :, start:stop].addcmul_(g, scale)  # the norm backward's per-element term
         del g
     # GroupNorm backward, dx = rstd * gamma * g + a * x + b per group:

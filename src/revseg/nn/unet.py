@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from revseg.nn.base import SegmentationModel
-from revseg.nn.blocks import max_pool2x, per_level
+from revseg.nn.blocks import PointwiseConv3d, max_pool2x, per_level
 from revseg.nn.reversible import fork, reversible_parts
 
 __all__ = [
@@ -40,10 +40,11 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
-class MaxPoolConv3d(nn.Conv3d):
+class MaxPoolConv3d(PointwiseConv3d):
     """Down between levels: ``maxpool(2)`` then a 1x1x1 conv (with bias).
 
-    A :class:`torch.nn.Conv3d` (parameters ``weight`` and ``bias``) whose forward pools first.
+    A 1x1x1 convolution (:class:`~revseg.nn.blocks.PointwiseConv3d`: the parameters ``weight``
+    and ``bias`` of a :class:`torch.nn.Conv3d`) whose forward pools first.
 
     Args:
         in_channels: channels of the finer level.
@@ -53,13 +54,13 @@ class MaxPoolConv3d(nn.Conv3d):
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 1)
+        super().__init__(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(max_pool2x(x))
 
 
-class ConvTrilinearUp3d(nn.Conv3d):
+class ConvTrilinearUp3d(PointwiseConv3d):
     """Up between levels: a 1x1x1 conv (with bias) then trilinear x2 (:func:`upsample2x`).
 
     Under autocast the convolution runs in low precision and its output returns to the input's
@@ -74,7 +75,7 @@ class ConvTrilinearUp3d(nn.Conv3d):
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(in_channels, out_channels, 1)
+        super().__init__(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return upsample2x(super().forward(x).to(x.dtype))
@@ -184,7 +185,7 @@ class ReversibleUNet(SegmentationModel):
         self.down = nn.ModuleList(down(i, fine, coarse) for i, (fine, coarse) in pairs)
         self.decoders = nn.ModuleList(level(c, d) for c, d in zip(channels, dec))
         self.up = nn.ModuleList(up(i, coarse, fine) for i, (fine, coarse) in pairs)
-        self.head = nn.Conv3d(channels[0], out_channels, 1)
+        self.head = PointwiseConv3d(channels[0], out_channels)
 
     def reversible_sequences(self) -> list[nn.Module]:
         """The memory-saving sequences: the encoders top to bottom, then the decoders
