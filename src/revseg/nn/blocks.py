@@ -117,27 +117,89 @@ def pointwise_conv(
 
     oneDNN's 1x1x1 convolution is slow on the CPU (torch 2.13, 2 threads, 60 -> 3 channels at
     96³: 107 ms forward and 394 ms with its backward, against 24 and 129 ms as one batched
-    GEMM; docs/benchmarks/profile/README.md). A contiguous ``x`` is read as ``(B, C, voxels)``
-    (``baddbmm``), a channels-last one as ``(B, voxels, C)`` (``linear``): no copy of ``x`` is
-    made, and the product keeps the same tensors for backward as the convolution. Autocast casts
-    these ops as it casts ``conv3d``. Other devices, and other layouts, take ``conv3d``.
+    GEMM; docs/benchmarks/profile/README.md). A contiguous ``x`` is read as ``(B, C, voxels)``,
+    a channels-last one as ``(B * voxels, C)``: no copy of ``x`` is made, it keeps what the
+    convolution keeps for backward (``x`` and ``weight``), and its gradient is a tensor of its
+    own, as the convolution's is (not a view: the reversible engine writes an incoming gradient
+    in place only where nothing else shares its storage). Under autocast the operands are cast
+    as autocast casts ``conv3d``'s. Other devices and layouts take ``conv3d``.
     """
-    if x.device.type != "cpu" or x.ndim != 5 or weight.shape[2:] != (1, 1, 1):
+    if (
+        x.device.type != "cpu"
+        or x.ndim != 5
+        or weight.shape[2:] != (1, 1, 1)
+        or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))
+    ):
         return F.conv3d(x, weight, bias)
-    n, c = x.shape[:2]
-    out = weight.shape[0]
-    if x.is_contiguous():
-        cols = x.view(n, c, -1)
-        w = weight.view(1, out, c).expand(n, -1, -1)
-        if bias is None:
-            y = torch.bmm(w, cols)
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point():
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast("cpu", enabled=False):
+        return _PointwiseConv.apply(x, weight, bias)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous or channels-last ``(B, C, D, H, W)`` as a matrix view: ``(B, C, voxels)``
+    or ``(B * voxels, C)``."""
+    if t.is_contiguous():
+        return t.view(t.shape[0], t.shape[1], -1)
+    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """The 1x1x1 convolution of :func:`pointwise_conv` on a matrix view of its input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        n, c = x.shape[:2]
+        w = weight.view(weight.shape[0], c)
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last_3d
+        y = torch.empty((n, w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+        y = y.contiguous(memory_format=fmt)
+        if fmt == torch.contiguous_format:  # (out, C) @ (B, C, voxels)
+            cols = _rows(x)
+            batch = w.expand(n, -1, -1)
+            if bias is None:
+                torch.bmm(batch, cols, out=_rows(y))
+            else:
+                shape = (n, w.shape[0], cols.shape[-1])
+                torch.baddbmm(bias.view(1, -1, 1).expand(shape), batch, cols, out=_rows(y))
+        elif bias is None:  # (B * voxels, C) @ (C, out)
+            torch.mm(_rows(x), w.t(), out=_rows(y))
         else:
-            y = torch.baddbmm(bias.view(1, out, 1).expand(n, -1, cols.shape[-1]), w, cols)
-        return y.view(n, out, *x.shape[2:])
-    if x.is_contiguous(memory_format=torch.channels_last_3d):
-        y = F.linear(x.permute(0, 2, 3, 4, 1), weight.view(out, c), bias)
-        return y.permute(0, 4, 1, 2, 3)
-    return F.conv3d(x, weight, bias)
+            torch.addmm(bias, _rows(x), w.t(), out=_rows(y))
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        c = x.shape[1]
+        w = weight.view(weight.shape[0], c)
+        grad = grad.contiguous(memory_format=_format_of(x))
+        g = _rows(grad)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.empty_like(x)
+            if x.is_contiguous():
+                torch.matmul(w.t(), g, out=_rows(grad_x))
+            else:
+                torch.mm(g, w, out=_rows(grad_x))
+        if ctx.needs_input_grad[1]:
+            if x.is_contiguous():
+                grad_w = torch.matmul(g, _rows(x).transpose(1, 2)).sum(0)
+            else:
+                grad_w = g.t() @ _rows(x)
+            grad_w = grad_w.view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(dim=(0, 2)) if x.is_contiguous() else g.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if t.is_contiguous() else torch.channels_last_3d
 
 
 class PointwiseConv3d(nn.Conv3d):
