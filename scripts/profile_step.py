@@ -1,8 +1,10 @@
 """Profile one training step (revseg.step.TrainStep, as the trainer runs it) of several models at
 one input size, with torch.profiler: the time of each labelled phase (forward and loss, backward,
-the reversible chains' backward, the fused half steps, the optimizer) and of the busiest kernels.
+the reversible chains' backward, the fused half steps, the optimizer), of each kind of kernel
+(convolutions, their backward, normalisation, resampling, copies ...) and of the busiest kernels.
 
     python scripts/profile_step.py --size 96 --out docs/benchmarks/profile
+    python scripts/profile_step.py --size 160 192 160 --out docs/benchmarks/profile
     python scripts/profile_step.py --size 64 --configs "model=prev_unet" "model=unet_baseline model.checkpointing=true"
 
 Each configuration runs in this process after one warm-up step; the machine's load is recorded.
@@ -26,6 +28,20 @@ DEFAULT_CONFIGS = (
     "model=prev_unet",
     "model=unet_baseline model.checkpointing=true",
 )
+# kinds of kernels (aten op names), for "where the time goes"; the first match wins
+KINDS = (
+    ("convolution backward", ("convolution_backward",)),
+    (
+        "convolution (forward, recomputation, transposed)",
+        ("mkldnn_convolution", "slow_conv3d", "_convolution", "slow_conv_transpose3d"),
+    ),
+    ("1x1x1 convolution as GEMM", ("bmm", "baddbmm", "addmm", "aten::mm", "matmul")),
+    ("normalisation", ("group_norm", "var_mean")),
+    ("resampling (pooling, upsampling)", ("max_pool3d", "upsample_trilinear3d")),
+    ("activation", ("leaky_relu",)),
+    ("copies and fills", ("copy_", "fill_", "zero_", "clone")),
+    ("optimizer", ("_foreach", "adam")),
+)
 PHASES = (
     "step: forward and loss",
     "step: backward",
@@ -36,17 +52,25 @@ PHASES = (
 )
 
 
-def profile_config(overrides: list[str], size: int, device: torch.device) -> dict:
+def kind_of(op: str) -> str:
+    for kind, needles in KINDS:
+        if any(n in op for n in needles):
+            return kind
+    return "other elementwise and reductions"
+
+
+def profile_config(overrides: list[str], size: list[int], device: torch.device) -> dict:
     from revseg.config import build
     from revseg.memory.plan import compose_train_config
     from revseg.step import TrainStep
 
-    cfg = compose_train_config([*overrides, f"data.crop_size=[{size},{size},{size}]"])
+    crop = ",".join(str(s) for s in size)
+    cfg = compose_train_config([*overrides, f"data.crop_size=[{crop}]"])
     torch.manual_seed(0)
     model = build(cfg.model, "model").to(device).train()
     optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
     loss_fn = build(cfg.loss, "loss")
-    image = torch.randn(1, int(cfg.model.in_channels), size, size, size, device=device)
+    image = torch.randn(1, int(cfg.model.in_channels), *size, device=device)
     with torch.no_grad():
         label = (torch.rand_like(model(image)) > 0.5).float()
     step = TrainStep(model, optimizer, lambda out, y, _m: loss_fn(out, y), device=device)
@@ -60,15 +84,16 @@ def profile_config(overrides: list[str], size: int, device: torch.device) -> dic
     wall = time.perf_counter() - start
     events = prof.key_averages()
     phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in PHASES}
-    kernels = sorted(
-        (e for e in events if e.key.startswith("aten::")),
-        key=lambda e: e.self_cpu_time_total,
-        reverse=True,
-    )[:15]
+    aten = [e for e in events if e.key.startswith("aten::")]
+    kinds: dict[str, float] = {}
+    for e in aten:
+        kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + e.self_cpu_time_total / 1e6
+    kernels = sorted(aten, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     return {
         "overrides": overrides,
         "wall_s": wall,
         "phases_s": phases,
+        "kinds_s": kinds,
         "kernels": [
             {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
             for e in kernels
@@ -76,9 +101,14 @@ def profile_config(overrides: list[str], size: int, device: torch.device) -> dic
     }
 
 
+def size_name(size: list[int]) -> str:
+    return f"{size[0]}" if len(set(size)) == 1 else "x".join(str(s) for s in size)
+
+
 def markdown(results: list[dict], meta: dict) -> str:
+    shown = f"{meta['size'][0]}³" if len(set(meta["size"])) == 1 else size_name(meta["size"])
     lines = [
-        f"# One training step profiled at {meta['size']}³",
+        f"# One training step profiled at {shown}",
         "",
         f"`{meta['command']}`, {meta['date']}, {meta['device']}, {meta['threads']} threads, load "
         f"average {meta['load_before']:.2f} before and {meta['load_after']:.2f} after. One Adam step "
@@ -95,6 +125,19 @@ def markdown(results: list[dict], meta: dict) -> str:
         if any(v is not None for v in values):
             cells = " | ".join("" if v is None else f"{v:.2f} s" for v in values)
             lines.append(f"| {phase} | {cells} |")
+    lines += [
+        "",
+        "## Self CPU time by kind of kernel",
+        "",
+        "| kind | " + " | ".join(" ".join(r["overrides"]) for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
+    names = [k for k, _ in KINDS] + ["other elementwise and reductions"]
+    for kind in names:
+        cells = " | ".join(f"{r['kinds_s'].get(kind, 0.0):.2f} s" for r in results)
+        lines.append(f"| {kind} | {cells} |")
+    totals = " | ".join(f"{sum(r['kinds_s'].values()):.2f} s" for r in results)
+    lines.append(f"| all aten kernels | {totals} |")
     for r in results:
         lines += [
             "",
@@ -109,18 +152,23 @@ def markdown(results: list[dict], meta: dict) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=96, help="cube side of the input")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=[96], help="cube side, or D H W, of the input"
+    )
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="folder for profile_<size>.md/.json")
     args = parser.parse_args(argv)
+    if len(args.size) not in (1, 3):
+        parser.error("--size takes one side or three (D H W)")
+    size = args.size * 3 if len(args.size) == 1 else args.size
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load_before = os.getloadavg()[0]
-    results = [profile_config(c.split(), args.size, device) for c in args.configs]
+    results = [profile_config(c.split(), size, device) for c in args.configs]
     meta = {
-        "size": args.size,
+        "size": size,
         "command": "python scripts/profile_step.py " + " ".join(argv),
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU",
@@ -133,8 +181,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_{args.size}.md").write_text(text)
-        (out / f"profile_{args.size}.json").write_text(
+        (out / f"profile_{size_name(size)}.md").write_text(text)
+        (out / f"profile_{size_name(size)}.json").write_text(
             json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
         )
     return 0

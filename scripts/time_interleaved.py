@@ -36,15 +36,20 @@ def parse_config(text: str) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", action="append", required=True, help="LABEL=OVERRIDES")
-    parser.add_argument("--size", type=int, default=64, help="cube side")
+    parser.add_argument(
+        "--size", type=int, nargs="+", default=[64], help="cube side, or D H W of the input"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, required=True, help="Markdown report (JSON beside it)")
     args = parser.parse_args(argv)
+    if len(args.size) not in (1, 3):
+        parser.error("--size takes one side or three (D H W)")
     configs = [parse_config(c) for c in args.config]
-    size = [args.size] * 3
+    size = args.size * 3 if len(args.size) == 1 else args.size
+    shown = f"{size[0]}³" if len(set(size)) == 1 else "x".join(str(s) for s in size)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
     for repeat in range(args.repeats):
@@ -55,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
             after = load_average()
             if "error" in result:
                 raise SystemExit(f"{label}: {result['error']}")
-            runs[label].append({"step_time_s": result["step_time_s"], "load": [before, after]})
+            runs[label].append(
+                {
+                    "step_time_s": result["step_time_s"],
+                    "peak_bytes": result.get("peak_bytes"),
+                    "load": [before, after],
+                }
+            )
             print(f"[{repeat + 1}/{args.repeats}] {label}: {result['step_time_s']:.2f} s "
                   f"(load {before:.2f} -> {after:.2f})", flush=True)  # fmt: skip
     medians = {label: statistics.median(r["step_time_s"] for r in rs) for label, rs in runs.items()}
@@ -66,21 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     loads = [v for rs in runs.values() for r in rs for v in r["load"] if v is not None]
     info = machine_info()
     lines = [
-        f"# Step time, interleaved: {args.size}³, {args.repeats} repeats",
+        f"# Step time, interleaved: {shown}, {args.repeats} repeats",
         "",
         f"`{command}` on {started}; {info['device']}, torch {info['versions']['torch']}, "
         f"{args.threads or 'default'} torch thread(s) per process, one warm-up and "
         f"{args.steps} timed steps per process; 1-minute load average "
-        f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f}.",
+        f"{min(loads, default=0):.2f}-{max(loads, default=0):.2f}. Peak: the measured peak "
+        "tensor memory of the step (PeakMemoryMeter; the same in every repeat).",
         "",
-        f"| config | overrides | step s per repeat | median | / {first} |",
-        "|---|---|---|---|---|",
+        f"| config | overrides | step s per repeat | median | / {first} | peak GiB |",
+        "|---|---|---|---|---|---|",
     ]
     for label, overrides in configs:
         times = ", ".join(f"{r['step_time_s']:.2f}" for r in runs[label])
+        peaks = [r["peak_bytes"] for r in runs[label] if r.get("peak_bytes")]
+        peak = f"{max(peaks) / 2**30:.2f}" if peaks else "–"
         lines.append(
             f"| {label} | `{' '.join(overrides)}` | {times} | {medians[label]:.2f} | "
-            f"{medians[label] / medians[first]:.3f} |"
+            f"{medians[label] / medians[first]:.3f} | {peak} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -26,4 +26,21 @@ def test_profiles_the_phases_of_a_reversible_and_a_checkpointed_step(tmp_path):
         assert reversible[phase] > 0 and checkpointed[phase] > 0
     assert reversible["reversible chain: backward"] > reversible["fused half step: slabs"] > 0
     assert "reversible chain: backward" not in checkpointed
+    kinds = json.loads((tmp_path / "profile_16.json").read_text())["results"][0]["kinds_s"]
+    assert kinds["convolution backward"] > 0 and kinds["resampling (pooling, upsampling)"] > 0
     assert (tmp_path / "profile_16.md").read_text().startswith("# One training step profiled")
+
+
+def test_a_box_size_names_its_files_by_its_sides(tmp_path):
+    tiny = "model.channels=[8,16] model.norm_groups=2"
+    proc = run_python(
+        "scripts/profile_step.py",
+        *("--size", "8", "16", "8"),
+        *("--configs", f"model=prev_unet {tiny}", "--out", str(tmp_path)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        (tmp_path / "profile_8x16x8.md")
+        .read_text()
+        .startswith("# One training step profiled at 8x16x8")
+    )

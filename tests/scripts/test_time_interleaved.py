@@ -22,5 +22,20 @@ def test_two_configs_interleaved(tmp_path):
     assert all(
         len(r) == 2 and all(x["step_time_s"] > 0 for x in r) for r in record["runs"].values()
     )
+    assert all(x["peak_bytes"] > 0 for r in record["runs"].values() for x in r)
     text = out.read_text()
     assert "| rev | `model=prev_unet" in text and "| 1.000 |" in text
+    assert text.startswith("# Step time, interleaved: 16³")
+
+
+def test_a_box_size(tmp_path):
+    out = tmp_path / "t.md"
+    proc = run_python(
+        "scripts/time_interleaved.py",
+        "--size", "8", "16", "8", "--repeats", "1", "--steps", "1", "--threads", "1",
+        "--config", "ckpt=model=unet_baseline model.channels=[8,16] model.norm_groups=2",
+        "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.with_suffix(".json").read_text())["size"] == [8, 16, 8]
+    assert out.read_text().startswith("# Step time, interleaved: 8x16x8, 1 repeats")

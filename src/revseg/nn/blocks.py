@@ -117,7 +117,7 @@ def pointwise_conv(
 
     oneDNN's 1x1x1 convolution is slow on the CPU (torch 2.13, 2 threads, 60 -> 3 channels at
     96³: 107 ms forward and 394 ms with its backward, against 24 and 129 ms as one batched
-    GEMM; docs/benchmarks/profile/README.md). A contiguous ``x`` is read as ``(B, C, voxels)``,
+    GEMM; docs/benchmarks/speed.md). A contiguous ``x`` is read as ``(B, C, voxels)``,
     a channels-last one as ``(B * voxels, C)``: no copy of ``x`` is made, it keeps what the
     convolution keeps for backward (``x`` and ``weight``), and its gradient is a tensor of its
     own, as the convolution's is (not a view: the reversible engine writes an incoming gradient
