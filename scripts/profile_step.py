@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 DEFAULT_CONFIGS = (
     "model=prev_unet",
@@ -71,7 +72,7 @@ def profile_config(overrides: list[str], size: list[int], device: torch.device) 
     optimizer = build(cfg.optimizer, "optimizer")(params=model.parameters())
     loss_fn = build(cfg.loss, "loss")
     image = torch.randn(1, int(cfg.model.in_channels), *size, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
         label = (torch.rand_like(model(image)) > 0.5).float()
     step = TrainStep(model, optimizer, lambda out, y, _m: loss_fn(out, y), device=device)
     step([(image, label, None)])  # warm-up: the optimizer state, allocator, kernels
@@ -94,6 +95,7 @@ def profile_config(overrides: list[str], size: list[int], device: torch.device) 
         "wall_s": wall,
         "phases_s": phases,
         "kinds_s": kinds,
+        "forward_gflop": flops.get_total_flops() / 1e9,
         "kernels": [
             {"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count}
             for e in kernels
@@ -119,6 +121,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         "| phase | " + " | ".join(" ".join(r["overrides"]) for r in results) + " |",
         "|---|" + "---|" * len(results),
         "| wall time of the step | " + " | ".join(f"{r['wall_s']:.2f} s" for r in results) + " |",
+        "| forward GFLOP (torch.utils.flop_counter; the architecture's work) | "
+        + " | ".join(f"{r['forward_gflop']:.1f}" for r in results)
+        + " |",
     ]
     for phase in PHASES:
         values = [r["phases_s"].get(phase) for r in results]

@@ -139,31 +139,46 @@ def test_resampling_modules_are_plain_convolutions_around_the_resampling():
     assert y.shape == (2, 6, 4, 3, 2) and z.shape == (2, 4, 8, 6, 4)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("out", [3, 1])
 @pytest.mark.parametrize("bias", [True, False])
-def test_pointwise_conv_equals_conv3d_with_its_gradients(layout, bias):
+def test_pointwise_conv_equals_conv3d_with_its_gradients(layout, out, bias):
     """The 1x1x1 convolution as a matrix product: the values and the gradients of the input,
-    weight and bias are conv3d's (float64, so to rounding), in every memory layout, without
-    changing the input's layout of the result."""
+    weight and bias are conv3d's (float64, so to rounding), for a batch of two, one output
+    channel (a channels-last tensor that is also contiguous), an incoming gradient in the
+    other layout, a frozen weight, and the input's layout kept in the result and gradient."""
     torch.manual_seed(0)
-    conv = PointwiseConv3d(6, 3, bias=bias).double()
-    x = torch.randn(2, 6, 4, 6, 8, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    elif layout == "strided":
-        x = x[:, :, :, ::2]
+    conv = PointwiseConv3d(6, out, bias=bias).double()
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 6, 4, 6, 8, dtype=torch.float64).contiguous(memory_format=fmt)
     x.requires_grad_(True)
     y = conv(x)
     reference = F.conv3d(x, conv.weight, conv.bias)
     torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
-    g = torch.randn_like(reference)
+    other = torch.contiguous_format if layout == "channels_last" else torch.channels_last_3d
+    g = torch.randn(reference.shape, dtype=torch.float64).contiguous(memory_format=other)
     params = [p for p in (x, conv.weight, conv.bias) if p is not None]
     ours = torch.autograd.grad(y, params, g)
     theirs = torch.autograd.grad(reference, params, g)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    if layout == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert y.is_contiguous(memory_format=fmt) and ours[0].is_contiguous(memory_format=fmt)
+    conv.weight.requires_grad_(False)  # only some gradients wanted
+    (gx,) = torch.autograd.grad(conv(x), [x], g)
+    torch.testing.assert_close(gx, theirs[0], rtol=1e-12, atol=1e-12)
+
+
+def test_pointwise_conv_strided_input_and_a_second_backward():
+    """A strided input runs conv3d (the same values); a second backward through the matrix
+    product (written with out=) raises autograd's once_differentiable error, never a wrong
+    gradient."""
+    conv = PointwiseConv3d(4, 2).double()
+    x = torch.randn(1, 4, 4, 8, 4, dtype=torch.float64)[:, :, :, ::2]
+    torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias))
+    x = torch.randn(1, 4, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(conv(x).pow(2).sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
 
 
 def test_pointwise_conv_under_autocast_runs_in_the_low_precision_as_conv3d():

@@ -27,6 +27,10 @@ def test_profiles_the_phases_of_a_reversible_and_a_checkpointed_step(tmp_path):
     assert reversible["reversible chain: backward"] > reversible["fused half step: slabs"] > 0
     assert "reversible chain: backward" not in checkpointed
     kinds = json.loads((tmp_path / "profile_16.json").read_text())["results"][0]["kinds_s"]
+    assert all(
+        r["forward_gflop"] > 0
+        for r in json.loads((tmp_path / "profile_16.json").read_text())["results"]
+    )
     assert kinds["convolution backward"] > 0 and kinds["resampling (pooling, upsampling)"] > 0
     assert (tmp_path / "profile_16.md").read_text().startswith("# One training step profiled")
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.overrides import _get_current_function_mode_stack
 from torch.utils.checkpoint import checkpoint
 
@@ -116,22 +117,24 @@ def pointwise_conv(
     """``conv3d(x, weight, bias)`` for a 1x1x1 ``weight``, as a matrix product on the CPU.
 
     oneDNN's 1x1x1 convolution is slow on the CPU (torch 2.13, 2 threads, 60 -> 3 channels at
-    96³: 107 ms forward and 394 ms with its backward, against 24 and 129 ms as one batched
-    GEMM; docs/benchmarks/speed.md). A contiguous ``x`` is read as ``(B, C, voxels)``,
-    a channels-last one as ``(B * voxels, C)``: no copy of ``x`` is made, it keeps what the
+    96³: 110 ms forward and 388 ms with its backward, against 25 and 124 ms as one batched
+    GEMM; docs/benchmarks/speed.md). A contiguous ``x`` is read as ``(B, C, voxels)``, a
+    channels-last one as ``(B * voxels, C)``: no copy of ``x`` is made, it keeps what the
     convolution keeps for backward (``x`` and ``weight``), and its gradient is a tensor of its
     own, as the convolution's is (not a view: the reversible engine writes an incoming gradient
     in place only where nothing else shares its storage). Under autocast the operands are cast
-    as autocast casts ``conv3d``'s. Other devices and layouts take ``conv3d``.
+    as autocast casts ``conv3d``'s (float64 is left alone). Other devices and layouts, ``torch.compile`` and a
+    double backward take ``conv3d``.
     """
     if (
         x.device.type != "cpu"
         or x.ndim != 5
         or weight.shape[2:] != (1, 1, 1)
         or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last_3d))
+        or torch.compiler.is_compiling()
     ):
         return F.conv3d(x, weight, bias)
-    if torch.is_autocast_enabled("cpu") and x.is_floating_point():
+    if torch.is_autocast_enabled("cpu") and x.is_floating_point() and x.dtype != torch.float64:
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
@@ -139,67 +142,69 @@ def pointwise_conv(
         return _PointwiseConv.apply(x, weight, bias)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous or channels-last ``(B, C, D, H, W)`` as a matrix view: ``(B, C, voxels)``
-    or ``(B * voxels, C)``."""
-    if t.is_contiguous():
-        return t.view(t.shape[0], t.shape[1], -1)
-    return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+def _rows(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A ``(B, C, D, H, W)`` tensor as a matrix view: ``(B, C, voxels)`` (contiguous) or
+    ``(B * voxels, C)`` (channels-last)."""
+    if channels_last:
+        return t.permute(0, 2, 3, 4, 1).reshape(-1, t.shape[1])
+    return t.view(t.shape[0], t.shape[1], -1)
 
 
 class _PointwiseConv(torch.autograd.Function):
-    """The 1x1x1 convolution of :func:`pointwise_conv` on a matrix view of its input."""
+    """The 1x1x1 convolution of :func:`pointwise_conv` on a matrix view of its input (a
+    contiguous input, even if also channels-last, e.g. one channel, takes the ``(B, C, voxels)``
+    view)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
         n, c = x.shape[:2]
         w = weight.view(weight.shape[0], c)
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last_3d
-        y = torch.empty((n, w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
-        y = y.contiguous(memory_format=fmt)
-        if fmt == torch.contiguous_format:  # (out, C) @ (B, C, voxels)
-            cols = _rows(x)
-            batch = w.expand(n, -1, -1)
+        cl = not x.is_contiguous()
+        fmt = torch.channels_last_3d if cl else torch.contiguous_format
+        y = torch.empty(
+            (n, w.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device, memory_format=fmt
+        )
+        if not cl:  # (out, C) @ (B, C, voxels)
+            cols, batch = _rows(x, cl), w.expand(n, -1, -1)
             if bias is None:
-                torch.bmm(batch, cols, out=_rows(y))
+                torch.bmm(batch, cols, out=_rows(y, cl))
             else:
                 shape = (n, w.shape[0], cols.shape[-1])
-                torch.baddbmm(bias.view(1, -1, 1).expand(shape), batch, cols, out=_rows(y))
+                torch.baddbmm(bias.view(1, -1, 1).expand(shape), batch, cols, out=_rows(y, cl))
         elif bias is None:  # (B * voxels, C) @ (C, out)
-            torch.mm(_rows(x), w.t(), out=_rows(y))
+            torch.mm(_rows(x, cl), w.t(), out=_rows(y, cl))
         else:
-            torch.addmm(bias, _rows(x), w.t(), out=_rows(y))
+            torch.addmm(bias, _rows(x, cl), w.t(), out=_rows(y, cl))
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.channels_last = bias is not None, cl
         return y
 
     @staticmethod
+    @once_differentiable  # a second backward raises instead of differentiating the out= writes
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        c = x.shape[1]
-        w = weight.view(weight.shape[0], c)
-        grad = grad.contiguous(memory_format=_format_of(x))
-        g = _rows(grad)
+        cl = ctx.channels_last
+        w = weight.view(weight.shape[0], x.shape[1])
+        fmt = torch.channels_last_3d if cl else torch.contiguous_format
+        g = _rows(grad.contiguous(memory_format=fmt), cl)
         grad_x = grad_w = grad_b = None
+        # sums over the batch and the voxels accumulate in float32 at least, as conv3d's do
+        acc = torch.promote_types(weight.dtype, torch.float32)
         if ctx.needs_input_grad[0]:
-            grad_x = torch.empty_like(x)
-            if x.is_contiguous():
-                torch.matmul(w.t(), g, out=_rows(grad_x))
+            grad_x = torch.empty_like(x, memory_format=fmt)
+            if cl:
+                torch.mm(g, w, out=_rows(grad_x, cl))
             else:
-                torch.mm(g, w, out=_rows(grad_x))
+                torch.matmul(w.t(), g, out=_rows(grad_x, cl))
         if ctx.needs_input_grad[1]:
-            if x.is_contiguous():
-                grad_w = torch.matmul(g, _rows(x).transpose(1, 2)).sum(0)
+            if cl:
+                grad_w = g.t() @ _rows(x, cl)
             else:
-                grad_w = g.t() @ _rows(x)
-            grad_w = grad_w.view_as(weight)
+                grad_w = torch.bmm(g, _rows(x, cl).transpose(1, 2)).sum(0, dtype=acc)
+            grad_w = grad_w.to(weight.dtype).view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = g.sum(dim=(0, 2)) if x.is_contiguous() else g.sum(0)
+            grad_b = g.sum(dim=0 if cl else (0, 2), dtype=acc).to(weight.dtype)
         return grad_x, grad_w, grad_b
-
-
-def _format_of(t: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if t.is_contiguous() else torch.channels_last_3d
 
 
 class PointwiseConv3d(nn.Conv3d):
