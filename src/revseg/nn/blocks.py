@@ -123,8 +123,8 @@ def pointwise_conv(
     convolution keeps for backward (``x`` and ``weight``), and its gradient is a tensor of its
     own, as the convolution's is (not a view: the reversible engine writes an incoming gradient
     in place only where nothing else shares its storage). Under autocast the operands are cast
-    as autocast casts ``conv3d``'s (float64 is left alone). Other devices and layouts, ``torch.compile`` and a
-    double backward take ``conv3d``.
+    as autocast casts ``conv3d``'s (float64 is left alone). Other devices and layouts, and
+    ``torch.compile``, take ``conv3d``; a second backward raises.
     """
     if (
         x.device.type != "cpu"
