@@ -103,14 +103,11 @@ def profile_config(overrides: list[str], size: list[int], device: torch.device) 
     }
 
 
-def size_name(size: list[int]) -> str:
-    return f"{size[0]}" if len(set(size)) == 1 else "x".join(str(s) for s in size)
-
-
 def markdown(results: list[dict], meta: dict) -> str:
-    shown = f"{meta['size'][0]}³" if len(set(meta["size"])) == 1 else size_name(meta["size"])
+    from revseg.bench.specs import size_title
+
     lines = [
-        f"# One training step profiled at {shown}",
+        f"# One training step profiled at {size_title(meta['size'])}",
         "",
         f"`{meta['command']}`, {meta['date']}, {meta['device']}, {meta['threads']} threads, load "
         f"average {meta['load_before']:.2f} before and {meta['load_after']:.2f} after. One Adam step "
@@ -164,9 +161,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="folder for profile_<size>.md/.json")
     args = parser.parse_args(argv)
-    if len(args.size) not in (1, 3):
-        parser.error("--size takes one side or three (D H W)")
-    size = args.size * 3 if len(args.size) == 1 else args.size
+    from revseg.bench.specs import size_title, three_sides
+
+    try:
+        size = three_sides(args.size)
+    except ValueError as err:
+        parser.error(str(err))
+    stem = f"profile_{size_title(size).removesuffix('³')}"  # profile_96, profile_160x192x160
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,8 +187,8 @@ def main(argv: list[str]) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_{size_name(size)}.md").write_text(text)
-        (out / f"profile_{size_name(size)}.json").write_text(
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(
             json.dumps({"meta": meta, "results": results}, indent=1) + "\n"
         )
     return 0

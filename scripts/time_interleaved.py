@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from revseg.bench.runner import load_average, machine_info, run_spec
-from revseg.bench.specs import NetSpec
+from revseg.bench.specs import NetSpec, gib, size_title, three_sides
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:
@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600)
     parser.add_argument("--out", type=Path, required=True, help="Markdown report (JSON beside it)")
     args = parser.parse_args(argv)
-    if len(args.size) not in (1, 3):
-        parser.error("--size takes one side or three (D H W)")
+    try:
+        size = three_sides(args.size)
+    except ValueError as err:
+        parser.error(str(err))
     configs = [parse_config(c) for c in args.config]
-    size = args.size * 3 if len(args.size) == 1 else args.size
-    shown = f"{size[0]}³" if len(set(size)) == 1 else "x".join(str(s) for s in size)
     started = datetime.datetime.now().isoformat(timespec="seconds")
     runs: dict[str, list[dict]] = {label: [] for label, _ in configs}
     for repeat in range(args.repeats):
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [v for rs in runs.values() for r in rs for v in r["load"] if v is not None]
     info = machine_info()
     lines = [
-        f"# Step time, interleaved: {shown}, {args.repeats} repeats",
+        f"# Step time, interleaved: {size_title(size)}, {args.repeats} repeats",
         "",
         f"`{command}` on {started}; {info['device']}, torch {info['versions']['torch']}, "
         f"{args.threads or 'default'} torch thread(s) per process, one warm-up and "
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, overrides in configs:
         times = ", ".join(f"{r['step_time_s']:.2f}" for r in runs[label])
         peaks = [r["peak_bytes"] for r in runs[label] if r.get("peak_bytes")]
-        peak = f"{max(peaks) / 2**30:.2f}" if peaks else "–"
+        peak = gib(max(peaks, default=None))
         lines.append(
             f"| {label} | `{' '.join(overrides)}` | {times} | {medians[label]:.2f} | "
             f"{medians[label] / medians[first]:.3f} | {peak} |"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from revseg.bench.specs import NetSpec, SequenceSpec, spec_from_dict
+from revseg.bench.specs import NetSpec, SequenceSpec, size_title, spec_from_dict, three_sides
 
 from conftest import REPO
 
@@ -38,3 +38,10 @@ def test_a_record_holds_the_keys_its_section_uses(spec, keys):
     common = ["kind", "section", "label", "overrides", "size", "steps", "threads"]
     assert list(spec.as_dict()) == common + keys
     assert spec_from_dict(spec.as_dict()) == spec
+
+
+def test_a_scripts_size_is_a_cube_or_a_box():
+    assert three_sides([96]) == [96, 96, 96] and three_sides([160, 192, 160]) == [160, 192, 160]
+    assert size_title([96, 96, 96]) == "96³" and size_title([160, 192, 160]) == "160x192x160"
+    with pytest.raises(ValueError, match="one side or three"):
+        three_sides([96, 96])

@@ -372,6 +372,22 @@ def size_name(size: Sequence[int]) -> str:
     return "x".join(map(str, size))
 
 
+def size_title(size: Sequence[int]) -> str:
+    """``"96³"`` for a cube, else :func:`size_name`'s ``"160x192x160"``."""
+    return f"{size[0]}³" if len(set(size)) == 1 else size_name(size)
+
+
+def three_sides(values: Sequence[int]) -> list[int]:
+    """A script's ``--size``, one side (a cube) or three (D H W), as three sides.
+
+    Raises:
+        ValueError: for another number of values.
+    """
+    if len(values) not in (1, 3):
+        raise ValueError("--size takes one side or three (D H W)")
+    return list(values) * 3 if len(values) == 1 else list(values)
+
+
 def gib(n: float | None) -> str:
     """Bytes as GiB with two decimals, ``–`` for none."""
     return "–" if n is None else f"{n / 2**30:.2f}"
