@@ -170,8 +170,9 @@ def _statistics(fn: NormActConv, inp: torch.Tensor) -> tuple[torch.Tensor, torch
 
 def _dot(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``(g * x).sum((2, 3, 4))`` in ``g``'s dtype (float32 at least), without the product's
-    temporary where ``x`` has ``g``'s dtype (autocast off: CUDA's would run ``einsum`` in
-    bf16/fp16)."""
+    temporary where ``x`` has ``g``'s dtype and the batch is one (for several, ``einsum``
+    copies the channel half's slab, as large as the product); autocast off (autocast would run
+    ``einsum``'s product in bf16/fp16)."""
     if x.dtype != g.dtype:
         return (g * x).sum(dim=(2, 3, 4), dtype=g.dtype)
     with torch.autocast(g.device.type, enabled=False):
