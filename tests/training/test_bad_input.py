@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -104,6 +105,17 @@ def test_run_dir_that_cannot_be_made_is_one_line(tmp_path):
     assert_one_line(
         proc, f"hydra.run.dir={blocker / 'run'}: cannot make the run directory: {blocker} is a file"
     )
+
+
+@pytest.mark.parametrize("root", ["/proc", "/sys"])
+def test_run_dir_in_a_system_folder_is_one_line(root):
+    """``os.access`` says yes to root there; making the folder fails (issue 22, item 7)."""
+    if not os.path.isdir(root):
+        pytest.skip(f"no {root} on this system")
+    proc = run_cli(f"hydra.run.dir={root}/revseg_run")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: hydra.run.dir={root}/revseg_run: cannot make the run directory")
 
 
 def test_unwritable_checkpoint_directory_fails_before_training(tmp_path, tiny_data_root):

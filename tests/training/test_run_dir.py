@@ -98,3 +98,51 @@ def test_a_resume_with_other_settings_is_refused_unless_intended(tmp_path, tiny_
         )
     )
     assert summary["epochs_completed"] == 2
+
+
+def test_a_failed_resume_leaves_the_runs_record_and_a_failed_start_leaves_nothing(
+    tmp_path, tiny_data_root
+):
+    """A refused resume rewrote ``.hydra/{config,hydra,overrides}.yaml`` with its own settings,
+    and a run that failed on its config or data left ``.hydra/`` behind (issue 22, item 3)."""
+    from helpers import run_python
+
+    from conftest import TINY
+
+    run = tmp_path / "run"
+    common = [
+        *TINY,
+        f"data.root={tiny_data_root}",
+        "~logger",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+        "trainer.plan_memory=false",
+    ]
+    first = run_python("train.py", *common, f"hydra.run.dir={run}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    record = {p.name: p.read_text() for p in (run / ".hydra").iterdir()}
+    assert set(record) == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert "- trainer.plan_memory=false" in record["overrides.yaml"]
+    for changed in ("model=unet_baseline", "optimizer.lr=0.5"):
+        failed = run_python(
+            "train.py", *common, f"hydra.run.dir={run}", "trainer.resume=true", changed
+        )
+        assert failed.returncode == 2 and failed.stderr.startswith("error: trainer.resume"), (
+            failed.stderr[-3000:]
+        )
+        assert {p.name: p.read_text() for p in (run / ".hydra").iterdir()} == record
+    fresh = tmp_path / "fresh"  # fails once the data is read: nothing of it is left
+    failed = run_python("train.py", *common, f"hydra.run.dir={fresh}", "model.out_channels=2")
+    assert failed.returncode == 2 and "model.out_channels=2" in failed.stderr
+    assert not fresh.exists()
+
+
+def test_a_run_failing_with_a_traceback_removes_what_it_wrote_before_training(tmp_path):
+    from revseg.cli import removing_unused_run_dir
+
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "train.log").write_text("started\n")
+    with pytest.raises(RuntimeError), removing_unused_run_dir(tmp_path):
+        raise RuntimeError("a bug")
+    assert not tmp_path.exists()

@@ -9,10 +9,11 @@ import contextlib
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from revseg.errors import ConfigError, DataError, RevsegError
+from revseg.errors import ConfigError, RevsegError
 
 __all__ = [
     "check_run_dir",
@@ -101,10 +102,12 @@ def check_run_dir(args: Sequence[str]) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise ConfigError(f"{key}={value}: cannot make the run directory: {folder} is a file")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    try:  # a real try: access() says yes to root, also in /proc or /sys
+        os.rmdir(tempfile.mkdtemp(prefix=".revseg-probe-", dir=folder))
+    except OSError as err:
         raise ConfigError(
-            f"{key}={value}: cannot make the run directory in {folder} (no write access)"
-        )
+            f"{key}={value}: cannot make the run directory in {folder} ({err.strerror})"
+        ) from None
 
 
 # what a run writes before training starts: removed again when it fails on its config or data
@@ -113,17 +116,17 @@ _BEFORE_TRAINING = (".hydra", "split.json", "checkpoints", ".lock")
 
 @contextlib.contextmanager
 def removing_unused_run_dir(run_dir: str | os.PathLike) -> Iterator[None]:
-    """On a :class:`ConfigError` or :class:`DataError`, remove what the run wrote before training (Hydra's
-    ``.hydra/`` and log, ``split.json``, empty TensorBoard files, an empty ``checkpoints/``),
-    and the run directory if nothing else is left. A directory holding anything else (a
-    checkpoint, ``summary.json``, files of the user) is kept as it is."""
+    """When the run fails (on its config or data, or with a traceback), remove what it wrote before
+    training (``.hydra/``, the log, ``split.json``, empty TensorBoard files, an empty
+    ``checkpoints/``), and the run directory if nothing else is left. A directory holding
+    anything else (a checkpoint, ``summary.json``, files of the user) is kept as it is."""
     from revseg.training.run_dir import RunDirInUse
 
     try:
         yield
     except RunDirInUse:
         raise  # the directory is another run's: leave everything in it
-    except (ConfigError, DataError):
+    except Exception:
         _remove_if_unused(Path(run_dir))
         raise
 

@@ -8,6 +8,11 @@ which a run that ends removes; a second run in the same directory fails at once 
 naming the holder. A fresh run
 (``trainer.resume=false``) in a directory that already holds checkpoints is refused unless
 ``trainer.overwrite=true``.
+
+:func:`write_run_record` writes the run's record (``.hydra/config.yaml``, ``hydra.yaml``,
+``overrides.yaml``, what Hydra itself would write as the job starts) only once the run has passed
+its checks, so that a refused resume leaves the record of the run it tried to resume as it was
+(``configs/hydra/default.yaml`` turns Hydra's own writing off).
 """
 
 from __future__ import annotations
@@ -18,12 +23,21 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from revseg.errors import ConfigError
 
-__all__ = ["LOCK_NAME", "RunDirInUse", "check_fresh_run", "claim_run_dir"]
+__all__ = [
+    "LOCK_NAME",
+    "RECORD_DIR",
+    "RunDirInUse",
+    "check_fresh_run",
+    "claim_run_dir",
+    "write_run_record",
+]
 
 LOCK_NAME = ".lock"
+RECORD_DIR = ".hydra"
 CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/best.pt")
 
 
@@ -101,3 +115,29 @@ def check_fresh_run(folder: str | os.PathLike, resume: object, overwrite: bool) 
             "start this one in another directory (hydra.run.dir=...), or replace it with "
             "trainer.overwrite=true"
         )
+
+
+def write_run_record(folder: str | os.PathLike, cfg: Any) -> Path | None:
+    """Write ``<folder>/.hydra/{config,hydra,overrides}.yaml`` (each atomically) for the Hydra job
+    running now, as Hydra writes them; nothing outside a Hydra job (a test calling ``train``).
+
+    Returns:
+        The record's folder, or None when no Hydra job runs.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from revseg.files import write_text_atomic
+
+    if not HydraConfig.initialized():
+        return None
+    hydra = HydraConfig.get()
+    record = Path(folder) / RECORD_DIR
+    record.mkdir(parents=True, exist_ok=True)
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
+        ("overrides.yaml", hydra.overrides.task),
+    ):
+        write_text_atomic(OmegaConf.to_yaml(node), record / name)
+    return record

@@ -83,7 +83,7 @@ from revseg.training.distributed import (
     shard_loader,
     training_device,
 )
-from revseg.training.run_dir import check_fresh_run, claim_run_dir
+from revseg.training.run_dir import check_fresh_run, claim_run_dir, write_run_record
 from revseg.training.visualize import slice_panel
 from revseg.validation import model_divisor
 
@@ -1055,6 +1055,8 @@ def _train(
         log.info("model memory at %s: %s", "x".join(map(str, data.input_shape)), text)
         if writer is not None:
             writer.add_text("model/memory_report", text, 0)
+    if info.is_main:  # every check passed: the run's record may now be (re)written
+        write_run_record(output_dir, cfg)
     try:
         summary = trainer.fit()
         if info.enabled and trainer.trained:  # the peak of the busiest rank
