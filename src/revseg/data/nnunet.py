@@ -18,6 +18,9 @@ segmentation" (Nature Methods 18). A dataset folder ``DatasetXXX_Name/`` holds:
 does by channel type (:class:`NormalizeChannelsd`): a ``CT`` channel is clipped to the 0.5 / 99.5
 percentiles of the dataset's foreground voxels and z-scored with their mean and std
 (:func:`ct_statistics`); any other channel is z-scored per case over its non-zero voxels.
+:func:`median_spacing` and :func:`median_shape` give the dataset's planning figures from the
+headers (nnU-Net's default target spacing is the median), :func:`resampled_shape` a case's size
+at another spacing.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,10 @@ __all__ = [
     "find_cases",
     "find_images",
     "header",
+    "median_shape",
+    "median_spacing",
     "read_spec",
+    "resampled_shape",
 ]
 
 CT_SAMPLES_PER_CASE = 10_000
@@ -437,6 +443,59 @@ def check_headers(cases: Sequence[NnUNetCase], spec: DatasetSpec) -> dict[str, H
                     raise DataError(f"{other}: {what} {fmt(a)} differs from {files[0]} {fmt(b)}")
         out[case.case] = first
     return out
+
+
+def resampled_shape(
+    shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> tuple[int, int, int]:
+    """The size of a ``shape`` grid of voxels ``spacing`` mm resampled to ``target`` mm:
+    ``shape * spacing / target`` rounded half up per axis (nnU-Net's rule), at least 1.
+
+    The field of view is kept: the voxels are ``shape * spacing / new shape`` mm, ``target``
+    up to that rounding (0.8 x 0.8 x 5 mm, 40 x 40 x 12 to 0.8 x 0.8 x 2.5: 40 x 40 x 24).
+    """
+    ratio = np.asarray(shape[:3], np.float64) * np.asarray(spacing[:3]) / np.asarray(target[:3])
+    return tuple(max(1, int(np.floor(r + 0.5))) for r in ratio)  # type: ignore[return-value]
+
+
+def median_spacing(headers: Iterable[Header]) -> tuple[float, float, float]:
+    """The dataset's median voxel spacing in mm per axis (nnU-Net's default target spacing).
+
+    Args:
+        headers: one per case, e.g. the values of :func:`check_headers` over every training case.
+
+    Returns:
+        ``(x, y, z)`` in the files' order (SimpleITK's ``GetSpacing``), which is the arrays'
+        axis order in revseg (``(C, x, y, z)``).
+
+    Raises:
+        DataError: no header.
+    """
+    spacings = np.asarray([h.spacing[:3] for h in headers], np.float64)
+    if not len(spacings):
+        raise DataError("no case to take the median spacing of")
+    return tuple(float(v) for v in np.median(spacings, axis=0))  # type: ignore[return-value]
+
+
+def median_shape(
+    headers: Iterable[Header], spacing: Sequence[float] | None = None
+) -> tuple[int, int, int]:
+    """The dataset's median shape in voxels per axis (``(x, y, z)``, as :func:`median_spacing`),
+    of the cases resampled to ``spacing`` mm when given (:func:`resampled_shape`), rounded half
+    up.
+
+    Raises:
+        DataError: no header.
+    """
+    headers = list(headers)
+    if not headers:
+        raise DataError("no case to take the median shape of")
+    shapes = [
+        h.shape if spacing is None else resampled_shape(h.shape, h.spacing, spacing)
+        for h in headers
+    ]
+    median = np.median(np.asarray(shapes, np.float64), axis=0)
+    return tuple(int(np.floor(v + 0.5)) for v in median)  # type: ignore[return-value]
 
 
 def _read_array(path: str) -> np.ndarray:
