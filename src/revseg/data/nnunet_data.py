@@ -10,6 +10,13 @@ Batches (:class:`NnUNetData`)::
 ``in_channels`` / ``out_channels`` must match (the trainer says which values when they do not).
 Label-based datasets train a softmax (``loss=dice_ce``), region-based ones a sigmoid per region
 (``loss=dice_bce``), as nnU-Net does.
+
+With ``data.spacing`` (a spacing in mm, or ``median``: the training cases' median, nnU-Net's
+default target) every case is resampled to that spacing after normalisation
+(:class:`ResampleToSpacingd`: images trilinear, label maps each label's mask linearly and the
+largest wins, as nnU-Net resamples segmentations) and the full field of view is taken on the
+resampled shapes; validation metrics are then on the resampled grid (HD95 with the target
+spacing), and ``revseg-predict`` resamples its probabilities back to each case's own grid.
 """
 
 from __future__ import annotations
@@ -17,20 +24,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from multiprocessing.pool import ThreadPool
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.data import DataLoader, Dataset
 from monai.transforms import (
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     RandFlipd,
     RandSpatialCropd,
+    Resize,
     ResizeWithPadOrCropd,
 )
 
@@ -50,7 +62,9 @@ from revseg.data.nnunet import (
     check_headers,
     ct_statistics,
     find_cases,
+    median_spacing,
     read_spec,
+    resampled_shape,
 )
 from revseg.data.synthetic_nnunet import TASKS, make_task
 from revseg.data.transforms import SimpleITKReader, _Pipeline, split_pipeline
@@ -59,13 +73,99 @@ from revseg.files import write_text_atomic
 from revseg.metrics.labels import LabelMetrics
 from revseg.validation import positive_ints
 
-__all__ = ["NnUNetData", "build_nnunet_transforms", "full_fov_size"]
+__all__ = [
+    "NnUNetData",
+    "ResampleToSpacingd",
+    "build_nnunet_transforms",
+    "full_fov_size",
+    "resample_label",
+    "spacing_option",
+]
 
 log = logging.getLogger(__name__)
 
 _PALETTE = torch.tensor(
     [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]]
 )
+
+
+def spacing_option(value: Any, key: str = "data.spacing") -> tuple[float, ...] | str | None:
+    """``data.spacing``: None, ``"median"``, or 3 positive spacings in mm as floats.
+
+    Raises:
+        ConfigError: anything else, naming ``key``.
+    """
+    if value is None or value == "median":
+        return value
+    shown = repr(value) if isinstance(value, (str, bytes, Real)) else repr(list(value))
+    wrong = ConfigError(
+        f"{key} must be null, median or 3 positive spacings in mm (x, y, z), got {shown}"
+    )
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+        raise wrong
+    if not all(isinstance(v, Real) and not isinstance(v, bool) for v in value):
+        raise wrong
+    if not all(math.isfinite(v) and v > 0 for v in value):
+        raise wrong
+    return tuple(float(v) for v in value)
+
+
+def resample_label(label: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A label map ``(1, X, Y, Z)`` resampled to ``shape``: each value's mask linearly
+    (trilinear), the value of the largest weight kept (ties: the smaller value), as nnU-Net
+    resamples segmentations; an integer upsampling and back gives the map itself."""
+    resize = Resize(tuple(shape), mode="trilinear")
+    source = torch.as_tensor(label)
+    values = torch.unique(source).tolist()
+    out = torch.full((1, *shape), values[0], dtype=source.dtype)
+    if len(values) == 1:
+        return out
+    best = torch.as_tensor(resize((source == values[0]).float()))
+    for value in values[1:]:
+        weight = torch.as_tensor(resize((source == value).float()))
+        wins = weight > best
+        out[wins] = value
+        best = torch.where(wins, weight, best)
+    return out
+
+
+class ResampleToSpacingd(MapTransform):
+    """Resample images and label maps from their own voxel spacing to ``spacing`` mm.
+
+    The new size is :func:`~revseg.data.nnunet.resampled_shape` (the field of view kept);
+    images ``(C, X, Y, Z)`` are resampled trilinearly (MONAI's :class:`~monai.transforms.Resize`,
+    no anti-aliasing, as nnU-Net), label maps by :func:`resample_label`. The source spacing is
+    the ``spacing`` of each array's metadata (the reader's header).
+
+    Args:
+        keys: keys of images.
+        spacing: the target ``(x, y, z)`` spacing in mm (the arrays' axis order).
+        label_keys: keys of label maps ``(1, X, Y, Z)``.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, spacing: Sequence[float], label_keys: KeysCollection = ()
+    ) -> None:
+        labels = [label_keys] if isinstance(label_keys, str) else list(label_keys)
+        super().__init__([*([keys] if isinstance(keys, str) else keys), *labels])
+        self.spacing = tuple(float(v) for v in spacing)
+        self.label_keys = set(labels)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            meta = getattr(d[key], "meta", {})
+            if "spacing" not in meta:
+                raise DataError(f"{key}: no voxel spacing in its metadata to resample from")
+            spacing = [float(v) for v in np.asarray(meta["spacing"]).ravel()[:3]]
+            shape = resampled_shape(d[key].shape[1:], spacing, self.spacing)
+            if tuple(shape) == tuple(d[key].shape[1:]):
+                continue
+            if key in self.label_keys:
+                d[key] = resample_label(d[key], shape)
+            else:
+                d[key] = Resize(shape, mode="trilinear")(d[key])
+        return d
 
 
 def build_nnunet_transforms(
@@ -76,10 +176,12 @@ def build_nnunet_transforms(
     patch_size: Sequence[int] | None = None,
     flip_prob: float = 0.0,
     with_label: bool = True,
+    spacing: Sequence[float] | None = None,
 ) -> _Pipeline:
     """The pipeline for ``{"image": [paths], "label": path}``: read (SimpleITK: NIfTI, MHA,
     NRRD; a 4D file's volumes are channels), normalise by channel type
-    (:class:`~revseg.data.nnunet.NormalizeChannelsd`), centre-crop or pad to ``crop_size``
+    (:class:`~revseg.data.nnunet.NormalizeChannelsd`), resample to ``spacing`` mm when given
+    (:class:`ResampleToSpacingd`), centre-crop or pad to ``crop_size``
     (images with 0, labels with background), label -> target channels; for training, a random
     ``patch_size`` patch and flips along each axis with ``flip_prob``; float32."""
     keys = ["image", "label"] if with_label else ["image"]
@@ -87,6 +189,8 @@ def build_nnunet_transforms(
         LoadImaged(keys, reader=SimpleITKReader(), ensure_channel_first=True, image_only=True),
         NormalizeChannelsd("image", ct_stats),
     ]
+    if spacing is not None:
+        steps.append(ResampleToSpacingd("image", spacing, keys[1:]))
     if crop_size is not None:
         steps.append(ResizeWithPadOrCropd(keys, spatial_size=tuple(crop_size)))
     if with_label:
@@ -117,7 +221,8 @@ class NnUNetData:
     one grid, ``numTraining``, files present) before anything is trained; the label values are
     checked as each case is prepared (all cases at setup with ``cache=memory``). CT channels
     need the dataset's foreground statistics: computed once from the training cases and kept in
-    ``cache_dir`` (keyed by the files' sizes and times).
+    ``cache_dir`` (keyed by the files' sizes and times). With ``spacing``, cases are resampled
+    after normalisation and every size (the full FOV, validation metrics) is on that grid.
 
     Args:
         root: the dataset folder (``dataset.json``, ``imagesTr``, ``labelsTr``).
@@ -135,6 +240,9 @@ class NnUNetData:
         flip_prob: flip probability per axis in training.
         cache: ``memory`` (prepared cases kept in memory) or ``none``.
         cache_dir: where the CT statistics are kept; null: computed in every run.
+        spacing: null (each case on its own grid), ``(x, y, z)`` in mm (the files' axis order,
+            which is the arrays' ``(D, H, W)``), or ``"median"``: the median spacing of every
+            training case in ``imagesTr`` (:func:`~revseg.data.nnunet.median_spacing`).
 
     Raises:
         ConfigError: an invalid argument, naming ``data.<key>``.
@@ -158,6 +266,7 @@ class NnUNetData:
         flip_prob: float = 0.5,
         cache: str = "memory",
         cache_dir: str | os.PathLike | None = None,
+        spacing: Sequence[float] | str | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ConfigError(f"data.root must be a path, got {root!r}")
@@ -167,6 +276,7 @@ class NnUNetData:
         self.generate = generate
         self.num_cases = num_cases
         self.crop_size = _optional_shape(crop_size, "crop_size")
+        self.spacing = spacing_option(spacing)
         self.divisor = positive_ints([divisor], "data.divisor", 1)[0]
         self.patch_size = _optional_shape(patch_size, "patch_size")
         if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
@@ -261,8 +371,24 @@ class NnUNetData:
         """The size every case is cropped or padded to (``crop_size`` or the full FOV)."""
         if self.crop_size is not None:
             return self.crop_size
+        return full_fov_size(self._shapes(), self.divisor)
+
+    @property
+    def target_spacing(self) -> tuple[float, float, float] | None:
+        """The spacing cases are resampled to (``median`` resolved over every training case),
+        or None."""
+        if self.spacing == "median":
+            self.cases()
+            return median_spacing(self._headers.values())
+        return self.spacing  # type: ignore[return-value]
+
+    def _shapes(self) -> list[tuple[int, int, int]]:
+        """Every training case's shape on the grid it is trained on."""
         self.cases()
-        return full_fov_size([h.shape for h in self._headers.values()], self.divisor)
+        target = self.target_spacing
+        if target is None:
+            return [h.shape for h in self._headers.values()]
+        return [resampled_shape(h.shape, h.spacing, target) for h in self._headers.values()]
 
     # -- intensity statistics ------------------------------------------------------------------
 
@@ -295,7 +421,13 @@ class NnUNetData:
 
     def _transform(self, train: bool) -> _Pipeline:
         return build_nnunet_transforms(
-            self.spec, self.ct_stats, self.sample_size, train, self.patch_size, self.flip_prob
+            self.spec,
+            self.ct_stats,
+            self.sample_size,
+            train,
+            self.patch_size,
+            self.flip_prob,
+            spacing=self.target_spacing,
         )
 
     def _prepare(self, cases: list[NnUNetCase], train: bool) -> Any:
@@ -343,9 +475,11 @@ class NnUNetData:
     # -- what the trainer asks of a data module beyond batches ---------------------------------
 
     def build_metrics(self, hd95: bool = False) -> LabelMetrics:
-        """Dice, IoU (and HD95, in mm) per label named as in ``dataset.json``."""
+        """Dice, IoU (and HD95, in mm: each case's spacing, or the target spacing when cases
+        are resampled) per label named as in ``dataset.json``."""
         self.cases()
-        spacings = [self._headers[c.case].spacing for c in self._split_cases()[1]]
+        target = self.target_spacing
+        spacings = [target or self._headers[c.case].spacing for c in self._split_cases()[1]]
         return LabelMetrics(self.spec.foreground_names, self.spec.region_based, hd95, spacings)
 
     def preview(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -369,7 +503,8 @@ class NnUNetData:
 
     def write_split(self, output_dir: str | os.PathLike) -> Path:
         """Write ``split.json``: the cases, and what prediction needs of the dataset (its
-        ``dataset.json`` reading, the size fed to the network, the CT statistics)."""
+        ``dataset.json`` reading, the size fed to the network, the CT statistics, the spacing
+        cases were resampled to: ``data.spacing`` resolved, or null)."""
         train, val = self._split_cases()
         content = {
             "root": os.fspath(self.root.resolve()),
@@ -381,6 +516,7 @@ class NnUNetData:
             "skipped": {},
             "dataset": self.spec.to_dict(),
             "sample_size": list(self.sample_size),
+            "spacing": None if self.target_spacing is None else list(self.target_spacing),
             "ct_stats": self.ct_stats,
         }
         return write_text_atomic(
@@ -388,4 +524,7 @@ class NnUNetData:
         )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(root={os.fspath(self.root)!r}, crop_size={self.crop_size})"
+        return (
+            f"{type(self).__name__}(root={os.fspath(self.root)!r}, crop_size={self.crop_size}, "
+            f"spacing={self.spacing!r})"
+        )

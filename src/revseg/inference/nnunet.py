@@ -7,7 +7,10 @@
 label values (region-based: each region's ``regions_class_order`` value painted in order, as
 nnU-Net does). Cases are read and normalised as in training (the run's ``split.json`` keeps the
 dataset's description and CT statistics) and covered by MONAI's sliding-window inference with
-windows of the training size (a case smaller than that is padded).
+windows of the training size (a case smaller than that is padded). A run trained with
+``data.spacing`` predicts each case resampled to that spacing (its saved config's value;
+``median`` as resolved in training, kept in ``split.json``) and its probabilities are resampled
+back (trilinear) to the case's own grid before the labels are taken.
 
 :func:`evaluate_folder` scores predictions against a ``labelsTr`` folder per label (or region),
 named as in ``dataset.json``: Dice, IoU and HD95 in mm (:mod:`revseg.metrics.labels`).
@@ -26,10 +29,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
+from monai.transforms import Resize
+from omegaconf import DictConfig
 
 from revseg.data.nnunet import DatasetSpec, NnUNetCase, find_images, header, read_spec
-from revseg.data.nnunet_data import build_nnunet_transforms
-from revseg.errors import DataError
+from revseg.data.nnunet_data import build_nnunet_transforms, spacing_option
+from revseg.errors import ConfigError, DataError
 from revseg.inference.prediction import load_runs, mirrored, run_dirs
 from revseg.metrics.labels import label_case_metrics, summarize_labels
 
@@ -38,6 +43,7 @@ __all__ = [
     "is_nnunet_run",
     "nnunet_truth_spec",
     "predict_folder",
+    "spacing_from_run",
     "spec_from_run",
     "to_label_map",
     "write_evaluation",
@@ -84,6 +90,26 @@ def spec_from_run(run: Path) -> tuple[DatasetSpec, dict[str, Any]]:
     return spec, split
 
 
+def spacing_from_run(cfg: DictConfig, split: dict[str, Any]) -> tuple[float, ...] | None:
+    """The spacing a run's cases were resampled to: its config's ``data.spacing`` (``median``:
+    the value resolved in training, kept in ``split.json``), or None.
+
+    Raises:
+        DataError: a bad ``data.spacing`` in the run's config, or ``median`` without its value
+            in ``split.json``.
+    """
+    try:
+        value = spacing_option((cfg.get("data") or {}).get("spacing"))
+    except ConfigError as error:
+        raise DataError(f"run: its config's {error}") from None
+    if value != "median":
+        return value  # type: ignore[return-value]
+    recorded = split.get("spacing")
+    if not isinstance(recorded, list) or len(recorded) != 3:
+        raise DataError("run: data.spacing=median but split.json does not record its value")
+    return tuple(float(v) for v in recorded)
+
+
 def to_label_map(probabilities: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     """``(C, X, Y, Z)`` probabilities -> ``(X, Y, Z)`` label values of the dataset."""
     if not spec.region_based:
@@ -116,12 +142,20 @@ def write_like(label: np.ndarray, reference: str | os.PathLike, path: str | os.P
 class _Member:
     """One run of an ensemble: its model, its preprocessing and its window size."""
 
-    def __init__(self, run: Path, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, run: Path, model: torch.nn.Module, cfg: DictConfig, device: torch.device
+    ) -> None:
         self.spec, split = spec_from_run(run)
         self.model, self.device = model, device
         self.window = tuple(split["sample_size"])
+        self.spacing = spacing_from_run(cfg, split)
         self.pipeline = build_nnunet_transforms(
-            self.spec, split.get("ct_stats") or {}, None, train=False, with_label=False
+            self.spec,
+            split.get("ct_stats") or {},
+            None,
+            train=False,
+            with_label=False,
+            spacing=self.spacing,
         )
 
     def _probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -133,11 +167,17 @@ class _Member:
 
     @torch.no_grad()
     def probabilities(self, case: NnUNetCase, tta: bool) -> np.ndarray:
+        """``(C, X, Y, Z)`` on the case's own grid (resampled back from the run's spacing)."""
         image = self.pipeline({"image": list(case.image)})["image"]
         inputs = torch.as_tensor(image)[None].to(self.device)
         if tta:
-            return mirrored(self._probabilities, inputs)[0].cpu().numpy()
-        return self._probabilities(inputs)[0].cpu().numpy()
+            probabilities = mirrored(self._probabilities, inputs)[0].cpu()
+        else:
+            probabilities = self._probabilities(inputs)[0].cpu()
+        shape = header(case.image[0]).shape
+        if tuple(probabilities.shape[1:]) != tuple(shape):
+            probabilities = torch.as_tensor(Resize(shape, mode="trilinear")(probabilities))
+        return probabilities.numpy()
 
 
 def predict_folder(
@@ -172,8 +212,8 @@ def predict_folder(
     torch_device = resolve_device(device, "predict.device")
     runs = run_dirs(run if isinstance(run, (str, os.PathLike)) else list(run))
     members = [
-        _Member(r, model, torch_device)
-        for r, (model, _) in zip(runs, load_runs(runs, checkpoint, torch_device))
+        _Member(r, model, cfg, torch_device)
+        for r, (model, cfg) in zip(runs, load_runs(runs, checkpoint, torch_device))
     ]
     spec = members[0].spec
     for r, member in zip(runs[1:], members[1:]):
