@@ -146,3 +146,28 @@ def test_unknown_missing_and_moved_trainer_keys(overrides, message, tmp_path):
 def test_old_metric_keys_on_the_command_line_name_the_new_key(key):
     with pytest.raises(ConfigError, match=rf"^trainer\.{key} is now metrics\.{key} .*: use "):
         compose_config("train", [f"trainer.{key}=false"])
+
+
+@pytest.mark.parametrize("model", ["prev_unet", "unet_baseline", "revnet_unet"])
+def test_norm_groups_that_do_not_divide_the_channels_name_the_key(model, tmp_path):
+    """``model.norm_groups=7`` became gcd(30, 7) = 1 group in silence (issue 22, item 6)."""
+    cfg = compose_train(f"model={model}", "model.norm_groups=7", f"paths.output_dir={tmp_path}")
+    with pytest.raises(ConfigError, match=r"^model: norm_groups=7 must divide the \d+ channels"):
+        build(cfg.model, "model")
+    build(compose_train(f"model={model}", "model.norm_groups=15").model, "model")
+
+
+def test_a_sweep_key_one_swept_model_lacks_names_that_model():
+    """Hydra's five lines for the README's sweep over two models (issue 22, item 8)."""
+    from revseg.config import check_key_overrides
+
+    sweep = ["-m", "model=prev_unet,unet_baseline", "model.encoder_depth=1,2"]
+    with pytest.raises(ConfigError) as err:
+        check_key_overrides("train", sweep)
+    assert str(err.value) == (
+        "model.encoder_depth: no such config key with model=unet_baseline in this sweep; sweep the "
+        "options that have it in a -m command of their own"
+    )
+    check_key_overrides("train", ["-m", "model=prev_unet,revnet_unet", "model.encoder_depth=1,2"])
+    with pytest.raises(ConfigError, match=r"^model.encoder_dept: no such config key; did you"):
+        check_key_overrides("train", ["-m", "model=prev_unet,unet_baseline", "model.encoder_dept=1"])

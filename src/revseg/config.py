@@ -6,6 +6,8 @@ here keeps a second list.
 
 from __future__ import annotations
 
+import itertools
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -131,6 +133,9 @@ def _has_key(cfg: DictConfig, key: str) -> bool:
     return True
 
 
+_MAX_COMPOSED = 64  # combinations of group sweeps checked by check_key_overrides
+
+
 def check_key_overrides(
     name: str, args: Sequence[str], config_dir: Path = CONFIG_DIR, search: Sequence[str] = ()
 ) -> None:
@@ -163,19 +168,34 @@ def check_key_overrides(
     ]
     if not changes:
         return
-    rest = [o.input_line for o in parsed if o not in changes and not o.is_sweep_override()]
-    rest += [  # one value of each sweep over group options
-        f"{o.key_or_group}={next(iter(o.sweep_string_iterator()))}"
+    for override in changes:
+        if override.key_or_group in MOVED_KEYS:
+            raise _moved(override.key_or_group)
+    fixed = [o.input_line for o in parsed if o not in changes and not o.is_sweep_override()]
+    # every combination of the sweeps over group options: a key one option lacks fails its job
+    sweeps = [
+        [f"{o.key_or_group}={v}" for v in o.sweep_string_iterator()]
         for o in parsed
         if o not in changes and o.is_sweep_override()
     ]
-    cfg = compose_config(name, rest, False, config_dir=config_dir, search=search, check_keys=False)
+    lacking: dict[str, list[tuple[str, ...]]] = {}
+    for choice in itertools.islice(itertools.product(*sweeps), _MAX_COMPOSED):
+        cfg = compose_config(
+            name, [*fixed, *choice], False, config_dir=config_dir, search=search, check_keys=False
+        )
+        for override in changes:
+            if not _has_key(cfg, override.key_or_group):
+                lacking.setdefault(override.input_line, []).append(choice)
     for override in changes:
+        choices = lacking.get(override.input_line, ())
         key = override.key_or_group
-        if key in MOVED_KEYS:
-            raise _moved(key)
-        if _has_key(cfg, key):
+        if not choices:
             continue
+        if len(choices) < min(math.prod(map(len, sweeps)), _MAX_COMPOSED):
+            raise ConfigError(
+                f"{key}: no such config key with {' '.join(choices[0])} in this sweep; sweep the "
+                "options that have it in a -m command of their own"
+            )
         near = difflib.get_close_matches(key, _keys(cfg), n=1, cutoff=0.6)
         hint = f"did you mean {near[0]}? " if near else ""
         raise ConfigError(

@@ -158,13 +158,15 @@ def test_level_up_undoes_level_down_layout():
 
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="downsample must be one of"):
-        RevNetUNet(channels=[4, 8], downsample="stride")
+        RevNetUNet(channels=[4, 8], norm_groups=2, downsample="stride")
     with pytest.raises(ValueError, match="a list of 2"):
-        RevNetUNet(channels=[4, 8, 12], downsample=["maxpool"])
+        RevNetUNet(channels=[4, 8, 12], norm_groups=2, downsample=["maxpool"])
     with pytest.raises(ValueError, match="even channel count"):
-        RevNetUNet(channels=[4, 9])
+        RevNetUNet(channels=[4, 9], norm_groups=1)
     with pytest.raises(ValueError, match="encoder_depth"):
-        RevNetUNet(channels=[4, 8], encoder_depth=0)
+        RevNetUNet(channels=[4, 8], norm_groups=2, encoder_depth=0)
     with pytest.raises(ValueError, match="divisible by 2"):
         RevNetUNet(channels=[4, 8], norm_groups=2)(torch.randn(1, 4, 4, 4, 3))
-    assert isinstance(RevNetUNet(channels=[4, 8]).encoders[0], ReversibleSequence)
+    with pytest.raises(ValueError, match=r"^norm_groups=30 must divide the 2 channels"):
+        RevNetUNet(channels=[4, 8])  # halves of 2 and 4 channels: 30 groups cannot be
+    assert isinstance(RevNetUNet(channels=[4, 8], norm_groups=2).encoders[0], ReversibleSequence)

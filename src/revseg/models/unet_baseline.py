@@ -34,7 +34,7 @@ class ConvBlock(nn.Sequential):
 
     Args:
         in_channels, mid_channels, out_channels: channels before, between and after the convs.
-        norm_groups: GroupNorm groups (reduced to a divisor of the channels if needed).
+        norm_groups: GroupNorm groups (must divide every level's channels).
         negative_slope: LeakyReLU slope.
         first_norm: ``False`` starts with the bare convolution (used on the raw input).
         norm_dtype: the GroupNorms' dtype under autocast (see

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -99,8 +98,19 @@ def check_volume(
 
 
 def group_count(channels: int, groups: int) -> int:
-    """The largest group count <= ``groups`` that divides ``channels`` (GroupNorm's constraint)."""
-    return math.gcd(channels, groups)
+    """``groups`` when it divides ``channels`` (GroupNorm's constraint), which is also checked:
+    a count reduced in silence (``gcd(30, 7) = 1``) would train another network than asked.
+
+    Raises:
+        ValueError: naming ``norm_groups``, the channels and the counts that would do.
+    """
+    if groups < 1 or channels % groups:
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise ValueError(
+            f"norm_groups={groups} must divide the {channels} channels of a GroupNorm of this "
+            f"network (one of {', '.join(map(str, divisors))}, for every level's channels)"
+        )
+    return groups
 
 
 def max_pool2x(x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +298,7 @@ class NormActConv(nn.Module):
     Args:
         in_channels: channels of the input.
         out_channels: channels of the output.
-        norm_groups: GroupNorm groups (reduced to a divisor of ``in_channels`` if needed).
+        norm_groups: GroupNorm groups (must divide ``in_channels``).
         kernel_size: convolution kernel size (``padding = kernel_size // 2``).
         negative_slope: LeakyReLU slope.
         norm: ``False`` skips GroupNorm and LeakyReLU (a plain convolution), used on raw inputs.

@@ -30,7 +30,7 @@ class ResidualFunction(nn.Sequential):
 
     Args:
         channels: channels of the input and the output (half of the coupling's channels).
-        norm_groups: GroupNorm groups (reduced to a divisor of ``channels`` if needed).
+        norm_groups: GroupNorm groups (must divide ``channels``).
         negative_slope: LeakyReLU slope.
         kernel_size: convolution kernel size (odd; ``padding = kernel_size // 2``).
 
