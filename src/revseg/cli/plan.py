@@ -1,6 +1,7 @@
-"""Predict the peak training memory of a config before training it.
+"""Predict the peak training memory of a config before training it; plan a dataset.
 
     revseg-plan [train.py overrides ...] [budget_gb=12] [max_depth=16]
+    revseg-plan data=nnunet data.root=DIR [budget_gb=8] [plan_dir=revseg_configs] [zoo=false]
 
 Takes the same overrides as ``train.py`` (``model=unet_baseline data.crop_size=[128,128,128]``),
 prints the planner's breakdown (parameters, gradients, optimizer state, batch, states kept by
@@ -9,21 +10,40 @@ the largest field of view (a cube, and the configured crop scaled) and the deepe
 fit the budget. With ``trainer.device=cuda`` the plan is for a GPU: the traced peak, what a CUDA
 run adds (computed) and an allowance for what cannot be traced (estimated), whose total is what
 the budget, the card's memory, must hold. See :mod:`revseg.memory.trace` for the method.
+
+With ``data=nnunet`` the dataset is planned (:mod:`revseg.memory.dataset_plan`): its report from
+the headers (cases, channels, labels, median / min / max shape and spacing, the shapes at
+``data.spacing``), then prev_unet and the checkpointed baseline (and their 4-block variants) at
+the full field of view with the run's precision and device rules, whether each fits the budget,
+the largest patch that fits where it does not, and the deepest encoder; with ``budget_gb=`` the
+config's model is written as an experiment, ``<plan_dir>/experiment/plan_<dataset>.yaml``
+(``plan_name=`` another name), and the command that trains it is printed:
+``python train.py --config-dir <plan_dir> experiment=plan_<dataset>``. ``zoo=false`` plans the
+config's model only.
 """
 
 from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
 
 from revseg.cli import run_main
 from revseg.errors import ConfigError
 
 OWN_KEYS = ("budget_gb", "max_depth")
+DATASET_KEYS = ("plan_dir", "plan_name", "zoo")
+DEFAULT_PLAN_DIR = "revseg_configs"
 
 
-def _split_args(argv: list[str]) -> tuple[list[str], dict[str, float]]:
+def _split_args(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
     overrides, own = [], {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key in OWN_KEYS:
+        if sep and key in DATASET_KEYS:
+            own[key] = _dataset_key(key, value)
+        elif sep and key in OWN_KEYS:
             try:
                 own[key] = float(value)
             except ValueError as err:
@@ -35,12 +55,30 @@ def _split_args(argv: list[str]) -> tuple[list[str], dict[str, float]]:
     return overrides, own
 
 
+def _dataset_key(key: str, value: str) -> Any:
+    if key == "zoo":
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"zoo must be true or false, got {value!r}")
+        return value.lower() == "true"
+    if not value:
+        raise ConfigError(f"{key} must not be empty")
+    if key == "plan_name" and not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ConfigError(f"plan_name must be letters, digits, _ or -, got {value!r}")
+    return value
+
+
 def main(argv: list[str]) -> int:
+    from revseg.memory.dataset_plan import is_dataset_config
     from revseg.memory.measure import format_bytes
     from revseg.memory.plan import compose_train_config, fit_budget, plan_from_config
 
     overrides, own = _split_args(argv)
     cfg = compose_train_config(overrides)
+    if is_dataset_config(cfg):
+        return _plan_dataset(cfg, overrides, own, argv)
+    extra = [k for k in DATASET_KEYS if k in own]
+    if extra:
+        raise ConfigError(f"{extra[0]} is for a dataset's plan (data=nnunet)")
     plan = plan_from_config(cfg)
     print(plan.table())
     if "budget_gb" not in own:
@@ -70,6 +108,49 @@ def main(argv: list[str]) -> int:
         )
     elif "encoder_depth" in cfg.model:
         print("  deepest encoder: none fits at the configured input")
+    return 0
+
+
+def _plan_dataset(cfg: Any, overrides: list[str], own: dict[str, Any], argv: list[str]) -> int:
+    """The dataset's report, its plans and, with a budget, the experiment written."""
+    from revseg.files import write_text_atomic
+    from revseg.memory.dataset_plan import (
+        experiment_name,
+        experiment_yaml,
+        plan_dataset,
+        summarize_dataset,
+    )
+
+    summary = summarize_dataset(cfg.data)
+    print("\n".join(summary.lines()), flush=True)
+    budget = own["budget_gb"] * 2**30 if "budget_gb" in own else None
+    plan = plan_dataset(
+        cfg,
+        overrides,
+        summary,
+        budget,
+        max_depth=int(own.get("max_depth", 16)),
+        zoo=bool(own.get("zoo", True)),
+    )
+    print("\n".join(plan.lines()))
+    print("\n" + plan.chosen.input_plan.table() if plan.chosen.input_plan else "")
+    if budget is None:
+        print("\nno experiment written: give budget_gb=N (the GPU's memory) to choose the input")
+        return 0
+    folder = Path(own.get("plan_dir", DEFAULT_PLAN_DIR)).resolve()
+    name = own.get("plan_name") or experiment_name(summary)
+    command = " ".join(["revseg-plan", *(shlex.quote(a) for a in argv)])
+    text = experiment_yaml(plan, command, folder)
+    path = write_text_atomic(text, folder / "experiment" / f"{name}.yaml")
+    fit = plan.chosen
+    what = "the full field of view" if fit.fits else "patches"
+    print(
+        f"\nexperiment: {fit.label} at {what} {'x'.join(map(str, fit.input))}, "
+        f"{plan.precision}: {path}\ntrain it with:\n"
+        f"  python train.py --config-dir {shlex.quote(str(folder))} experiment={name}\n"
+        f"  (an installed revseg: revseg-train --config-dir {shlex.quote(str(folder))} "
+        f"experiment={name})"
+    )
     return 0
 
 

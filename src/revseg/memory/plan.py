@@ -42,6 +42,7 @@ __all__ = [
     "plan_run",
     "step_model_from_config",
     "fit_budget",
+    "deepest_fit",
     "input_shape_from_config",
     "compose_train_config",
     "precision_from_config",
@@ -325,31 +326,50 @@ def fit_budget(
 def _deepest(
     cfg: DictConfig, crop: Sequence[int], budget: float, max_depth: int, plans: dict[str, Plan]
 ) -> tuple[int | None, bool]:
-    """Bisection over ``model.encoder_depth`` (peak memory grows monotonically with depth)."""
+    """:func:`deepest_fit` over ``model.encoder_depth``, its plan kept in ``plans``."""
+    depth, capped, plan = deepest_fit(cfg, crop, budget, max_depth)
+    if plan is not None:
+        plans["encoder_depth"] = plan
+    return depth, capped
+
+
+def deepest_fit(
+    cfg: DictConfig,
+    spatial: Sequence[int],
+    budget_bytes: float,
+    max_depth: int = 16,
+    key: str = "encoder_depth",
+) -> tuple[int | None, bool, Plan | None]:
+    """The largest ``model.<key>`` (an int: blocks per level, ``encoder_depth`` or the baseline's
+    ``encoder_blocks``) whose plan at ``spatial`` fits the budget, by bisection (peak memory
+    grows monotonically with depth).
+
+    Returns:
+        ``(depth, capped, plan)``: ``None`` depth (and plan) when even 1 does not fit; ``capped``
+        when ``max_depth`` fits, so the answer is only a lower bound.
+    """
     cache: dict[int, Plan] = {}
 
     def plan_at(d: int) -> Plan:
         if d not in cache:
             c = copy.deepcopy(cfg)
-            OmegaConf.update(c, "model.encoder_depth", d, merge=False)
-            cache[d] = plan_from_config(c, spatial=crop)
+            OmegaConf.update(c, f"model.{key}", d, merge=False)
+            cache[d] = plan_from_config(c, spatial=spatial)
         return cache[d]
 
-    if plan_at(1).total_bytes > budget:
-        return None, False
+    if plan_at(1).total_bytes > budget_bytes:
+        return None, False, None
     lo, hi = 1, 2
-    while hi <= max_depth and plan_at(hi).total_bytes <= budget:
+    while hi <= max_depth and plan_at(hi).total_bytes <= budget_bytes:
         lo, hi = hi, 2 * hi
     if hi > max_depth:
-        if plan_at(max_depth).total_bytes <= budget:
-            plans["encoder_depth"] = plan_at(max_depth)
-            return max_depth, True
+        if plan_at(max_depth).total_bytes <= budget_bytes:
+            return max_depth, True, plan_at(max_depth)
         hi = max_depth
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if plan_at(mid).total_bytes <= budget else (lo, mid)
-    plans["encoder_depth"] = plan_at(lo)
-    return lo, False
+        lo, hi = (mid, hi) if plan_at(mid).total_bytes <= budget_bytes else (lo, mid)
+    return lo, False, plan_at(lo)
 
 
 def compose_train_config(overrides: Sequence[str]) -> DictConfig:
