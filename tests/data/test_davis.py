@@ -260,7 +260,9 @@ def test_preview_and_figures(davis_root):
     metrics = data.build_metrics(hd95=True)
     pred = metrics.update(torch.randn(1, 1, 8, 16, 24), val["label"])
     preview = data.preview(val["image"][0], val["label"][0], pred[0])
-    assert preview.shape == (3, 16, 24) and 0 <= float(preview.min()) <= float(preview.max()) <= 1
+    # the labelled figure: input, truth, prediction and errors, enlarged from 16x24
+    assert preview.shape[0] == 3 and preview.shape[1] > 8 * 16 and preview.shape[2] > 4 * 8 * 24
+    assert 0 <= float(preview.min()) <= float(preview.max()) <= 1
     out = metrics.compute()
     assert {"iou_mean", "dice_mean", "j_mean", "j_mean_annotated", "j_mean_unannotated"} <= set(out)
     image = metrics.figures()["iou_per_frame"]

@@ -194,6 +194,20 @@ def test_each_problem_is_one_line_naming_case_and_file(broken):
     assert quick == {named[k][0] for k in KINDS if k not in VOXEL_KINDS}
 
 
+def test_complex_voxels_are_named_before_training(roots, tmp_path):
+    """A modality stored as complex64 trained with only MONAI's ComplexWarning (issue 22,
+    item 6): the header check names it."""
+    root = shutil.copytree(roots["brats2021"], tmp_path / "complex")
+    t2 = root / case_files("brats2021", 1, 4)["t2"]
+    data = np.asanyarray(nib.load(t2).dataobj).astype(np.complex64) * (1 + 1j)
+    _save_like(t2, data, t2)
+    (problem,) = check_cases(discover(root).cases, BRATS, voxels=False)
+    assert str(problem) == (
+        f"{t2.parent.name}: {t2}: complex voxels (complex64): store real intensities (e.g. the "
+        "magnitude)"
+    )
+
+
 def test_msd_3d_image_where_4d_expected(roots, tmp_path):
     root = shutil.copytree(roots["msd"], tmp_path / "msd")
     case, path = _break(root, "msd", 1, "3d")
@@ -236,6 +250,28 @@ def test_check_data_script(broken, capsys):
     quick = module.main(["data=brats", f"data.root={root}", "data.skip_bad_cases=true", "--quick"])
     assert quick == 0
     assert len(capsys.readouterr().out.splitlines()) == len(KINDS) - len(VOXEL_KINDS)
+
+
+@pytest.mark.parametrize("layout", ["brats2018", "brats2021", "brats2023"])
+def test_a_folder_without_the_layouts_files_is_named_not_ignored(roots, tmp_path, layout, capsys):
+    """An empty extra case folder was left out in silence (issue 22, item 6)."""
+    root = tmp_path / layout
+    shutil.copytree(roots[layout], root)
+    home = root / "HGG" if layout == "brats2018" else root
+    (home / "BraTS_empty").mkdir()
+    (home / "BraTS_notes").mkdir()
+    (home / "BraTS_notes" / "readme.txt").write_text("not a case")
+    found = discover(root)
+    assert found.left_out == (home / "BraTS_empty", home / "BraTS_notes")
+    assert len(found.cases) == 4
+    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["data=brats", f"data.root={root}", "--quick"]) == 0
+    assert "2 folder(s) holding no file of the layout left out (BraTS_empty, BraTS_notes)" in (
+        capsys.readouterr().err
+    )
+    assert discover(roots[layout]).left_out == ()
 
 
 # -- split file, disk cache, augmentation ----------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -113,7 +114,8 @@ def test_data_module_batches_and_metrics(tasks):
     values = metrics.compute()
     assert values["dice_PZ"] == values["dice_TZ"] == values["iou_mean"] == 1.0
     assert values["hd95_PZ"] == 0.0
-    assert data.preview(batch["image"][0], batch["label"][0], pred[0]).shape == (3, 32, 96)
+    figure = data.preview(batch["image"][0], batch["label"][0], pred[0])  # labelled, enlarged
+    assert figure.shape[0] == 3 and figure.shape[1] > 6 * 32 and figure.shape[2] > 3 * 6 * 32
 
 
 def test_label_metrics_region_names():
@@ -153,6 +155,15 @@ def _shifted(path, **geometry):
     sitk.WriteImage(image, str(path))
 
 
+def _complex(path):
+    """The channel as complex64, as a reconstruction may store it (issue 22, item 6)."""
+    image = sitk.ReadImage(str(path))
+    array = sitk.GetArrayFromImage(image).astype(np.complex64) * (1 + 1j)
+    written = sitk.GetImageFromArray(array)
+    written.CopyInformation(image)
+    sitk.WriteImage(written, str(path))
+
+
 BAD = {
     "missing key": (lambda r: _edit_json(r, file_ending=None), "missing key 'file_ending'"),
     "labels not contiguous": (
@@ -178,6 +189,10 @@ BAD = {
     "label values": (
         lambda r: _edit_json(r, labels={"background": 0, "Anterior": 1}),
         "label values 2 not in dataset.json (0, 1)",
+    ),
+    "complex voxels": (
+        lambda r: _complex(r / "imagesTr" / "hippocampus_001_0000.nii.gz"),
+        "imagesTr/hippocampus_001_0000.nii.gz: complex voxels: store real intensities",
     ),
     "missing label": (
         lambda r: (r / "labelsTr" / "hippocampus_002.nii.gz").unlink(),

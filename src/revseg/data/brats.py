@@ -532,10 +532,14 @@ class BratsData:
     def describe(self) -> str:
         """One line for reports: the layout, the label convention and the number of cases."""
         found = self.discovery
-        return (
+        text = (
             f"layout {found.layout.name}, label convention {self.convention.describe()}, "
             f"{len(found.cases)} cases"
         )
+        if found.left_out:
+            names = ", ".join(f.name for f in found.left_out)
+            text += f", {len(found.left_out)} folder(s) holding no file of the layout left out ({names})"
+        return text
 
     def _handle_problems(self, problems: list[Problem]) -> set[str]:
         """Stop on ``problems`` (one line each) or, with ``skip_bad_cases``, record and skip them.

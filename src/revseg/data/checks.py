@@ -3,9 +3,9 @@
 Two levels:
 
 - **quick** (at the start of every training run; reads headers only): a missing modality or
-  segmentation, an unreadable or truncated file, a 3D/4D mismatch (a 4D file where a 3D volume
-  belongs, a 3D file where MSD has a 4D image of four volumes), modalities or the segmentation
-  whose shapes or affines differ;
+  segmentation, an unreadable or truncated file, complex voxels, a 3D/4D mismatch (a 4D file
+  where a 3D volume belongs, a 3D file where MSD has a 4D image of four volumes), modalities or
+  the segmentation whose shapes or affines differ;
 - **full** (``scripts/check_data.py``, or ``data.check=full``): also reads every voxel: NaN or Inf
   voxels, an empty volume (all zero), label values outside the dataset's convention.
 
@@ -130,6 +130,10 @@ def check_case(
         image, reason = _header(path)
         if image is None:
             add(path, reason or "cannot read")
+            continue
+        dtype = image.get_data_dtype()
+        if np.issubdtype(dtype, np.complexfloating):
+            add(path, f"complex voxels ({dtype}): store real intensities (e.g. the magnitude)")
             continue
         shape = tuple(int(n) for n in image.shape)
         if what == "image" and (len(shape) != 4 or shape[3] != len(MODALITIES)):

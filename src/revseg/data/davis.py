@@ -52,10 +52,10 @@ from revseg.metrics.video import (
     VOID,
     Annotations,
     VideoMetrics,
-    overlay_frame,
     resize_indices,
     to_indices,
 )
+from revseg.training.visualize import frame_figure
 from revseg.validation import positive_ints
 
 __all__ = [
@@ -754,8 +754,9 @@ class DavisData:
         )
 
     def preview(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """The middle frame with prediction errors coloured (:func:`overlay_frame`): (3, H, W)."""
-        return overlay_frame(image, label, pred)
+        """The labelled figure of the middle frame (:func:`frame_figure`): input, truth and
+        prediction with one colour per object channel, and the errors."""
+        return frame_figure(image, label, pred, self.channel_names)
 
     def write_split(self, output_dir: str | os.PathLike) -> Path:
         """Record the sequence, the source frames and the supervised frames in ``split.json``."""

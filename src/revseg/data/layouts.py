@@ -107,6 +107,8 @@ class Discovery:
     cases: list[CaseFiles]
     channel_order: tuple[int, ...] | None = None
     """For a 4D image: the file's volume index of each of :data:`MODALITIES`; None otherwise."""
+    left_out: tuple[Path, ...] = ()
+    """Folders beside the case folders that hold no file of the layout (e.g. an empty one)."""
 
 
 @dataclass(frozen=True)
@@ -402,7 +404,22 @@ def discover(root: str | os.PathLike, layout: str = "auto") -> Discovery:
         for note in case.notes:
             log.warning("%s: %s", case.case, note)
     order = msd_channel_order(root) if chosen.four_d else None
-    return Discovery(chosen, root, cases, order)
+    left_out = () if chosen.four_d else _left_out(chosen, cases)
+    for folder in left_out:
+        log.warning("%s: no file of layout %s in the folder: left out", folder, chosen.name)
+    return Discovery(chosen, root, cases, order, left_out)
+
+
+def _left_out(layout: Layout, cases: list[CaseFiles]) -> tuple[Path, ...]:
+    """The folders beside the case folders that ``layout.parse`` does not take as a case."""
+    folders = {Path(next(f for f in (*c.image, c.label) if f)).parent for c in cases}
+    homes = sorted({folder.parent for folder in folders})
+    return tuple(
+        folder
+        for home in homes
+        for folder in _case_folders(home)
+        if folder not in folders and layout.parse(folder) is None
+    )
 
 
 def find_case(path: str | os.PathLike, layout: str = "auto") -> Discovery:

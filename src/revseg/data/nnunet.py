@@ -387,6 +387,8 @@ def header(path: str | os.PathLike) -> Header:
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
         raise DataError(f"{path}: cannot read: {reason}") from None
+    if reader.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise DataError(f"{path}: complex voxels: store real intensities (e.g. the magnitude)")
     dim = reader.GetDimension()
     size = tuple(reader.GetSize())
     if dim < 3:

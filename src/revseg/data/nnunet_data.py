@@ -71,6 +71,7 @@ from revseg.data.transforms import SimpleITKReader, _Pipeline, split_pipeline
 from revseg.errors import ConfigError, DataError, RevsegError
 from revseg.files import write_text_atomic
 from revseg.metrics.labels import LabelMetrics
+from revseg.training.visualize import slice_figure
 from revseg.validation import positive_ints
 
 __all__ = [
@@ -83,10 +84,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_PALETTE = torch.tensor(
-    [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0.5, 0]]
-)
 
 
 def spacing_option(value: Any, key: str = "data.spacing") -> tuple[float, ...] | str | None:
@@ -483,23 +480,12 @@ class NnUNetData:
         return LabelMetrics(self.spec.foreground_names, self.spec.region_based, hd95, spacings)
 
     def preview(self, image: torch.Tensor, label: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """``(3, H, 3 W)``: the middle slice along the last axis of the first channel, the
-        labels and the prediction, one colour per label (regions: the innermost)."""
-        z = image.shape[-1] // 2
-        gray = image[0, :, :, z].float()
-        lo, hi = gray.min(), gray.max()
-        gray = (gray - lo) / (hi - lo) if hi > lo else torch.zeros_like(gray)
-
-        def colours(channels: torch.Tensor) -> torch.Tensor:
-            masks = channels[..., z].detach().cpu() > 0.5
-            index = torch.zeros(masks.shape[1:], dtype=torch.long)
-            first = 1 if not self.spec.region_based else 0
-            for c in range(first, masks.shape[0]):
-                index[masks[c]] = c + 1 - first
-            return _PALETTE[index % len(_PALETTE)].permute(2, 0, 1).float()
-
-        panels = [gray.detach().cpu().expand(3, -1, -1), colours(label), colours(pred)]
-        return torch.cat(panels, dim=-1)
+        """The labelled figure of the middle slice along the last axis (:func:`slice_figure`):
+        the first input channel, the labels and the prediction, one colour per label named as
+        in ``dataset.json`` (regions: the innermost)."""
+        spec = self.spec
+        names, shown = spec.foreground_names, spec.channel_names[0]
+        return slice_figure(image, label, pred, names, 0, shown, background=not spec.region_based)
 
     def write_split(self, output_dir: str | os.PathLike) -> Path:
         """Write ``split.json``: the cases, and what prediction needs of the dataset (its

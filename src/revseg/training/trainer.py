@@ -84,7 +84,7 @@ from revseg.training.distributed import (
     training_device,
 )
 from revseg.training.run_dir import check_fresh_run, claim_run_dir, write_run_record
-from revseg.training.visualize import slice_panel
+from revseg.training.visualize import save_png, slice_panel, write_hparams
 from revseg.validation import model_divisor
 
 __all__ = ["Trainer", "autocast_context", "train", "resolve_device", "seed_everything"]
@@ -604,12 +604,12 @@ class Trainer:
                 losses.append(float(self.compute_loss(logits, label, mask)))
                 pred = self.metrics.update(logits, label)
             self._account("val", m)
-            if index == 0 and self.writer is not None and self.tcfg.log_images:
-                self.writer.add_image(
-                    "val/slice_input_label_prediction",
-                    self.preview(image[0], label[0], pred[0]),
-                    self.epoch,
-                )
+            if index == 0 and self.dist.is_main and self.tcfg.log_images:
+                # the labelled figure of the first case, in TensorBoard and as val_slice.png
+                shown = self.preview(image[0], label[0], pred[0])
+                save_png(shown, self.output_dir / "val_slice.png")
+                if self.writer is not None:
+                    self.writer.add_image("val/slice_input_label_prediction", shown, self.epoch)
         metrics = {val_key(k): v for k, v in self.metrics.compute().items()}
         if isinstance(self.metrics, Figures) and self.writer is not None and self.tcfg.log_images:
             for name, image in self.metrics.figures().items():  # (3, H, W), e.g. IoU per frame
@@ -733,8 +733,9 @@ class Trainer:
         }
         metrics["hparam/peak_memory_mib"] = summary["peak_memory_bytes"] / 2**20
         metrics["hparam/step_time_s"] = summary["step_time_s"] or 0.0
-        self.writer.add_hparams(hparams, metrics, run_name=".")
-        self.writer.flush()
+        # one session per run, replaced by a resumed run's (the writer's add_hparams would add
+        # a second one); the run directory is the writer's log_dir
+        write_hparams(self.output_dir, hparams, metrics, step=self.epoch)
 
     # ---------------------------------------------------------------- summary
     def summary(self) -> dict[str, Any]:
