@@ -98,7 +98,7 @@ def test_flat_truth_with_missing_and_unmatched_predictions(flat, tmp_path):
     assert lesion["mean"]["tp_WT"] == "3"  # counts are summed
     summary = {r["metric"]: r for r in csv.DictReader((report / "summary.csv").open())}
     assert summary["dice_WT"]["n"] == "4" and summary["dice_RC"]["n"] == "2"
-    assert Image.open(report / "boxplot.png").size == (720, 360)
+    assert Image.open(report / "boxplot.png").size == (900, 440)
 
 
 def test_spacing_from_the_header_along_the_right_axis(tmp_path):

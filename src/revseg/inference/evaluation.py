@@ -6,7 +6,9 @@ of label maps (``<case>-seg.nii.gz``, ``<case>_seg.nii.gz`` or ``<case>.nii.gz``
 official tool reads them), or one label map file. Predictions: a folder of NIfTI files, each
 matched to the truth case whose id its name is or contains (``<case>.nii.gz`` as
 ``revseg-predict`` writes them, ``BraTS-GLI-00000-000-pred.nii.gz``, ...), or one file. A truth
-case without a prediction is scored (Dice 0, HD95 373) and listed as missing; a prediction that
+case without a prediction is listed as missing and, by the official rule (``cases="all"``),
+scored as Dice 0, HD95 373; ``cases="predicted"`` scores only the cases that have a prediction
+(e.g. the validation cases ``revseg-predict predict.cases=val`` wrote). A prediction that
 matches no case is listed as unmatched and skipped.
 """
 
@@ -36,7 +38,7 @@ from revseg.data.layouts import (
     get_layout,
 )
 from revseg.errors import ConfigError, DataError
-from revseg.files import write_text_atomic
+from revseg.files import write_atomic, write_text_atomic
 from revseg.metrics.brats import (
     DICE_MEAN,
     HD95_MAX,
@@ -51,8 +53,10 @@ from revseg.metrics.brats import (
 )
 
 __all__ = [
+    "CASE_SETS",
     "LABEL_SETS",
     "EvaluationInputs",
+    "check_cases",
     "evaluate",
     "evaluate_files",
     "find_inputs",
@@ -66,6 +70,10 @@ LABEL_SETS: dict[str, LabelConvention] = {
     "msd": MSD,
 }
 """Values of ``evaluate.labels`` (besides ``auto``): the truth's label convention."""
+
+CASE_SETS = ("all", "predicted")
+"""Values of ``evaluate.cases``: score every truth case (the official rule: one without a
+prediction counts as Dice 0, HD95 373), or only the cases that have a prediction."""
 
 _SUFFIXES = (".nii.gz", ".nii")
 _SEG_SUFFIXES = ("-seg", "_seg")
@@ -281,14 +289,22 @@ def evaluate_files(
     )
 
 
-def _has_resection(inputs: EvaluationInputs) -> bool:
-    value = inputs.convention.resection
+def _has_resection(convention: LabelConvention, truth: Sequence[Path]) -> bool:
+    value = convention.resection
     if value is None:
         return False
-    return any(
-        bool((np.asanyarray(nib.load(os.fspath(p)).dataobj) == value).any())
-        for p in inputs.truth.values()
-    )
+    return any(bool((np.asanyarray(nib.load(os.fspath(p)).dataobj) == value).any()) for p in truth)
+
+
+def check_cases(cases: str) -> str:
+    """``cases`` if it is one of :data:`CASE_SETS`.
+
+    Raises:
+        ConfigError: another value (one line naming ``evaluate.cases``).
+    """
+    if cases not in CASE_SETS:
+        raise ConfigError(f"evaluate.cases must be one of {', '.join(CASE_SETS)}, got {cases!r}")
+    return cases
 
 
 def evaluate(
@@ -296,8 +312,9 @@ def evaluate(
     convention: str = "official",
     lesion_wise: bool = True,
     regions: Sequence[str] | None = None,
+    cases: str = "all",
 ) -> tuple[dict[str, dict[str, float]], tuple[str, ...]]:
-    """Score every truth case (missing predictions included).
+    """Score the truth cases.
 
     Args:
         inputs: from :func:`find_inputs`.
@@ -305,17 +322,27 @@ def evaluate(
         lesion_wise: add the lesion-wise metrics.
         regions: the regions scored; None: WT, TC, ET, and RC when a truth case has label 4
             (the resection cavity) in a convention that has it.
+        cases: ``all`` (every truth case; one without a prediction is scored as missing, Dice 0
+            and HD95 373, as the official tool does) or ``predicted`` (only the cases that have
+            a prediction).
 
     Returns:
         ``(per_case, regions)``: case id -> metrics, in case order.
+
+    Raises:
+        ConfigError: ``cases`` is neither ``all`` nor ``predicted``.
     """
+    scored = inputs.truth
+    if check_cases(cases) == "predicted":
+        scored = {case: truth for case, truth in scored.items() if case in inputs.pred}
     if regions is None:
-        regions = REGIONS + (("RC",) if _has_resection(inputs) else ())
+        has_rc = _has_resection(inputs.convention, list(scored.values()))
+        regions = REGIONS + (("RC",) if has_rc else ())
     per_case = {
         case: evaluate_files(
             inputs.pred.get(case), truth, inputs.convention, convention, regions, lesion_wise
         )
-        for case, truth in inputs.truth.items()
+        for case, truth in scored.items()
     }
     return per_case, tuple(regions)
 
@@ -371,7 +398,8 @@ def write_reports(
     """Write the reports into ``output`` (created).
 
     - ``metrics.csv``: ``case, dice_<region>..., dice_mean, hd95_<region>..., hd95_mean``, a row
-      per truth case (missing ones included; ``dice_mean`` the case's mean over WT, TC, ET),
+      per case of ``per_case`` (every truth case, missing ones included, unless only the
+      predicted ones were scored; ``dice_mean`` the case's mean over WT, TC, ET),
       then ``mean``: :func:`~revseg.metrics.brats.summarize`, as validation reports it (each
       region's mean over the cases, NaN cells left out; ``dice_mean`` and ``hd95_mean`` the
       mean of the region means);
@@ -383,7 +411,8 @@ def write_reports(
       cases' own means);
     - ``metrics.json``: ``extra``, the conventions, ``missing``, ``mean``, ``summary``, ``cases``
       (NaN and infinity as null);
-    - ``boxplot.png``: Dice and HD95 per region over the cases (when ``plot``).
+    - ``boxplot.png``: Dice and HD95 per region over the cases that have a prediction, the
+      missing ones scored in ``per_case`` counted apart (when ``plot``).
 
     Returns:
         The paths written.
@@ -427,5 +456,7 @@ def write_reports(
     write_text_atomic(json.dumps(_json_value(content), indent=2) + "\n", written[-1])
     if plot and cases:
         written.append(output / "boxplot.png")
-        box_plot(per_case, regions).save(written[-1])
+        unpredicted = [case for case in missing if case in per_case]
+        image = box_plot(per_case, regions, unpredicted)
+        write_atomic(written[-1], lambda f: image.save(f, format="PNG"))
     return written
