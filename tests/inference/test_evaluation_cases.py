@@ -130,3 +130,32 @@ def test_box_plot_labels_sit_below_the_frame(tmp_path):
     assert not dark.any()
     image.save(tmp_path / "boxplot.png")
     assert Image.open(tmp_path / "boxplot.png").size == (900, 440)
+
+
+def test_nnunet_truth_scores_the_predicted_cases_only(tmp_path):
+    """The same option for a dataset.json truth folder (labels named by the dataset)."""
+    import shutil
+
+    from revseg.data.synthetic_nnunet import make_task
+
+    root = make_task(tmp_path / "Dataset904_SynthHippocampus", "hippocampus", 2, num_test=3)
+    truth, pred = root / "labelsTs", tmp_path / "pred"
+    pred.mkdir()
+    first = sorted(truth.iterdir())[0]
+    shutil.copy(first, pred / first.name)  # a perfect prediction of one case of three
+    common = [f"pred={pred}", f"truth={truth}"]
+    only = run_cli(*common, f"output={tmp_path / 'predicted'}", "evaluate.cases=predicted")
+    assert only.returncode == 0, only.stderr[-2000:]
+    assert only.stdout.splitlines()[0] == (
+        "scored the 1 case(s) with a prediction only (evaluate.cases=predicted); 2 truth "
+        f"case(s) without one left out; dataset {root.name}"
+    )
+    report = json.loads((tmp_path / "predicted" / "metrics.json").read_text())
+    assert list(report["cases"]) == [first.name.removesuffix(".nii.gz")]
+    assert report["mean"]["dice_mean"] == 1.0 and len(report["missing"]) == 2
+    official = run_cli(*common, f"output={tmp_path / 'all'}")
+    assert official.stdout.splitlines()[0].startswith(
+        "scored all 3 truth case(s) (evaluate.cases=all, the official rule); 2 without a "
+        "prediction scored Dice 0"
+    )
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["mean"]["dice_mean"] < 0.5
