@@ -68,11 +68,22 @@ def label_case_metrics(
 
 
 def summarize_labels(per_case: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Mean of every metric over the cases, NaN cells left out."""
+    """The summary over the cases, behind validation and ``revseg-evaluate`` alike: each label's
+    metric is its mean over the cases (NaN cells left out), and ``{dice,iou,hd95}_mean`` the mean
+    of the labels' means, as nnU-Net's ``foreground_mean`` and BraTS's mean Dice
+    (:func:`revseg.metrics.brats.summarize`) are read; not the mean of each case's own mean, which
+    weighs a case with labels empty in both more. Example: case A with label 1 at Dice 2/3 and
+    label 2 empty in both, case B at 0.4 in both labels: label 1 ``(2/3 + 0.4) / 2 = 8/15``,
+    label 2 0.4, ``dice_mean`` ``(8/15 + 0.4) / 2 = 7/15``."""
     keys: list[str] = []
     for metrics in per_case.values():
         keys += [k for k in metrics if k not in keys]
-    return {k: _nanmean([float(m[k]) for m in per_case.values() if k in m]) for k in keys}
+    out = {k: _nanmean([float(m[k]) for m in per_case.values() if k in m]) for k in keys}
+    for metric in _METRICS:
+        labels = [k for k in keys if k.startswith(f"{metric}_") and k != f"{metric}_mean"]
+        if labels:
+            out[f"{metric}_mean"] = _nanmean([out[k] for k in labels])
+    return out
 
 
 class LabelMetrics:
