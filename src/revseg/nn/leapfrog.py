@@ -38,7 +38,7 @@ from torch import nn
 from revseg.nn.blocks import check_volume
 from revseg.nn.haar import haar3d, inverse_haar3d
 from revseg.nn.low_rank import SymmetricBlockLowRankConv3d
-from revseg.nn.reversible import State, Step, run_chain
+from revseg.nn.reversible import ChainState, Step, run_chain
 
 __all__ = [
     "LeapfrogStack",
@@ -115,17 +115,17 @@ def leapfrog_update(
 class _PairStart(Step):
     """``Y_0 -> (Y_{-1}, Y_0) = (Y_0, Y_0)``: the leapfrog pair the recursion starts from."""
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         return [state[0], state[0]]
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         # Y_{-1} = Y_0: both halves of the first pair are the input
         g_prev, g_cur = grads
         grads[:] = [g_prev.add_(g_cur)]
         del state[0]
         return []
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         return [state[1]]
 
 
@@ -135,17 +135,17 @@ class LevelTransformStep(Step):
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         return level_transform(self.kind, False, *state)
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         # one tensor at a time, each freed once transformed (W^T = W^-1 for the gradients)
         for tensors in (state, grads):
             for i in range(len(tensors)):
                 (tensors[i],) = level_transform(self.kind, True, tensors[i])
         return []
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         return level_transform(self.kind, True, *state)
 
 
@@ -157,11 +157,11 @@ class LeapfrogStep(Step):
         self.module = layer
         self.h2 = h**2
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         prev, cur = state
         return [cur, leapfrog_update(self.module(cur), cur, prev, self.h2)]
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         # the pair (Y_j, Y_{j+1}) = (prev, cur) with gradients (g_prev, g_cur), held only here
         prev, cur = state
         g_prev, g_cur = grads
@@ -183,7 +183,7 @@ class LeapfrogStep(Step):
         grads[:] = [g_cur.neg_(), g_y]
         return [g if g is None else g.mul_(-h2) for g in layer_grads[1:]]
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         prev, cur = state
         return [leapfrog_update(self.module(prev), prev, cur, self.h2), prev]
 
@@ -240,10 +240,6 @@ class LeapfrogStack(nn.Module):
         """Raise ``ValueError`` unless ``y`` is ``(B, channels, D, H, W)`` with sizes divisible."""
         why = f"{self.coarsenings} Haar coarsenings"
         check_volume(y, self.divisor, "LeapfrogStack", self.channels, why)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Trainable parameters in the order the memory-saving backward returns their grads."""
-        return [p for step in self.steps() for p in step.params()]
 
     def steps(self) -> list[Step]:
         """The engine's steps, in forward order: the start pair ``(Y_{-1}, Y_0) = (Y_0, Y_0)``,

@@ -524,7 +524,7 @@ def block_backward_step(
 # --------------------------------------------------------------------------------------------
 # the engine: steps, and the one Function that drives any chain of them
 
-State = list[torch.Tensor]
+ChainState = list[torch.Tensor]  # what the engine hands a Step: mutable, the step may free it
 
 
 class Step:
@@ -565,13 +565,13 @@ class Step:
             return []
         return [p for p in self.module.parameters() if p.requires_grad]
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         raise NotImplementedError
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         raise NotImplementedError
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         raise NotImplementedError
 
 
@@ -599,7 +599,7 @@ class CouplingStep(Step):
             p for fn in (self.module.f, self.module.g) for p in fn.parameters() if p.requires_grad
         ]
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         block = self.module
         y = state[0]
         y1, y2 = block.split(y)
@@ -610,11 +610,11 @@ class CouplingStep(Step):
             _add_forward(fn, inp, out, self.chunks)
         return state
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         rng_f, rng_g = self.rngs
         return _coupling_step(self.module, state[0], grads[0], None, rng_f, rng_g, self.chunks)
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         return [self.module.inverse(state[0])]
 
 
@@ -627,12 +627,12 @@ class BlockStep(Step):
         self.preserve_rng_state = preserve_rng_state
         self.rng: _RngState | None = None
 
-    def forward(self, state: State) -> State:
+    def forward(self, state: ChainState) -> ChainState:
         if self.preserve_rng_state:
             self.rng = _RngState(state[0].device)
         return [self.module(state.pop())]
 
-    def backward(self, state: State, grads: State) -> list[torch.Tensor | None]:
+    def backward(self, state: ChainState, grads: ChainState) -> list[torch.Tensor | None]:
         x, grad_x, param_grads = block_backward_step(
             self.module, state.pop(), grads.pop(), rng=self.rng
         )
@@ -640,7 +640,7 @@ class BlockStep(Step):
         grads.append(grad_x)
         return param_grads
 
-    def inverse(self, state: State) -> State:
+    def inverse(self, state: ChainState) -> ChainState:
         return [self.module.inverse(state[0])]
 
 
@@ -894,10 +894,6 @@ class InvertibleSequence(ReversibleChain):
     def steps(self) -> list[Step]:
         """One :class:`BlockStep` per block (fresh per call)."""
         return invertible_steps(self.blocks, self.preserve_rng_state)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Parameters in the order the memory-saving backward returns their gradients."""
-        return [p for step in self.steps() for p in step.params()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, *spatial)`` through the blocks (the same shape unless a block pools)."""

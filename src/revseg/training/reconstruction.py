@@ -55,49 +55,55 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-State = tuple[torch.Tensor, ...]  # one tensor, or the leapfrog pair (Y_{j-1}, Y_j)
+# the input or output of one block, as the analysis compares them: one tensor, or the leapfrog
+# pair (Y_{j-1}, Y_j); a tuple, never changed in place (the engine's ChainState is a list it may)
+Activations = tuple[torch.Tensor, ...]
 
 
-def _as_state(x: torch.Tensor | State) -> State:
+def _as_activations(x: torch.Tensor | Activations) -> Activations:
     return (x,) if torch.is_tensor(x) else tuple(x)
 
 
-def _energy(state: State) -> float:
+def _energy(state: Activations) -> float:
     return sum(float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2 for t in state)
 
 
-def _error_energy(x: State, x_hat: State) -> float:
+def _error_energy(x: Activations, x_hat: Activations) -> float:
     return sum(
         float(torch.linalg.vector_norm(a.to(b.device) - b, dtype=torch.float64)) ** 2
         for a, b in zip(x, x_hat)
     )
 
 
-def snr_db(x: torch.Tensor | State, x_hat: torch.Tensor | State) -> float:
+def snr_db(x: torch.Tensor | Activations, x_hat: torch.Tensor | Activations) -> float:
     """``10 log10(|x|^2 / |x - x_hat|^2)``; ``inf`` for an exact reconstruction."""
-    x, x_hat = _as_state(x), _as_state(x_hat)
+    x, x_hat = _as_activations(x), _as_activations(x_hat)
     noise, signal = _error_energy(x, x_hat), _energy(x)
     if noise == 0:
         return math.inf
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def relative_error(x: torch.Tensor | State, x_hat: torch.Tensor | State) -> float:
+def relative_error(x: torch.Tensor | Activations, x_hat: torch.Tensor | Activations) -> float:
     """``|x - x_hat| / |x|`` (0 for an exact reconstruction)."""
-    x, x_hat = _as_state(x), _as_state(x_hat)
+    x, x_hat = _as_activations(x), _as_activations(x_hat)
     return math.sqrt(_error_energy(x, x_hat) / max(_energy(x), 1e-300))
 
 
 # --------------------------------------------------------------------------------------------
-# the reversible parts of a model, as chains of invertible steps
+# the reversible parts of a model, as chains of probed blocks
 
 
 @dataclass
-class _Step:
+class _ProbedBlock:
+    """One block (or one layer of a coupling's F or G) of a reversible part, as the analysis
+    probes it: ``forward`` and ``inverse`` are plain functions on :data:`Activations`, wrapping
+    the module or, for a leapfrog stack, the engine's :class:`~revseg.nn.reversible.Step`."""
+
     name: str
     kind: str
-    forward: Callable[[State], State]
-    inverse: Callable[[State], State]
+    forward: Callable[[Activations], Activations]
+    inverse: Callable[[Activations], Activations]
     closed_form: Callable[[], float | None] = lambda: None  # noqa: E731
     # a coupling's F and G when they are layer-wise invertible chains: ("f" | "g", chain)
     chains: list[tuple[str, nn.Module]] = field(default_factory=list)
@@ -135,13 +141,13 @@ def _is_chain(module: nn.Module) -> bool:
     return isinstance(getattr(module, "layers", None), nn.ModuleList) and _items(module) is not None
 
 
-def _module_step(name: str, module: nn.Module) -> _Step:
+def _module_block(name: str, module: nn.Module) -> _ProbedBlock:
     chains = []
     if isinstance(module, AdditiveCoupling):
         chains = [
             (key, getattr(module, key)) for key in ("f", "g") if _is_chain(getattr(module, key))
         ]
-    return _Step(
+    return _ProbedBlock(
         name,
         _kind(module),
         lambda s: (module(s[0]),),
@@ -152,30 +158,35 @@ def _module_step(name: str, module: nn.Module) -> _Step:
     )
 
 
-def _leapfrog_steps(stack: LeapfrogStack) -> list[_Step]:
-    """One step per Haar transform and per leapfrog layer, on the pair ``(Y_{j-1}, Y_j)``: the
+def _leapfrog_blocks(stack: LeapfrogStack) -> list[_ProbedBlock]:
+    """One block per Haar transform and per leapfrog layer, on the pair ``(Y_{j-1}, Y_j)``: the
     engine's own steps (:meth:`LeapfrogStack.steps`, after the start pair), named by level."""
-    steps = []
+    blocks = []
     engine_steps = iter(stack.steps()[1:])
     for i, (kind, level) in enumerate(zip(stack.transforms, stack.levels)):
         if kind is not None:
             step = next(engine_steps)  # orthonormal: alpha = 1
-            steps.append(_Step(f"levels.{i}.{kind}", f"haar {kind}", *_pair(step), lambda: 1.0))
+            name, label = f"levels.{i}.{kind}", f"haar {kind}"
+            blocks.append(_ProbedBlock(name, label, *_on_tuples(step), lambda: 1.0))
         for j in range(len(level)):
-            steps.append(_Step(f"levels.{i}.{j}", "leapfrog layer", *_pair(next(engine_steps))))
-    return steps
+            step = next(engine_steps)
+            blocks.append(_ProbedBlock(f"levels.{i}.{j}", "leapfrog layer", *_on_tuples(step)))
+    return blocks
 
 
-def _pair(step: Step) -> tuple[Callable[[State], State], Callable[[State], State]]:
-    """A leapfrog engine step's forward and inverse on tuples."""
+_TupleFn = Callable[[Activations], Activations]
+
+
+def _on_tuples(step: Step) -> tuple[_TupleFn, _TupleFn]:
+    """An engine step's forward and inverse as functions on tuples (the engine's are lists)."""
     return (lambda s: tuple(step.forward(list(s)))), (lambda s: tuple(step.inverse(list(s))))
 
 
-def _steps(module: nn.Module) -> list[_Step]:
+def _part_blocks(module: nn.Module) -> list[_ProbedBlock]:
     if isinstance(module, LeapfrogStack):
-        return _leapfrog_steps(module)
+        return _leapfrog_blocks(module)
     attr = "blocks" if isinstance(getattr(module, "blocks", None), nn.ModuleList) else "layers"
-    return [_module_step(f"{attr}.{i}", m) for i, m in enumerate(_items(module) or [])]
+    return [_module_block(f"{attr}.{i}", m) for i, m in enumerate(_items(module) or [])]
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,7 +325,7 @@ class _Noise:
         self.seed = seed
         self.generator: torch.Generator | None = None
 
-    def alpha(self, x: State, forward: Callable, inverse: Callable) -> float | None:
+    def alpha(self, x: Activations, forward: Callable, inverse: Callable) -> float | None:
         """Mean of ``snr_in / snr_out`` over the draws (forward runs on the clean input first)."""
         y = forward(x)
         signal, total = _energy(y), 0.0
@@ -334,28 +345,28 @@ class _Noise:
 
 
 class _ForwardStates:
-    """The input of every step of a chain, served last first, without holding them all.
+    """The input of every block of a chain, served last first, without holding them all.
 
-    The forward keeps every ``stride``-th state (``stride = ceil(sqrt(N))`` for ``N`` steps);
+    The forward keeps every ``stride``-th state (``stride = ceil(sqrt(N))`` for ``N`` blocks);
     the states between two kept ones are recomputed, a segment at a time, when the reverse walk
     reaches them. About ``2 sqrt(N)`` states are held at once instead of ``N``, on the chain's
-    own device (nothing is copied to host memory), for one extra forward of each step. Index
+    own device (nothing is copied to host memory), for one extra forward of each block. Index
     ``N`` is the chain's output.
     """
 
-    def __init__(self, steps: list[_Step], x0: State) -> None:
-        self.steps = steps
-        self.n = len(steps)
+    def __init__(self, blocks: list[_ProbedBlock], x0: Activations) -> None:
+        self.blocks = blocks
+        self.n = len(blocks)
         self.stride = max(1, math.isqrt(max(self.n - 1, 0)) + 1)
-        self.kept: dict[int, State] = {0: x0}
-        self.segment: dict[int, State] = {}
+        self.kept: dict[int, Activations] = {0: x0}
+        self.segment: dict[int, Activations] = {}
         state = x0
-        for k, step in enumerate(steps, start=1):
-            state = step.forward(state)
+        for k, block in enumerate(blocks, start=1):
+            state = block.forward(state)
             if k % self.stride == 0 or k == self.n:
                 self.kept[k] = state
 
-    def __getitem__(self, k: int) -> State:
+    def __getitem__(self, k: int) -> Activations:
         if k in self.kept:
             return self.kept[k]
         if k not in self.segment:
@@ -363,57 +374,65 @@ class _ForwardStates:
             self.segment = {}  # the previous segment is no longer needed
             state = self.kept[start]
             for j in range(start + 1, min(start + self.stride, self.n)):
-                state = self.steps[j - 1].forward(state)
+                state = self.blocks[j - 1].forward(state)
                 self.segment[j] = state
         return self.segment[k]
 
 
 def _chain_walk(chain: nn.Module, x_true: torch.Tensor, x_used: torch.Tensor) -> Iterator:
-    """``(index, step, true input, rebuilt input)`` of each layer of a layer-wise chain inside a
-    coupling, last layer first, as its backward rebuilds them: the output recomputed from the
+    """``(index, layer, true input, rebuilt input)`` of each layer of a layer-wise chain inside
+    a coupling, last layer first, as its backward rebuilds them: the output recomputed from the
     rebuilt chain input ``x_used``, then the layers' inverses (layer 0 receives ``x_used``)."""
-    steps = [_module_step(f"layers.{i}", layer) for i, layer in enumerate(chain.layers)]
-    true = _ForwardStates(steps[:-1], (x_true,))
+    layers = [_module_block(f"layers.{i}", layer) for i, layer in enumerate(chain.layers)]
+    true = _ForwardStates(layers[:-1], (x_true,))
     y = (chain(x_used),)
-    for index in range(len(steps) - 1, -1, -1):
-        y = (x_used,) if index == 0 else steps[index].inverse(y)
-        yield index, steps[index], true[index], y
+    for index in range(len(layers) - 1, -1, -1):
+        y = (x_used,) if index == 0 else layers[index].inverse(y)
+        yield index, layers[index], true[index], y
 
 
-def _record(part: str, step: _Step, name: str, level: str, x: State, x_hat: State, noise):
-    """The record of one rebuilt input; ``alpha`` from noise on the output of ``step(x)``."""
+def _record(
+    part: str,
+    block: _ProbedBlock,
+    name: str,
+    level: str,
+    x: Activations,
+    x_hat: Activations,
+    noise: _Noise | None,
+) -> LayerRecord:
+    """The record of one rebuilt input; ``alpha`` from noise on the output of ``block(x)``."""
     snr, rel = snr_db(x, x_hat), relative_error(x, x_hat)
-    record = LayerRecord(part, 0, name, step.kind, level, snr, rel)
+    record = LayerRecord(part, 0, name, block.kind, level, snr, rel)
     if noise is not None:
-        record.alpha = noise.alpha(x, step.forward, step.inverse)
-        record.closed_form = step.closed_form()  # after the forward on the true input
+        record.alpha = noise.alpha(x, block.forward, block.inverse)
+        record.closed_form = block.closed_form()  # after the forward on the true input
     return record
 
 
-def _analyze_part(part: str, module: nn.Module, x0: State, noise: _Noise | None) -> list:
+def _analyze_part(part: str, module: nn.Module, x0: Activations, noise: _Noise | None) -> list:
     """Every block's rebuilt input from the part's output, and the layer inputs rebuilt inside
     couplings of layer-wise chains, in forward order. Alpha is measured after each rebuild, so
     that it never changes the batch statistics a later inverse uses."""
-    steps = _steps(module)
+    blocks = _part_blocks(module)
     device = x0[0].device
     low = x0[0].dtype in (torch.float16, torch.bfloat16)
     if low and torch.is_autocast_enabled(device.type) and not isinstance(module, LeapfrogStack):
         x0 = (x0[0].float(),)  # sequences keep their states in float32 under autocast
-    true = _ForwardStates(steps, x0)
+    true = _ForwardStates(blocks, x0)
     keyed: list[tuple[tuple[int, int, int], LayerRecord]] = []
-    out = true[len(steps)]  # the backward starts from the part's output
-    for k in range(len(steps) - 1, -1, -1):
-        step = steps[k]
-        rebuilt = step.inverse(out)
-        record = _record(part, step, step.name, "block", true[k], rebuilt, noise)
+    out = true[len(blocks)]  # the backward starts from the part's output
+    for k in range(len(blocks) - 1, -1, -1):
+        block = blocks[k]
+        rebuilt = block.inverse(out)
+        record = _record(part, block, block.name, "block", true[k], rebuilt, noise)
         keyed.append(((k, 0, 0), record))
-        for c, (key, chain) in enumerate(step.chains, start=1):
+        for c, (key, chain) in enumerate(block.chains, start=1):
             # F acts on x2 (second half of the block input), G on y1 (first half of its output)
             src, used, half = (true[k], rebuilt, 1) if key == "f" else (true[k + 1], out, 0)
-            x_true = step.split(src[0])[half]
-            walk = _chain_walk(chain, x_true, step.split(used[0])[half])
+            x_true = block.split(src[0])[half]
+            walk = _chain_walk(chain, x_true, block.split(used[0])[half])
             for i, sub, x, x_hat in walk:
-                name = f"{step.name}.{key}.{sub.name}"
+                name = f"{block.name}.{key}.{sub.name}"
                 keyed.append(((k, c, i), _record(part, sub, name, "layer", x, x_hat, noise)))
         out = rebuilt
     records = [record for _, record in sorted(keyed, key=lambda item: item[0])]
