@@ -24,7 +24,7 @@ from revseg.nn.base import SegmentationModel
 from revseg.nn.leapfrog import LeapfrogStack, Rank, level_plan, resolve_ranks
 from revseg.nn.reversible import states_in
 
-__all__ = ["HyperbolicNet", "MemoryReport", "memory_report"]
+__all__ = ["HyperbolicMemory", "HyperbolicNet", "memory_report"]
 
 
 class HyperbolicNet(SegmentationModel):
@@ -130,7 +130,7 @@ class HyperbolicNet(SegmentationModel):
         """State channels per level, e.g. ``[6, 48, 384, 3072, 384, 48, 6]``."""
         return self.stack.level_channels()
 
-    def memory_report(self, spatial_shape: Sequence[int], batch_size: int = 1) -> MemoryReport:
+    def memory_report(self, spatial_shape: Sequence[int], batch_size: int = 1) -> HyperbolicMemory:
         """Conv-kernel and state memory of this model on ``(D, H, W)`` inputs (Table 2 terms)."""
         return memory_report(self, spatial_shape, batch_size)
 
@@ -140,7 +140,7 @@ class HyperbolicNet(SegmentationModel):
 
 
 @dataclass(frozen=True)
-class MemoryReport:
+class HyperbolicMemory:
     """Conv-kernel and state memory of a fully reversible hyperbolic network, in bytes.
 
     Counted as in Table 2 of the paper: kernels = the ``m x n`` convolution kernels of every
@@ -186,7 +186,7 @@ def memory_report(
     spatial_shape: Sequence[int] = (72, 240, 424),
     batch_size: int = 1,
     bytes_per_element: int = 4,
-) -> MemoryReport:
+) -> HyperbolicMemory:
     """Kernel and state memory (Table 2) of a built model or of a model config, unbuilt.
 
     Args:
@@ -218,7 +218,7 @@ def memory_report(
         numel = sum(m * n * kernel_size**3 for m, n in ranks_channels)
     full = sum(n * n * kernel_size**3 for _, n in ranks_channels)
     state = batch_size * channels * math.prod(spatial_shape)
-    return MemoryReport(
+    return HyperbolicMemory(
         kernel_bytes=numel * bytes_per_element,
         full_kernel_bytes=full * bytes_per_element,
         state_bytes=3 * state * bytes_per_element,

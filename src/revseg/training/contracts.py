@@ -133,7 +133,7 @@ class ParameterGroups(Protocol):
 @runtime_checkable
 class MemoryReport(Protocol):
     """``memory_report(spatial_shape, batch_size)``: an object with ``megabytes()`` and a
-    readable ``str``."""
+    readable ``str`` (e.g. :class:`~revseg.models.hyperbolic_net.HyperbolicMemory`)."""
 
     def memory_report(self, spatial_shape: Sequence[int], batch_size: int = 1) -> Any: ...
 
