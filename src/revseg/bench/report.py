@@ -139,6 +139,8 @@ def _header(meta: dict[str, Any]) -> list[str]:
         "warm-up step: every tensor live at the peak (parameters, gradients, optimizer state, "
         "input); time: median of the following steps in the same process; one fresh process per "
         "configuration",
+        "- also generated: [planned memory on the CT task](nnunet_ct.md) (nnU-Net format, "
+        "`scripts/plan_nnunet_ct.py`)",
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
