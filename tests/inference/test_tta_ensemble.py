@@ -22,7 +22,7 @@ from revseg.inference.prediction import (
     mirrored,
     run_dirs,
 )
-from revseg.training.checkpoint import save_atomic
+from revseg.training.checkpoint import save_atomic, with_checksum
 
 from conftest import TINY, compose_train
 
@@ -170,7 +170,7 @@ def _make_run(path, seed, split=None, *overrides):
     torch.manual_seed(seed)
     model = instantiate(cfg.model, _convert_="all")
     state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(state, path / "checkpoints" / "best.pt")
+    save_atomic(with_checksum(state), path / "checkpoints" / "best.pt")
     if split:
         (path / "split.json").write_text(json.dumps(split))
     return path

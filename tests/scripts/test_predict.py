@@ -19,7 +19,7 @@ from revseg.data.synthetic import make_synthetic_brats
 from revseg.data.transforms import build_transforms
 from revseg.errors import ConfigError, DataError
 from revseg.inference.prediction import Predictor, write_label_map
-from revseg.training.checkpoint import save_atomic
+from revseg.training.checkpoint import save_atomic, with_checksum
 
 from conftest import TINY, compose_train
 
@@ -105,7 +105,7 @@ def run_dir(tmp_path_factory, roots):
 
     model = instantiate(cfg.model, _convert_="all")
     state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(state, run / "checkpoints" / "best.pt")
+    save_atomic(with_checksum(state), run / "checkpoints" / "best.pt")
     (run / "split.json").write_text(
         json.dumps({"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]})
     )

@@ -97,12 +97,12 @@ def with_checksum(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by revseg (``weights_only=True``) and verify its checksum
-    (checkpoints of earlier versions have none and load as they are).
+    """Read a checkpoint written by revseg (``weights_only=True``) and verify its checksum.
 
     Raises:
-        DataError: the file is missing, is not a readable revseg checkpoint, or its contents
-            do not match its checksum (damaged on disk or in transfer).
+        DataError: the file is missing, is not a readable revseg checkpoint (no model, config or
+            checksum entry), or its contents do not match its checksum (damaged on disk or in
+            transfer).
     """
     path = Path(path)
     if not path.is_file():
@@ -113,8 +113,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise DataError(f"cannot read checkpoint {path}: {type(err).__name__}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise DataError(f"not a revseg checkpoint (no model/config entries): {path}")
+    if CHECKSUM not in ckpt:
+        raise DataError(f"not a revseg checkpoint (no {CHECKSUM} checksum entry): {path}")
     holds_data = torch.device(map_location).type != "meta"  # meta tensors have no bytes
-    if CHECKSUM in ckpt and holds_data and payload_digest(ckpt) != ckpt[CHECKSUM]:
+    if holds_data and payload_digest(ckpt) != ckpt[CHECKSUM]:
         raise DataError(
             f"checkpoint {path} is damaged: its contents do not match the SHA-256 written with "
             "it; resume from another checkpoint (checkpoints/best.pt, or a copy)"
@@ -126,10 +128,8 @@ def _bytes(t: torch.Tensor) -> bytes:
     return t.cpu().numpy().tobytes()
 
 
-def _byte_tensor(value: bytes | torch.Tensor) -> torch.Tensor:
-    """A CPU uint8 tensor from saved bytes (or from a tensor of an older checkpoint)."""
-    if isinstance(value, torch.Tensor):
-        return value.cpu()
+def _byte_tensor(value: bytes) -> torch.Tensor:
+    """A CPU uint8 tensor from saved bytes."""
     return torch.frombuffer(bytearray(value), dtype=torch.uint8)
 
 
@@ -159,18 +159,10 @@ def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
-    """Restore what :func:`rng_state` returned; the CUDA state goes to ``device`` (if CUDA).
-
-    Checkpoints of earlier versions (tensors, and a list with every GPU's CUDA state) are read
-    too: of such a list, the entry of ``device``'s index is restored when there is one.
-    """
+    """Restore what :func:`rng_state` returned; the CUDA state goes to ``device`` (if CUDA)."""
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
     n = state["numpy"]
-    keys = n["keys"]
-    if isinstance(keys, torch.Tensor):
-        keys = keys.cpu().numpy().astype(np.uint32)
-    else:
-        keys = np.frombuffer(keys, dtype=np.uint32).copy()
+    keys = np.frombuffer(n["keys"], dtype=np.uint32).copy()
     np.random.set_state(  # noqa: NPY002 - the global state libraries draw from
         (n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"])
     )
@@ -179,11 +171,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str | None = Non
     cuda = state.get("cuda")
     if cuda is None or device is None or device.type != "cuda":
         return
-    if isinstance(cuda, (list, tuple)):  # every GPU's state (earlier versions)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= len(cuda):
-            return
-        cuda = cuda[index]
     torch.cuda.set_rng_state(_byte_tensor(cuda), device)
 
 
