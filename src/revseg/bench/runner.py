@@ -74,7 +74,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     """A training step of a model from the config; beside the measured peak, the planner's."""
     import torch
 
-    from revseg.config import build
+    from revseg.config import build, trainer_config
     from revseg.device import set_tf32
     from revseg.memory import PeakMemoryMeter
     from revseg.memory.plan import CATEGORIES, compose_train_config, step_model_from_config
@@ -87,7 +87,8 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
         shape = [f"data.crop_size={size}", "data.patch_size=null"]
     cfg = compose_train_config([*spec.overrides, *shape])
     device = _device()
-    set_tf32(bool(cfg.trainer.get("tf32", False)))  # as train() sets it
+    trainer = trainer_config(cfg)
+    set_tf32(trainer.tf32)  # as train() sets it
     torch.manual_seed(0)
     model = build(cfg.model, "model")
     planned, plan_failure, activation_peak = None, None, None
@@ -115,7 +116,7 @@ def run_net(spec: NetSpec) -> dict[str, Any]:
     with torch.no_grad():
         label = (torch.rand_like(model(image)) > 0.5).float()
 
-    precision = str(cfg.trainer.get("precision", "fp32"))
+    precision = trainer.precision
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_step = TrainStep(  # the trainer's step: autocast for bf16/fp16, a scaler for fp16
         model,
