@@ -3,7 +3,9 @@
 Usage::
 
     python scripts/make_synthetic.py --root data/synthetic_brats --num-cases 16 --shape 48 48 48 \
-        --seed 0 [--layout brats2021|brats2018|brats2019|brats2020|brats2023|msd] [--overwrite]
+        --seed 0 [--layout <name>] [--overwrite]
+
+``--help`` lists the layouts (:func:`revseg.data.layouts.example_layouts`).
 
 See :mod:`revseg.cli.synthetic`.
 """

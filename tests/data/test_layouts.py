@@ -17,14 +17,23 @@ import torch
 
 from revseg.data.brats import BratsData, find_cases
 from revseg.data.checks import check_cases
-from revseg.data.layouts import BRATS, BRATS2023, MSD, discover, find_case
-from revseg.data.synthetic import LAYOUTS, MISNAMED_SEG_2020, case_files, make_synthetic_brats
+from revseg.data.layouts import (
+    BRATS,
+    BRATS2023,
+    MISNAMED_SEG_2020,
+    MSD,
+    discover,
+    example_layouts,
+    find_case,
+)
+from revseg.data.synthetic import case_files, make_synthetic_brats
 from revseg.data.transforms import RandInPlaneDeformd, build_transforms
 from revseg.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (20, 20, 16)
 CROP = (16, 16, 16)
+LAYOUTS = tuple(example_layouts())
 EXPECTED = {  # synthetic layout -> (detected layout, label convention)
     "brats2018": ("brats2018", BRATS),
     "brats2019": ("brats2018", BRATS),

@@ -1,5 +1,5 @@
 """Generate the synthetic demo data on disk: ``scripts/make_synthetic.py`` (BraTS-like volumes in
-any published BraTS layout) and ``scripts/make_synthetic_video.py`` (a DAVIS-layout video).
+any layout of :data:`revseg.data.layouts.LAYOUTS`) and ``scripts/make_synthetic_video.py`` (a DAVIS-layout video).
 
 An existing dataset with the same settings is kept as is. Exits with status 2 and one line on
 stderr when the folder holds something else. Imports neither MONAI nor torch.
@@ -45,8 +45,10 @@ def _generate(make: Callable[[], Path], existed: bool, what: str, seed: int) -> 
 
 def brats_main(argv: list[str] | None = None) -> int:
     """``make_synthetic.py --root data/synthetic_brats --num-cases 16 --shape 48 48 48 --seed 0
-    [--layout brats2021|brats2018|brats2019|brats2020|brats2023|msd] [--overwrite]``"""
-    from revseg.data.synthetic import LAYOUTS, make_synthetic_brats, read_manifest
+    [--layout <name>] [--overwrite]``, ``<name>`` one of
+    :func:`revseg.data.layouts.example_layouts` (``--help`` lists them)."""
+    from revseg.data.layouts import example_layouts
+    from revseg.data.synthetic import make_synthetic_brats, read_manifest
 
     parser = _parser(
         "Generate the synthetic BraTS-like demo dataset on disk (BraTS 2021 layout, or any other).",
@@ -59,7 +61,10 @@ def brats_main(argv: list[str] | None = None) -> int:
         help="volume shape",
     )  # fmt: skip
     parser.add_argument(
-        "--layout", choices=LAYOUTS, default="brats2021", help="the published layout to imitate"
+        "--layout",
+        choices=tuple(example_layouts()),
+        default="brats2021",
+        help="the published layout to imitate",
     )
     args = parser.parse_args(argv)
     existed = read_manifest(args.root) is not None and not args.overwrite

@@ -8,9 +8,9 @@ al. 2015; Bakas et al. 2018)::
      "label": (B, 3, D, H, W) float32,   # WT, TC, ET in {0, 1}
      "case": [B case ids]}
 
-Every public layout (BraTS 2018/2019, 2020, 2021, 2023+, the Decathlon's Task01) is recognised by
-:mod:`revseg.data.layouts`, with its own label convention; :mod:`revseg.data.checks` reports bad
-cases before training.
+Every layout of :data:`revseg.data.layouts.LAYOUTS` (the published BraTS ones, the Decathlon's
+Task01) is recognised from its files, with its own label convention; :mod:`revseg.data.checks`
+reports bad cases before training.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from monai.data.utils import pickle_hashing
 
 from revseg.data.checks import Problem, check_cases, format_problems
 from revseg.data.layouts import (
-    LAYOUT_NAMES,
     LAYOUTS,
     MODALITIES,
     Discovery,
@@ -77,7 +76,7 @@ def find_cases(
     Args:
         root: dataset folder.
         require_label: a case without a segmentation is an error; if False its ``label`` is None.
-        layout: ``"auto"`` or one of :data:`revseg.data.layouts.LAYOUT_NAMES`.
+        layout: ``"auto"`` or a name of :data:`revseg.data.layouts.LAYOUTS`.
 
     Returns:
         ``[{"case": id, "image": [t1, t1ce, t2, flair paths] (or one 4D path), "label": seg
@@ -353,7 +352,7 @@ class BratsData:
             (MONAI ``PersistentDataset``, float16 image + uint8 regions, about 2.75 bytes x
             ``crop_size`` voxels per case) so later epochs and runs decode no NIfTI;
             ``"none"`` (or False) reads every case every epoch.
-        layout: ``"auto"`` or one of :data:`revseg.data.layouts.LAYOUT_NAMES`.
+        layout: ``"auto"`` or a name of :data:`revseg.data.layouts.LAYOUTS`.
         cache_dir: folder of the disk cache (``cache="disk"``).
         check: ``"quick"`` (headers), ``"full"`` (also every voxel) or ``"none"``.
         skip_bad_cases: leave bad cases out (listed in the log and ``split.json``) instead of
@@ -439,7 +438,7 @@ class BratsData:
         if isinstance(cache, bool):
             cache = "memory" if cache else "none"
         self.cache = _choice(cache, "cache", CACHE_MODES)
-        self.layout = _choice(layout, "layout", ("auto", *LAYOUT_NAMES))
+        self.layout = _choice(layout, "layout", ("auto", *LAYOUTS))
         if self.cache == "disk" and not cache_dir:
             raise ConfigError("data.cache_dir must be set when data.cache=disk")
         self.cache_dir = Path(cache_dir) if cache_dir else None

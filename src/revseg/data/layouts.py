@@ -1,7 +1,10 @@
-"""The published BraTS layouts on disk: which files make a case, and each dataset's label values.
+"""The dataset layouts on disk: everything revseg knows of each, in one entry of :data:`LAYOUTS`.
 
-A :class:`Layout` knows how to recognise a dataset root, list its cases and parse one case folder;
-:data:`LAYOUTS` holds every layout, tried in order by :func:`discover` when ``data.layout=auto``:
+A :class:`Layout` knows how to recognise a dataset root, list its cases and parse one case
+folder; its label convention (:mod:`revseg.metrics.regions`); the case ids evaluation tells a flat
+folder of label maps by; the challenge's name of a submission file; and how the synthetic
+generator (:mod:`revseg.data.synthetic`) names the files of a generated case. :func:`discover`
+tries the layouts in order when ``data.layout=auto``:
 
 ================  ==============================================================  ==========
 ``msd``           Medical Segmentation Decathlon Task01_BrainTumour:               1 oedema,
@@ -21,6 +24,13 @@ A :class:`Layout` knows how to recognise a dataset root, list its cases and pars
 Images are always returned in the channel order :data:`MODALITIES` (t1, t1ce, t2, flair),
 whatever the files' order: per-modality files are listed in that order, and the 4D MSD image is
 reordered by the modality names of its ``dataset.json`` (:attr:`Discovery.channel_order`).
+
+Datasets in nnU-Net's raw format (``dataset.json`` with ``channel_names`` and ``labels``, any
+number of channels and labels) are not a layout of this registry: each describes itself, and
+:mod:`revseg.data.nnunet` reads its channels, labels and files from its ``dataset.json``.
+
+Adding a layout is one entry of :data:`LAYOUTS` (and a row of the table above), and a test that
+generates a dataset in it (``tests/data/test_new_layout.py`` shows one).
 """
 
 from __future__ import annotations
@@ -46,17 +56,22 @@ __all__ = [
     "BRATS",
     "BRATS2023",
     "LAYOUTS",
-    "LAYOUT_NAMES",
+    "MISNAMED_SEG_2020",
     "MODALITIES",
     "BRATS2024",
     "MSD",
+    "MSD_FILE_ORDER",
     "REGIONS",
     "CaseFiles",
     "Discovery",
+    "ExampleFiles",
     "LabelConvention",
     "Layout",
     "discover",
+    "example_layouts",
     "find_case",
+    "folder_files",
+    "folder_parser",
     "get_layout",
 ]
 
@@ -111,28 +126,73 @@ class Discovery:
     """Folders beside the case folders that hold no file of the layout (e.g. an empty one)."""
 
 
+ExampleFiles = Callable[[int, int], dict[str, str]]
+"""``files(index, num_cases)``: where the synthetic generator writes case ``index`` of
+``num_cases``, relative to the dataset root: modality (or ``image`` for a 4D file) and ``seg``
+-> path."""
+
+
 @dataclass(frozen=True)
 class Layout:
-    """A dataset layout, e.g. BraTS 2021.
+    """A dataset layout, e.g. BraTS 2021: what its files are, what its labels mean, how its cases
+    and submission files are named.
 
     Attributes:
         name: the ``data.layout`` value.
         pattern: what a case looks like, for messages.
-        convention: the dataset's label values.
-        detect: ``detect(root)``: does ``root`` look like this layout?
-        find: ``find(root)``: the cases under ``root`` (missing files are recorded, not raised).
+        convention: the dataset's label values (of its truth and of the predictions written).
         parse: ``parse(folder_or_file)``: one case folder (or 4D file), or None if it is not one.
+        case_id: a regular expression every case id of the layout starts with (``re.match``):
+            how evaluation tells the label convention of a flat folder of label maps.
+        example_files: how the synthetic generator names a case (:data:`ExampleFiles`).
+        detect: ``detect(root)``: does ``root`` look like this layout? None: a folder of
+            ``root`` is a case (``parse``).
+        find: ``find(root)``: the cases under ``root`` (missing files are recorded, not raised).
+            None: the case folders of ``root``.
         four_d: images are one 4D file per case.
+        volume_order: for ``four_d``, the modality of each volume of the file as published (a
+            dataset's ``dataset.json`` may say otherwise: :func:`msd_channel_order`).
+        truth_convention: the convention evaluation reads the layout's truth in, where it allows
+            more values than ``convention`` (BraTS 2023's truth may hold 2024's resection
+            cavity). None: ``convention``.
+        submission: the challenge's file name of a case's segmentation (``{case}``: the id).
+        one_case: :func:`find_case` (``layout="auto"``) may name this layout from one case.
+            False where only the dataset root tells it from a later layout of the same files and
+            labels (BraTS 2018's grade folders, 2020's case names): one such case reads as that.
+        variants: other namings the generator writes that read as this layout, name ->
+            :data:`ExampleFiles` (BraTS 2019's ``BraTS19_`` cases in ``.nii.gz``: brats2018).
+        example_manifest: ``keys(files)``: the layout's own keys in the generated
+            ``dataset.json``, given every case's :data:`ExampleFiles` (the Decathlon's keys).
     """
 
     name: str
     pattern: str
     convention: LabelConvention
-    detect: Callable[[Path], bool]
-    find: Callable[[Path], list[CaseFiles]]
     parse: Callable[[Path], CaseFiles | None]
+    case_id: str
+    example_files: ExampleFiles
+    detect: Callable[[Path], bool] | None = None
+    find: Callable[[Path], list[CaseFiles]] | None = None
     four_d: bool = False
-    modality_files: dict[str, str] = field(default_factory=dict)
+    volume_order: tuple[str, ...] = ()
+    truth_convention: LabelConvention | None = None
+    submission: str = "{case}.nii.gz"
+    one_case: bool = True
+    variants: dict[str, ExampleFiles] = field(default_factory=dict)
+    example_manifest: Callable[[list[dict[str, str]]], dict] | None = None
+
+    def __post_init__(self) -> None:
+        parse = self.parse
+        if self.detect is None:
+            object.__setattr__(self, "detect", lambda root: _any_case(root, parse))
+        if self.find is None:
+            object.__setattr__(self, "find", _find_folders(parse))
+        if self.truth_convention is None:
+            object.__setattr__(self, "truth_convention", self.convention)
+
+    def submission_name(self, case: str) -> str:
+        """The file name of case ``case``'s segmentation in a challenge submission."""
+        return self.submission.format(case=case)
 
 
 def _nifti(folder: Path, stem: str) -> Path | None:
@@ -158,7 +218,7 @@ def _strip_suffix(name: str) -> str:
 # -- one folder per case, one file per modality (BraTS 2018-2021 and 2023+) ----------------------
 
 
-def _folder_parser(sep: str, names: dict[str, str]) -> Callable[[Path], CaseFiles | None]:
+def folder_parser(sep: str, names: dict[str, str]) -> Callable[[Path], CaseFiles | None]:
     """Parser of ``<case>/<case><sep><name>.nii[.gz]`` folders; ``names`` maps our modality names
     (and ``seg``) to the file name parts."""
 
@@ -192,8 +252,16 @@ def _folder_parser(sep: str, names: dict[str, str]) -> Callable[[Path], CaseFile
 
 _NAMES_2021 = {"t1": "t1", "t1ce": "t1ce", "t2": "t2", "flair": "flair", "seg": "seg"}
 _NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
-_parse_2021 = _folder_parser("_", _NAMES_2021)
-_parse_2023 = _folder_parser("-", _NAMES_2023)
+_parse_2021 = folder_parser("_", _NAMES_2021)
+_parse_2023 = folder_parser("-", _NAMES_2023)
+
+
+def folder_files(
+    case: str, sep: str, names: dict[str, str], suffix: str = ".nii.gz", home: str = ""
+) -> dict[str, str]:
+    """The files of a case folder as :func:`folder_parser` with the same ``sep`` and ``names``
+    reads them: ``{key: "<home><case>/<case><sep><name><suffix>"}`` (an :data:`ExampleFiles`)."""
+    return {key: f"{home}{case}/{case}{sep}{part}{suffix}" for key, part in names.items()}
 
 
 def _case_folders(root: Path) -> list[Path]:
@@ -225,6 +293,30 @@ def _find_2018(root: Path) -> list[CaseFiles]:
     return cases
 
 
+def _example_2018(prefix: str, suffix: str) -> ExampleFiles:
+    """BraTS 2018/2019 cases: every third in ``LGG/``, ids ``<prefix>_TCIA<nn>_<index>_1``."""
+
+    def files(index: int, num_cases: int) -> dict[str, str]:
+        grade = "LGG" if index % 3 == 2 else "HGG"
+        case = f"{prefix}_TCIA{index % 10:02d}_{index:03d}_1"
+        return folder_files(case, "_", _NAMES_2021, suffix, home=f"{grade}/")
+
+    return files
+
+
+MISNAMED_SEG_2020 = "W39_1998.09.19_Segm.nii"
+"""The name of the one misnamed segmentation of the published BraTS 2020 training set; the
+generated ``brats2020`` dataset gives it to its last case (when there are at least two)."""
+
+
+def _example_2020(index: int, num_cases: int) -> dict[str, str]:
+    case = f"BraTS20_Training_{index + 1:03d}"
+    files = folder_files(case, "_", _NAMES_2021, ".nii")
+    if num_cases >= 2 and index == num_cases - 1:
+        files["seg"] = f"{case}/{MISNAMED_SEG_2020}"
+    return files
+
+
 # -- Medical Segmentation Decathlon Task01_BrainTumour -------------------------------------------
 
 MSD_FILE_ORDER = ("flair", "t1", "t1ce", "t2")
@@ -243,14 +335,14 @@ _MSD_NAMES = {
 }
 
 
-def msd_channel_order(root: Path) -> tuple[int, ...]:
+def msd_channel_order(root: Path, published: tuple[str, ...] = MSD_FILE_ORDER) -> tuple[int, ...]:
     """Volume index of each of :data:`MODALITIES` in the 4D images, from the names in
-    ``root/dataset.json`` (``"modality": {"0": "FLAIR", ...}``), else the published order.
+    ``root/dataset.json`` (``"modality": {"0": "FLAIR", ...}``), else the ``published`` order.
 
     Raises:
         DataError: ``dataset.json`` names modalities that are not the four BraTS ones.
     """
-    names = list(MSD_FILE_ORDER)
+    names = list(published)
     path = root / "dataset.json"
     try:
         modality = json.loads(path.read_text()).get("modality")
@@ -288,56 +380,88 @@ def _find_msd(root: Path) -> list[CaseFiles]:
     return cases
 
 
-LAYOUTS: tuple[Layout, ...] = (
-    Layout(
-        "msd",
-        "imagesTr/BRATS_001.nii.gz (4D) + labelsTr/BRATS_001.nii.gz",
-        MSD,
-        lambda root: (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir(),
-        _find_msd,
-        _parse_msd,
-        four_d=True,
-    ),
-    Layout(
-        "brats2018",
-        "HGG/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz and LGG/...",
-        BRATS,
-        lambda root: any((root / g).is_dir() for g in _GRADES),
-        _find_2018,
-        _parse_2021,
-        modality_files=_NAMES_2021,
-    ),
-    Layout(
-        "brats2023",
-        "<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz",
-        BRATS2023,
-        lambda root: _any_case(root, _parse_2023),
-        _find_folders(_parse_2023),
-        _parse_2023,
-        modality_files=_NAMES_2023,
-    ),
-    Layout(
-        "brats2020",
-        "BraTS20_Training_001/BraTS20_Training_001_{t1,t1ce,t2,flair,seg}.nii",
-        BRATS,
-        lambda root: _any_case(root, _parse_2021, prefix="BraTS20_"),
-        _find_folders(_parse_2021),
-        _parse_2021,
-        modality_files=_NAMES_2021,
-    ),
-    Layout(
-        "brats2021",
-        "<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
-        BRATS,
-        lambda root: _any_case(root, _parse_2021),
-        _find_folders(_parse_2021),
-        _parse_2021,
-        modality_files=_NAMES_2021,
-    ),
-)
-"""Known layouts, tried in this order by :func:`discover` (the more specific first)."""
+def _example_msd(index: int, num_cases: int) -> dict[str, str]:
+    name = f"BRATS_{index + 1:03d}.nii.gz"
+    return {"image": f"imagesTr/{name}", "seg": f"labelsTr/{name}"}
 
-LAYOUT_NAMES = tuple(layout.name for layout in LAYOUTS)
+
+def _manifest_msd(files: list[dict[str, str]]) -> dict:
+    """The Decathlon's own ``dataset.json`` keys of Task01, for the generated cases ``files``."""
+    return {
+        "name": "BRATS",
+        "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {
+            "0": "background",
+            "1": "edema",
+            "2": "non-enhancing tumor",
+            "3": "enhancing tumour",
+        },
+        "numTraining": len(files),
+        "training": [{"image": f"./{f['image']}", "label": f"./{f['seg']}"} for f in files],
+    }
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (
+        Layout(
+            name="msd",
+            pattern="imagesTr/BRATS_001.nii.gz (4D) + labelsTr/BRATS_001.nii.gz",
+            convention=MSD,
+            parse=_parse_msd,
+            case_id=r"BRATS_\d+$",
+            example_files=_example_msd,
+            detect=lambda root: (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir(),
+            find=_find_msd,
+            four_d=True,
+            volume_order=MSD_FILE_ORDER,
+            example_manifest=_manifest_msd,
+        ),
+        Layout(
+            name="brats2018",
+            pattern="HGG/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz and LGG/...",
+            convention=BRATS,
+            parse=_parse_2021,
+            case_id=r"Brats1[89]_|BraTS19_",
+            example_files=_example_2018("Brats18", ".nii"),
+            detect=lambda root: any((root / g).is_dir() for g in _GRADES),
+            find=_find_2018,
+            one_case=False,
+            variants={"brats2019": _example_2018("BraTS19", ".nii.gz")},
+        ),
+        Layout(
+            name="brats2023",
+            pattern="<case>/<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz",
+            convention=BRATS2023,
+            parse=_parse_2023,
+            case_id=r"BraTS-[A-Za-z]+-\d+-\d+",
+            example_files=lambda i, n: folder_files(f"BraTS-GLI-{i:05d}-000", "-", _NAMES_2023),
+            truth_convention=BRATS2024,
+        ),
+        Layout(
+            name="brats2020",
+            pattern="BraTS20_Training_001/BraTS20_Training_001_{t1,t1ce,t2,flair,seg}.nii",
+            convention=BRATS,
+            parse=_parse_2021,
+            case_id=r"BraTS20_",
+            example_files=_example_2020,
+            detect=lambda root: _any_case(root, _parse_2021, prefix="BraTS20_"),
+            one_case=False,
+        ),
+        Layout(
+            name="brats2021",
+            pattern="<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+            convention=BRATS,
+            parse=_parse_2021,
+            case_id=r"BraTS2021_",
+            example_files=lambda i, n: folder_files(f"BraTS2021_{i:05d}", "_", _NAMES_2021),
+        ),
+    )
+}
+"""Every layout by name, tried in this order by :func:`discover` (the more specific first)."""
 
 
 def get_layout(name: str) -> Layout:
@@ -346,10 +470,19 @@ def get_layout(name: str) -> Layout:
     Raises:
         ConfigError: unknown name (naming ``data.layout`` and the choices).
     """
-    for layout in LAYOUTS:
-        if layout.name == name:
-            return layout
-    raise ConfigError(f"data.layout must be auto or one of {', '.join(LAYOUT_NAMES)}, got {name!r}")
+    if name not in LAYOUTS:
+        raise ConfigError(f"data.layout must be auto or one of {', '.join(LAYOUTS)}, got {name!r}")
+    return LAYOUTS[name]
+
+
+def example_layouts() -> dict[str, tuple[Layout, ExampleFiles]]:
+    """Every name the synthetic generator writes (each layout's and its variants'), sorted, with
+    the layout it reads as and how it names a case."""
+    named = {}
+    for layout in LAYOUTS.values():
+        named[layout.name] = (layout, layout.example_files)
+        named.update({name: (layout, files) for name, files in layout.variants.items()})
+    return dict(sorted(named.items()))
 
 
 def _check_root(root: Path) -> None:
@@ -360,12 +493,12 @@ def _check_root(root: Path) -> None:
 
 
 def _detect(root: Path) -> Layout:
-    for layout in LAYOUTS:
+    for layout in LAYOUTS.values():
         if layout.detect(root):
             return layout
     raise DataError(
         f"data.root: no case folders found in {root} (expected one of the layouts: "
-        + "; ".join(f"{layout.name}: {layout.pattern}" for layout in LAYOUTS)
+        + "; ".join(f"{layout.name}: {layout.pattern}" for layout in LAYOUTS.values())
         + ")"
     )
 
@@ -378,7 +511,7 @@ def discover(root: str | os.PathLike, layout: str = "auto") -> Discovery:
 
     Args:
         root: dataset folder.
-        layout: ``"auto"`` or one of :data:`LAYOUT_NAMES`.
+        layout: ``"auto"`` or a name of :data:`LAYOUTS`.
 
     Returns:
         A :class:`Discovery`; its cases are sorted by case id.
@@ -403,7 +536,7 @@ def discover(root: str | os.PathLike, layout: str = "auto") -> Discovery:
     for case in cases:
         for note in case.notes:
             log.warning("%s: %s", case.case, note)
-    order = msd_channel_order(root) if chosen.four_d else None
+    order = msd_channel_order(root, chosen.volume_order) if chosen.four_d else None
     left_out = () if chosen.four_d else _left_out(chosen, cases)
     for folder in left_out:
         log.warning("%s: no file of layout %s in the folder: left out", folder, chosen.name)
@@ -427,7 +560,7 @@ def find_case(path: str | os.PathLike, layout: str = "auto") -> Discovery:
 
     Args:
         path: the folder or file.
-        layout: ``"auto"`` or one of :data:`LAYOUT_NAMES` (decides the label convention).
+        layout: ``"auto"`` or a name of :data:`LAYOUTS` (decides the label convention).
 
     Returns:
         A :class:`Discovery` holding the one case.
@@ -438,7 +571,10 @@ def find_case(path: str | os.PathLike, layout: str = "auto") -> Discovery:
     path = Path(path)
     if not path.exists():
         raise DataError(f"input: not found: {path}")
-    candidates = LAYOUTS if layout == "auto" else (get_layout(layout),)
+    if layout == "auto":
+        candidates = [candidate for candidate in LAYOUTS.values() if candidate.one_case]
+    else:
+        candidates = [get_layout(layout)]
     targets = [path]
     if path.is_file() and not _is_nifti(path):
         raise DataError(f"input: not a NIfTI file (.nii or .nii.gz): {path}")
@@ -456,13 +592,13 @@ def find_case(path: str | os.PathLike, layout: str = "auto") -> Discovery:
                     continue
                 images_dir = target.parent.name.startswith("images")
                 root = target.parent.parent if images_dir else target.parent
-                return Discovery(candidate, target.parent, [case], msd_channel_order(root))
-            if candidate.name in ("brats2018", "brats2020") and layout == "auto":
-                candidate = get_layout("brats2021")  # same files and labels
+                order = msd_channel_order(root, candidate.volume_order)
+                return Discovery(candidate, target.parent, [case], order)
             return Discovery(candidate, target.parent, [case])
     raise DataError(
-        f"input: {path} is not a case folder, a case's image file or a 4D image "
-        f"(expected <case>/<case>_t1.nii.gz ..., <case>/<case>-t1n.nii.gz ... or a 4D NIfTI)"
+        f"input: {path} is not a case folder, a case's image file or a 4D image (expected "
+        + "; ".join(candidate.pattern for candidate in candidates)
+        + ")"
     )
 
 

@@ -18,9 +18,10 @@ The files follow the BraTS 2021 layout exactly by default::
     root/dataset.json
     root/BraTS2021_00000/BraTS2021_00000_{flair,t1,t1ce,t2,seg}.nii.gz
 
-and any other published layout on request (``layout=``: BraTS 2018/2019 ``HGG/``+``LGG/``,
-2020, 2023+ with labels 0/1/2/3, the Decathlon's 4D Task01 with its own labels), so that every
-layout can be tested and tried without the real data.
+and any other layout of :data:`revseg.data.layouts.LAYOUTS` on request (``layout=``, one of
+:func:`~revseg.data.layouts.example_layouts`: each layout names its files and gives its label
+convention, the labels are mapped to it), so that every layout can be tested and tried without
+the real data.
 
 with int16 images, a uint8 label map and an RAS affine of 1 mm spacing. Case ``i`` depends only on
 ``(seed, i, shape)``, not on ``num_cases``.
@@ -39,12 +40,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from revseg.data.layouts import BRATS, ExampleFiles, LabelConvention, Layout, example_layouts
 from revseg.errors import DataError
 
 __all__ = [
     "GENERATOR",
     "GENERATOR_VERSION",
-    "LAYOUTS",
     "case_files",
     "make_synthetic_brats",
     "read_manifest",
@@ -211,56 +212,30 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, path)
 
 
-def _case_id(index: int) -> str:
-    return f"BraTS2021_{index:05d}"
+def _example(layout: str) -> tuple[Layout, ExampleFiles]:
+    """The layout ``layout`` is read as and how it names a case.
 
-
-LAYOUTS = ("brats2018", "brats2019", "brats2020", "brats2021", "brats2023", "msd")
-"""Layouts :func:`make_synthetic_brats` writes (see :mod:`revseg.data.layouts`)."""
-
-MISNAMED_SEG_2020 = "W39_1998.09.19_Segm.nii"
-"""The name of the one misnamed segmentation of the published BraTS 2020 training set; the
-``brats2020`` layout gives it to its last case (when there are at least two)."""
-
-_NAMES_2023 = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
-_LABELS_2023 = {4: 3}  # 0/1/2/4 -> 0/1/2/3
-_LABELS_MSD = {1: 2, 2: 1, 4: 3}  # 1 oedema, 2 non-enhancing, 3 enhancing
-_MSD_ORDER = ("flair", "t1", "t1ce", "t2")  # volumes of the 4D image: FLAIR, T1w, T1gd, T2w
+    Raises:
+        ValueError: ``layout`` is not a name of :func:`~revseg.data.layouts.example_layouts`.
+    """
+    named = example_layouts()
+    if layout not in named:
+        raise ValueError(f"layout must be one of {', '.join(named)}, got {layout!r}")
+    return named[layout]
 
 
 def case_files(layout: str, index: int, num_cases: int) -> dict[str, str]:
-    """Relative paths of case ``index``'s files in ``layout``: modality (or ``image`` for the 4D
-    MSD file) and ``seg`` -> path."""
-    if layout == "msd":
-        name = f"BRATS_{index + 1:03d}.nii.gz"
-        return {"image": f"imagesTr/{name}", "seg": f"labelsTr/{name}"}
-    keys = (*_MODALITIES, "seg")
-    if layout == "brats2023":
-        case = f"BraTS-GLI-{index:05d}-000"
-        return {k: f"{case}/{case}-{_NAMES_2023[k]}.nii.gz" for k in keys}
-    if layout in ("brats2018", "brats2019"):
-        grade = "LGG" if index % 3 == 2 else "HGG"
-        if layout == "brats2018":
-            case, suffix = f"Brats18_TCIA{index % 10:02d}_{index:03d}_1", ".nii"
-        else:
-            case, suffix = f"BraTS19_TCIA{index % 10:02d}_{index:03d}_1", ".nii.gz"
-        return {k: f"{grade}/{case}/{case}_{k}{suffix}" for k in keys}
-    if layout == "brats2020":
-        case = f"BraTS20_Training_{index + 1:03d}"
-        files = {k: f"{case}/{case}_{k}.nii" for k in keys}
-        if num_cases >= 2 and index == num_cases - 1:
-            files["seg"] = f"{case}/{MISNAMED_SEG_2020}"
-        return files
-    if layout == "brats2021":
-        case = _case_id(index)
-        return {k: f"{case}/{case}_{k}.nii.gz" for k in keys}
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    """Relative paths of case ``index``'s files in ``layout``: modality (or ``image`` for a 4D
+    file) and ``seg`` -> path (the layout's :attr:`~revseg.data.layouts.Layout.example_files`)."""
+    return _example(layout)[1](index, num_cases)
 
 
-def _relabel(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+def _relabel(label: np.ndarray, convention: LabelConvention) -> np.ndarray:
+    """``label`` (BraTS 2018-2021 values, as :func:`synthesize_case` draws them) in
+    ``convention``'s values."""
     out = label.copy()
-    for source, target in mapping.items():
-        out[label == source] = target
+    for part in ("necrotic", "oedema", "enhancing"):
+        out[label == getattr(BRATS, part)] = getattr(convention, part)
     return out
 
 
@@ -348,25 +323,23 @@ def _describe(root: Path) -> str:
 def _write_dataset(
     folder: Path, num_cases: int, shape: tuple[int, ...], seed: int, layout: str = "brats2021"
 ) -> None:
+    read_as, example = _example(layout)
+    convention = read_as.convention
     affine = _affine(shape)
-    for index in range(num_cases):
-        files = case_files(layout, index, num_cases)
+    every = [example(index, num_cases) for index in range(num_cases)]
+    for index, files in enumerate(every):
         for path in files.values():
             (folder / path).parent.mkdir(parents=True, exist_ok=True)
         image, label = synthesize_case(seed, index, shape)
-        if layout == "msd":
-            volumes = [image[_MODALITIES.index(m)] for m in _MSD_ORDER]
+        if read_as.four_d:
+            volumes = [image[_MODALITIES.index(m)] for m in read_as.volume_order]
             _save_nifti(np.stack(volumes, axis=-1), affine, folder / files["image"])
-            _save_nifti(_relabel(label, _LABELS_MSD), affine, folder / files["seg"])
-            continue
-        for channel, modality in enumerate(_MODALITIES):
-            _save_nifti(image[channel], affine, folder / files[modality])
-        if layout == "brats2023":
-            label = _relabel(label, _LABELS_2023)
-        _save_nifti(label, affine, folder / files["seg"])
-    labels = {"0": "background", "1": "necrotic core", "2": "oedema", "4": "enhancing"}
-    if layout == "brats2023":
-        labels = {"0": "background", "1": "necrotic core", "2": "oedema", "3": "enhancing"}
+        else:
+            for channel, modality in enumerate(_MODALITIES):
+                _save_nifti(image[channel], affine, folder / files[modality])
+        _save_nifti(_relabel(label, convention), affine, folder / files["seg"])
+    names = {"necrotic": "necrotic core", "oedema": "oedema", "enhancing": "enhancing"}
+    labels = {0: "background", **{getattr(convention, k): v for k, v in names.items()}}
     manifest = {
         "generator": GENERATOR,
         "version": GENERATOR_VERSION,
@@ -375,27 +348,10 @@ def _write_dataset(
         "shape": list(shape),
         "layout": layout,
         "modalities": list(_MODALITIES),
-        "labels": labels,
+        "labels": {str(value): labels[value] for value in sorted(labels)},
     }
-    if layout == "msd":  # the Decathlon's own dataset.json keys, plus ours
-        manifest.update(
-            {
-                "name": "BRATS",
-                "tensorImageSize": "4D",
-                "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-                "labels": {
-                    "0": "background",
-                    "1": "edema",
-                    "2": "non-enhancing tumor",
-                    "3": "enhancing tumour",
-                },
-                "numTraining": num_cases,
-                "training": [
-                    {"image": f"./{f['image']}", "label": f"./{f['seg']}"}
-                    for f in (case_files(layout, i, num_cases) for i in range(num_cases))
-                ],
-            }
-        )
+    if read_as.example_manifest is not None:  # the layout's own dataset.json keys, plus ours
+        manifest.update(read_as.example_manifest(every))
     # written last: its presence marks a complete dataset
     (folder / "dataset.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -420,12 +376,11 @@ def make_synthetic_brats(
         seed: generator seed; the same seed gives identical files' contents.
         overwrite: replace an existing dataset written by this generator with other settings.
             A folder not written by the generator is never replaced.
-        layout: one of :data:`LAYOUTS`: ``brats2021`` (default, the demo),
-            ``brats2018`` / ``brats2019`` (``HGG/`` and ``LGG/``; ``.nii`` / ``.nii.gz``),
-            ``brats2020`` (``.nii``, with the published set's one misnamed segmentation),
-            ``brats2023`` (``-t1n`` ... names, labels 0/1/2/3) or ``msd`` (Decathlon Task01: 4D
-            images FLAIR, T1w, T1gd, T2w in ``imagesTr/``, labels 1 oedema, 2 non-enhancing,
-            3 enhancing in ``labelsTr/``). Case ``i`` has the same content in every layout.
+        layout: a name of :func:`~revseg.data.layouts.example_layouts`: ``brats2021`` (the
+            default, the demo), any other layout of :data:`~revseg.data.layouts.LAYOUTS` (files
+            named as its :attr:`~revseg.data.layouts.Layout.example_files`, labels in its
+            convention) or a variant (``brats2019``: BraTS 2019's names, read as brats2018).
+            Case ``i`` has the same content in every layout.
 
     Returns:
         ``root`` as a :class:`pathlib.Path`.
@@ -442,8 +397,7 @@ def make_synthetic_brats(
         raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    _example(layout)  # a known name
 
     if root.exists() and not root.is_dir():
         raise DataError(f"{root}: exists and is not a directory")
