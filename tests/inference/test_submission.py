@@ -68,7 +68,7 @@ def test_submission_has_the_official_names_and_passes(
     assert f"submission {out}: 2 files checked" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == names
     found = discover(roots[layout])
-    assert [submission_name(c) for c in found.cases] == names
+    assert [submission_name(c, found.layout) for c in found.cases] == names
     check_submission(out, found)  # passes
 
 
@@ -84,30 +84,31 @@ def test_every_bad_file_is_one_line(roots, tmp_path):
     good = tmp_path / "good"
     good.mkdir()
     for case in found.cases:
-        shutil.copy(case.label, good / submission_name(case))
+        shutil.copy(case.label, good / submission_name(case, found.layout))
     check_submission(good, found)  # the truth is a valid submission
 
     case0, case1 = found.cases
+    name0, name1 = (submission_name(case, found.layout) for case in found.cases)
     ref = nib.load(case0.image[0])
     bad = tmp_path / "bad"
     bad.mkdir()
     labels = np.asanyarray(nib.load(case0.label).dataobj).copy()
     labels[0, 0, 0] = 4  # BraTS 2021's ET in a 2023 submission
-    _save(bad / submission_name(case0), labels, ref, np.float32)
+    _save(bad / name0, labels, ref, np.float32)
     (bad / "notes.txt").write_text("x")
     with pytest.raises(SubmissionError) as error:
         check_submission(bad, found)
     assert error.value.problems == [
-        f"{bad / submission_name(case0)}: data type float32 is not an integer type; "
+        f"{bad / name0}: data type float32 is not an integer type; "
         "labels [4] outside 0/1/2/3 (the layout's convention)",
-        f"{bad / submission_name(case1)}: missing (the submission file of case {case1.case})",
+        f"{bad / name1}: missing (the submission file of case {case1.case})",
         f"{bad / 'notes.txt'}: not a submission file of the input's cases",
     ]
     assert str(error.value).endswith("(and 2 more)")
 
     shifted = nib.Nifti1Image(labels.astype(np.uint8), ref.affine + np.eye(4) * 0.5)
-    nib.save(shifted, bad / submission_name(case0))
-    _save(bad / submission_name(case1), labels[:-1], ref)
+    nib.save(shifted, bad / name0)
+    _save(bad / name1, labels[:-1], ref)
     (bad / "notes.txt").unlink()
     with pytest.raises(SubmissionError) as error:
         check_submission(bad, found)
@@ -160,7 +161,7 @@ def test_check_submission_command(roots, tmp_path, capsys):
     folder = tmp_path / "sub"
     folder.mkdir()
     for case in found.cases:
-        shutil.copy(case.label, folder / submission_name(case))
+        shutil.copy(case.label, folder / submission_name(case, found.layout))
     main = _check_main()
     assert main([f"pred={folder}", f"input={root}"]) == 0
     assert capsys.readouterr().out.strip() == (

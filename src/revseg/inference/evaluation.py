@@ -28,15 +28,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from revseg.data.layouts import (
-    BRATS,
-    BRATS2024,
-    MSD,
-    LabelConvention,
-    discover,
-    find_case,
-    get_layout,
-)
+from revseg.data.layouts import LAYOUTS, LabelConvention, discover, find_case, get_layout
 from revseg.errors import ConfigError, DataError
 from revseg.files import write_atomic, write_text_atomic
 from revseg.metrics.brats import (
@@ -63,13 +55,16 @@ __all__ = [
     "write_reports",
 ]
 
-LABEL_SETS: dict[str, LabelConvention] = {
-    "brats2018-2021": BRATS,
-    "brats2023": BRATS2024,  # 2023 labels are 2024's without the resection cavity
-    "brats2024": BRATS2024,
-    "msd": MSD,
-}
-"""Values of ``evaluate.labels`` (besides ``auto``): the truth's label convention."""
+LABEL_SETS: dict[str, LabelConvention] = dict(
+    sorted(
+        (name, layout.truth_convention)
+        for layout in LAYOUTS.values()
+        for name in (layout.convention.name, layout.truth_convention.name)
+    )
+)
+"""Values of ``evaluate.labels`` (besides ``auto``): the truth's label convention, by the name of
+a layout's convention (read as the layout's truth convention: ``brats2023`` as ``brats2024``,
+whose labels are 2023's and the resection cavity)."""
 
 CASE_SETS = ("all", "predicted")
 """Values of ``evaluate.cases``: score every truth case (the official rule: one without a
@@ -103,13 +98,15 @@ def _flat_case_id(path: Path) -> str:
 
 
 def _labels_from_ids(ids: Sequence[str], where: Path) -> LabelConvention:
-    """The label convention of a flat folder, from its case ids."""
-    if all(re.match(r"BraTS-[A-Za-z]+-\d+-\d+", i) for i in ids):
-        return BRATS2024
-    if all(re.match(r"BRATS_\d+$", i) for i in ids):
-        return MSD
-    if all(re.match(r"(BraTS20|BraTS2021_|Brats1[89]_)", i) for i in ids):
-        return BRATS
+    """The label convention of a flat folder, from its case ids: the truth convention of the
+    layouts whose case ids (:attr:`~revseg.data.layouts.Layout.case_id`) they all are."""
+    told = [
+        {layout.truth_convention for layout in LAYOUTS.values() if re.match(layout.case_id, i)}
+        for i in ids
+    ]
+    common = set.intersection(*told) if told else set()
+    if len(common) == 1:
+        return common.pop()
     raise ConfigError(
         f"evaluate.labels: cannot tell the label convention of {where} from its file names; "
         f"set evaluate.labels to one of {', '.join(LABEL_SETS)}"
@@ -156,7 +153,7 @@ def _find_truth(truth: Path, layout: str) -> tuple[dict[str, Path], LabelConvent
         cases = {c.case: Path(c.label) for c in found.cases if c.label}
         if not cases:
             raise DataError(f"truth: no segmentation file in {truth}")
-        return cases, found.layout.convention, found.layout.name
+        return cases, found.layout.truth_convention, found.layout.name
     files = [p for p in _niftis(truth)]
     if not files:
         raise DataError(
@@ -229,11 +226,9 @@ def find_inputs(
     if labels != "auto":
         convention = LABEL_SETS[labels]
     elif convention is None and layout != "auto":
-        convention = get_layout(layout).convention
+        convention = get_layout(layout).truth_convention
     elif convention is None:
         convention = _labels_from_ids(list(cases), truth_path)
-    if convention.name == "brats2023":
-        convention = BRATS2024
     matched, unmatched = _match(Path(pred), cases)
     return EvaluationInputs(
         dict(sorted(cases.items())), matched, convention, found_layout, unmatched

@@ -36,7 +36,7 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from omegaconf import DictConfig, OmegaConf
 
-from revseg.data.layouts import CaseFiles, Discovery, discover, find_case
+from revseg.data.layouts import CaseFiles, Discovery, Layout, discover, find_case
 from revseg.data.transforms import build_transforms, regions_to_label
 from revseg.errors import ConfigError, DataError
 from revseg.inference.postprocessing import check_et_min, relabel_small_enhancing
@@ -374,9 +374,11 @@ def _is_nifti_name(path: Path) -> bool:
     return path.name.endswith((".nii", ".nii.gz"))
 
 
-def output_paths(cases: Sequence[CaseFiles], output: str | os.PathLike, single: bool) -> list[Path]:
+def output_paths(
+    cases: Sequence[CaseFiles], output: str | os.PathLike, single: bool, layout: Layout
+) -> list[Path]:
     """Where each case's label map goes: ``output`` itself for one case given as a file name,
-    else ``output/<case>.nii.gz``.
+    else ``output/`` and the case's submission name in ``layout`` (``<case>.nii.gz``).
 
     Raises:
         ConfigError: a dataset root with ``output`` naming a file.
@@ -388,7 +390,7 @@ def output_paths(cases: Sequence[CaseFiles], output: str | os.PathLike, single: 
                 f"output={output}: a dataset root gives one file per case; give a folder"
             )
         return [output]
-    return [output / f"{case.case}.nii.gz" for case in cases]
+    return [output / layout.submission_name(case.case) for case in cases]
 
 
 def _select(
@@ -513,7 +515,7 @@ def predict(
             f"output={output}: predict.submission=true writes a folder of <case id>.nii.gz; "
             "give a folder"
         )
-    paths = output_paths([case for case, _ in selected], output, single)
+    paths = output_paths([case for case, _ in selected], output, single, found.layout)
     predictors = []
     for model, cfg in load_runs(runs, checkpoint, torch_device):
         data = cfg.get("data") or {}

@@ -1,18 +1,11 @@
 """BraTS challenge submission folders: the official file names, and the checks a submission
 must pass before it is uploaded.
 
-Every BraTS edition names a case's segmentation after the case id, the name of the case's folder,
-in one flat folder (or zip) of ``.nii.gz`` files; the Decathlon (MSD) after the image file:
-
-==================  =====================================
-layout              submission file of a case
-==================  =====================================
-brats2018 (2019)    ``Brats18_CBICA_AAM_1.nii.gz``
-brats2020           ``BraTS20_Validation_001.nii.gz``
-brats2021           ``BraTS2021_00001.nii.gz``
-brats2023 (2024+)   ``BraTS-GLI-00001-000.nii.gz``
-msd                 ``BRATS_001.nii.gz``
-==================  =====================================
+A submission is one flat folder (or zip) of a file per case, named as the input's layout says
+(:meth:`revseg.data.layouts.Layout.submission_name`): every BraTS edition names a case's
+segmentation after the case id, the name of the case's folder (``BraTS2021_00001.nii.gz``,
+``BraTS-GLI-00001-000.nii.gz``), the Decathlon (MSD) after the image file
+(``BRATS_001.nii.gz``).
 
 A file passes when it has the input case's shape (240 x 240 x 155 for the challenge data) and
 affine, an integer data type, and labels within the layout's convention (0/1/2/4 up to 2021,
@@ -28,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from revseg.data.layouts import CaseFiles, Discovery
+from revseg.data.layouts import CaseFiles, Discovery, Layout
 from revseg.errors import DataError
 
 __all__ = ["SubmissionError", "check_submission", "submission_name"]
@@ -46,9 +39,10 @@ class SubmissionError(DataError):
         super().__init__(f"{self.problems[0]}{more}")
 
 
-def submission_name(case: CaseFiles) -> str:
-    """The official file name of a case's segmentation: ``<case id>.nii.gz``."""
-    return f"{case.case}.nii.gz"
+def submission_name(case: CaseFiles, layout: Layout) -> str:
+    """The official file name of a case's segmentation in ``layout`` (``<case id>.nii.gz`` in
+    every BraTS edition and the Decathlon)."""
+    return layout.submission_name(case.case)
 
 
 def _number(value: np.generic) -> int | float:
@@ -103,7 +97,7 @@ def check_submission(
     cases = found.cases if cases is None else cases
     allowed = found.layout.convention.values
     problems = []
-    expected = {submission_name(case): case for case in cases}
+    expected = {submission_name(case, found.layout): case for case in cases}
     for name, case in expected.items():
         path = folder / name
         if not path.is_file():
