@@ -29,6 +29,7 @@ from revseg.data.layouts import (
 from revseg.data.synthetic import case_files, make_synthetic_brats
 from revseg.data.transforms import RandInPlaneDeformd, build_transforms
 from revseg.errors import ConfigError, DataError
+from revseg.inference.evaluation import LABEL_SETS, find_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (20, 20, 16)
@@ -106,6 +107,23 @@ def test_layout_override(roots):
         discover(roots["brats2021"], "brats2023")
     with pytest.raises(ConfigError, match="data.layout"):
         discover(roots["brats2021"], "brats2030")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_entry_agrees_with_itself(roots, layout, tmp_path):
+    """A layout's case ids, flat-folder convention and submission names are those of its
+    generated files."""
+    entry, _ = example_layouts()[layout]
+    found = discover(roots[layout])
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for case in found.cases:
+        assert re.match(entry.case_id, case.case), case.case
+        assert case.case in entry.submission_name(case.case)
+        shutil.copy(case.label, flat / f"{case.case}.nii.gz")
+    inputs = find_inputs(flat, flat)  # the convention told by the case ids alone
+    assert (inputs.layout, inputs.convention) == ("flat", entry.truth_convention)
+    assert LABEL_SETS[entry.convention.name] == entry.truth_convention  # evaluate.labels
 
 
 def test_find_case_from_folder_modality_file_or_4d_file(roots):
