@@ -14,9 +14,10 @@ from PIL import Image
 from trainer_builder import make_trainer
 
 from helpers import Writer
+from revseg.data.figures import PALETTE, frame_figure, slice_panel
 from revseg.metrics.video import VOID
+from revseg.training.hparams import write_hparams
 from revseg.training.trainer import train
-from revseg.training.visualize import PALETTE, frame_figure, slice_panel, write_hparams
 
 from conftest import TINY, compose_train
 

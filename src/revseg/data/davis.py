@@ -45,6 +45,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from revseg.data.checks import Problem
+from revseg.data.figures import frame_figure
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
 from revseg.metrics.video import (
@@ -55,7 +56,6 @@ from revseg.metrics.video import (
     resize_indices,
     to_indices,
 )
-from revseg.training.visualize import frame_figure
 from revseg.validation import positive_ints
 
 __all__ = [

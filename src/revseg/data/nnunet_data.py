@@ -54,6 +54,7 @@ from revseg.data.brats import (
     train_loader,
     val_loader,
 )
+from revseg.data.figures import slice_figure
 from revseg.data.nnunet import (
     DatasetSpec,
     LabelsToChannelsd,
@@ -71,7 +72,6 @@ from revseg.data.transforms import SimpleITKReader, _Pipeline, split_pipeline
 from revseg.errors import ConfigError, DataError, RevsegError
 from revseg.files import write_text_atomic
 from revseg.metrics.labels import LabelMetrics
-from revseg.training.visualize import slice_figure
 from revseg.validation import positive_ints
 
 __all__ = [

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from revseg.training.visualize import font
+from revseg.data.figures import font
 
 __all__ = ["box_plot", "box_statistics"]
 

@@ -37,6 +37,7 @@ from revseg.config import (
     trainer_config,
     validate_config,
 )
+from revseg.data.figures import save_png, slice_panel
 from revseg.device import (
     CHANNELS_LAST,
     autocast_context,
@@ -83,8 +84,8 @@ from revseg.training.distributed import (
     shard_loader,
     training_device,
 )
+from revseg.training.hparams import write_hparams
 from revseg.training.run_dir import check_fresh_run, claim_run_dir, write_run_record
-from revseg.training.visualize import save_png, slice_panel, write_hparams
 from revseg.validation import model_divisor
 
 __all__ = ["Trainer", "autocast_context", "train", "resolve_device", "seed_everything"]
