@@ -1,13 +1,14 @@
 """Benchmark revseg's memory and speed against the alternatives, side by side in one invocation.
 
     python scripts/bench.py                  # the full benchmark -> docs/benchmarks/
-    python scripts/bench.py --quick          # tiny sizes, a couple of minutes (CI) -> outputs/bench_quick/
+    python scripts/bench.py --quick          # tiny sizes, minutes (CI) -> outputs/bench_quick/
     python scripts/bench.py --sections c --depths 1,2 --impls revseg,plain --quick
     python scripts/bench.py --sections e     # the zoo only, merged into docs/benchmarks/
     python scripts/bench.py --sections f     # the full field of view (the headline)
 
 Every configuration runs in a fresh process (:mod:`revseg.bench.runner`), so no allocator
-state, cache or leaked tensor of one configuration affects the next. Each process measures one training step after a warm-up with :class:`revseg.memory.PeakMemoryMeter` (CUDA:
+state, cache or leaked tensor of one configuration affects the next. Each process measures one
+training step after a warm-up with :class:`revseg.memory.PeakMemoryMeter` (CUDA:
 ``max_memory_allocated``; CPU: the tensor tracker) and the median time of ``--steps`` further
 steps (CUDA when present, else CPU). Sections:
 
@@ -76,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--predict",
         default="",
-        help="section a/b sizes only predicted by the planner (too large to run here), e.g. 128,160x192x160",
+        help="section a/b sizes only predicted by the planner (too large to run here), "
+        "e.g. 128,160x192x160",
     )
     parser.add_argument("--channels", type=int, help="section c channels C")
     parser.add_argument("--fov-sizes", help="section f measured cube sides, e.g. 64,96")

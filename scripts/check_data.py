@@ -7,10 +7,10 @@ Usage::
 
 Takes the same overrides as ``train.py``. Reads every voxel (NaN/Inf, empty volumes, label
 values) besides the headers (missing or unreadable files, truncated files, shapes, affines,
-3D/4D); ``--quick`` checks the headers only, as training does at start. For DAVIS: every frame and
-mask opens and sizes agree (``--quick``), and every mask's palette indices and colours. Exit status: 0 when every
-case is fine (or with ``data.skip_bad_cases=true``, which lists the cases training would leave
-out), 1 when a case has a problem, 2 for a bad argument.
+3D/4D); ``--quick`` checks the headers only, as training does at start. For DAVIS: every frame
+and mask opens and sizes agree (``--quick``), and every mask's palette indices and colours. Exit
+status: 0 when every case is fine (or with ``data.skip_bad_cases=true``, which lists the cases
+training would leave out), 1 when a case has a problem, 2 for a bad argument.
 """
 
 from __future__ import annotations

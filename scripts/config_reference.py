@@ -87,7 +87,8 @@ def page() -> str:
         "",
         "Generated from `configs/` by `python scripts/config_reference.py` (CI checks it is up to",
         "date): every key with its default and the comment above it in the YAML file. Override any",
-        "of them on the command line, e.g. `python train.py trainer.max_epochs=20`; choose a group's",
+        "of them on the command line, e.g. `python train.py trainer.max_epochs=20`; choose a "
+        "group's",
         "option with `group=option`, e.g. `model=unet_baseline`.",
         "",
     ]

@@ -1,4 +1,7 @@
-"""Evaluate predicted label maps against the truth: ``revseg-evaluate ...`` (see :mod:`revseg.cli.evaluate`)."""
+"""Evaluate predicted label maps against the truth: ``revseg-evaluate ...``.
+
+See :mod:`revseg.cli.evaluate`.
+"""
 
 from revseg.cli.evaluate import main, run
 

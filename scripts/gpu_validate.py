@@ -1,4 +1,7 @@
-"""Validate revseg on the GPU at hand: ``revseg-gpu-validate`` (see :mod:`revseg.bench.gpu_validate`)."""
+"""Validate revseg on the GPU at hand: ``revseg-gpu-validate``.
+
+See :mod:`revseg.bench.gpu_validate`.
+"""
 
 from revseg.bench.gpu_validate import main, run
 

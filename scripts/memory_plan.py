@@ -1,4 +1,7 @@
-"""Predict the peak training memory of a config before training it: ``revseg-plan ...`` (see :mod:`revseg.cli.plan`)."""
+"""Predict the peak training memory of a config before training it: ``revseg-plan ...``.
+
+See :mod:`revseg.cli.plan`.
+"""
 
 from revseg.cli.plan import main, run
 

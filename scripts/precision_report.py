@@ -160,7 +160,8 @@ def main() -> None:
         "",
         "A torch defect, worked around: on CPU, bf16 autocast gives wrong conv3d weight gradients",
         "when the input is 2x2x2 voxels (the bottom level of a 5-level U-Net at 32³):",
-        f"Conv3d(180, 180, 3) on a (1, 180, 2, 2, 2) input, weight-gradient error vs fp32 = {bug:.2f}",
+        "Conv3d(180, 180, 3) on a (1, 180, 2, 2, 2) input, weight-gradient error vs fp32 = "
+        f"{bug:.2f}",
         "(fp16, other sizes and 1x1x1 kernels are fine). revseg runs convolutions of inputs with a",
         "spatial size of 2 in float32 on the CPU under bf16 (`revseg.nn.blocks.conv_in_float32`).",
     ]

@@ -1,4 +1,7 @@
-"""Predict NIfTI label maps with a trained run: ``revseg-predict ...`` (see :mod:`revseg.cli.predict`)."""
+"""Predict NIfTI label maps with a trained run: ``revseg-predict ...``.
+
+See :mod:`revseg.cli.predict`.
+"""
 
 from revseg.cli.predict import main, run
 

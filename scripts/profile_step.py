@@ -5,7 +5,8 @@ the reversible chains' backward, the fused half steps, the optimizer), of each k
 
     python scripts/profile_step.py --size 96 --out docs/benchmarks/profile
     python scripts/profile_step.py --size 160 192 160 --out docs/benchmarks/profile
-    python scripts/profile_step.py --size 64 --configs "model=prev_unet" "model=unet_baseline model.checkpointing=true"
+    python scripts/profile_step.py --size 64 \\
+        --configs "model=prev_unet" "model=unet_baseline model.checkpointing=true"
 
 Each configuration runs in this process after one warm-up step; the machine's load is recorded.
 Times are CPU times on this machine unless CUDA is present (then CUDA kernel times too).
@@ -110,8 +111,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         f"# One training step profiled at {size_title(meta['size'])}",
         "",
         f"`{meta['command']}`, {meta['date']}, {meta['device']}, {meta['threads']} threads, load "
-        f"average {meta['load_before']:.2f} before and {meta['load_after']:.2f} after. One Adam step "
-        "(batch 1, the config's loss) after a warm-up step, under torch.profiler (which slows "
+        f"average {meta['load_before']:.2f} before and {meta['load_after']:.2f} after. One Adam "
+        "step (batch 1, the config's loss) after a warm-up step, under torch.profiler (which slows "
         "small ops; use the ratios, not the absolute times). Phases are revseg's labels "
         "(record_function); a phase's time includes the phases inside it.",
         "",

@@ -170,4 +170,6 @@ def test_a_sweep_key_one_swept_model_lacks_names_that_model():
     )
     check_key_overrides("train", ["-m", "model=prev_unet,revnet_unet", "model.encoder_depth=1,2"])
     with pytest.raises(ConfigError, match=r"^model.encoder_dept: no such config key; did you"):
-        check_key_overrides("train", ["-m", "model=prev_unet,unet_baseline", "model.encoder_dept=1"])
+        check_key_overrides(
+            "train", ["-m", "model=prev_unet,unet_baseline", "model.encoder_dept=1"]
+        )

@@ -1,9 +1,10 @@
 """The package's layers only look down: no import points to a layer above its own, no cycle.
 
 The order (docs/architecture.md): ``errors``, ``files``, ``validation`` and ``device`` (helpers
-everything may use), ``config`` (compose, validate, build: it reaches models and data only through Hydra's
-``_target_``), then ``nn`` < ``models`` < ``metrics`` < ``data`` < ``step`` < ``memory`` < ``training`` <
-``inference`` < ``cli`` < ``bench``. Every import counts, module-level or inside a function.
+everything may use), ``config`` (compose, validate, build: it reaches models and data only through
+Hydra's ``_target_``), then ``nn`` < ``models`` < ``metrics`` < ``data`` < ``step`` < ``memory``
+< ``training`` < ``inference`` < ``cli`` < ``bench``. Every import counts, module-level or inside
+a function.
 """
 
 from __future__ import annotations

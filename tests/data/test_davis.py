@@ -1,4 +1,4 @@
-"""The DAVIS data module on the synthetic DAVIS layout: batches, sparse supervision, void, errors."""
+"""The DAVIS data module on the synthetic DAVIS layout: batches, sparse labels, void, errors."""
 
 import json
 import shutil

@@ -87,7 +87,7 @@ def test_mirrored_is_the_mean_of_the_flipped_back_predictions():
     by_hand = sum(f(x.flip(a)).flip(a) if a else f(x) for a in MIRRORS) / 8
     torch.testing.assert_close(mirrored(f, x), by_hand, rtol=0, atol=1e-6)
     assert not torch.allclose(by_hand, f(x), atol=1e-3)  # the ramp is not flip-equivariant
-    # the mean over all mirrorings is itself mirror-symmetric: a flipped input gives the flipped output
+    # the mean over all mirrorings is mirror-symmetric: a flipped input gives the flipped output
     torch.testing.assert_close(mirrored(f, x.flip(2)), by_hand.flip(2), rtol=0, atol=1e-6)
 
 

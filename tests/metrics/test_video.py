@@ -1,4 +1,4 @@
-"""Video metrics on hand-made predictions: IoU over the video and per frame, J, Dice, void, plots."""
+"""Video metrics on hand-made predictions: IoU of the video and per frame, J, Dice, void, plots."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""scripts/time_interleaved.py: configurations alternated in fresh processes, ratios to the first."""
+"""scripts/time_interleaved.py: configurations alternated in fresh processes, ratios to the 1st."""
 
 import json
 

@@ -38,8 +38,8 @@ def test_resume_with_another_model_names_the_checkpoints_model(trained, tmp_path
     with pytest.raises(ConfigError) as info:
         train(cfg)
     assert str(info.value) == (
-        f"trainer.resume: {run / 'checkpoints' / 'last.pt'} holds prev_unet, not unet_baseline: resume "
-        "with model=prev_unet, or start a new run in another directory"
+        f"trainer.resume: {run / 'checkpoints' / 'last.pt'} holds prev_unet, not unet_baseline: "
+        "resume with model=prev_unet, or start a new run in another directory"
     )
 
 

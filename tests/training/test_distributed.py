@@ -115,7 +115,8 @@ def test_ddp_without_torchrun_is_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: trainer.strategy=ddp needs torchrun: torchrun --nproc_per_node=N train.py trainer=ddp ..."
+        "error: trainer.strategy=ddp needs torchrun: "
+        "torchrun --nproc_per_node=N train.py trainer=ddp ..."
     ]
 
 

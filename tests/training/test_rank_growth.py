@@ -1,4 +1,4 @@
-"""The adaptive block-rank schedule: grows on a plateau, shrinks on over-fitting, saves its state."""
+"""The adaptive block-rank schedule: grows on a plateau, shrinks on over-fitting, saves state."""
 
 from __future__ import annotations
 

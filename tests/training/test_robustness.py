@@ -1,4 +1,4 @@
-"""Crash safety: SIGKILL at any moment and resume ends with the same weights; NaN guard; flat memory."""
+"""Crash safety: SIGKILL at any moment and resume give the same weights; NaN guard; flat memory."""
 
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ def test_nan_loss_stops_naming_step_and_case_and_keeps_the_checkpoint(
     nan_at_step(5)  # the second step of epoch 2
     with pytest.raises(
         TrainingError,
-        match=r"non-finite loss \(nan\) at epoch 2, step 5, case BraTS2021_\d+; the last good checkpoint is",
+        match=r"non-finite loss \(nan\) at epoch 2, step 5, case BraTS2021_\d+; "
+        r"the last good checkpoint is",
     ):
         train(compose_train(*common, "trainer.max_epochs=2", "trainer.resume=true"))
     assert last.read_bytes() == before

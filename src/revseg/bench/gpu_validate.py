@@ -318,7 +318,7 @@ FOV_CONFIGS: tuple[tuple[str, tuple[str, ...], str], ...] = (
         ("model=unet_baseline", "model.encoder_blocks=4", "model.checkpointing=true"),
         "fp32",
     ),
-    # the rest of issue 23's step-time table (docs/benchmarks/speed.md)
+    # the rest of the step-time table of docs/benchmarks/speed.md
     ("prev_unet depth 4", ("model=prev_unet", "model.encoder_depth=4"), "bf16"),
     (
         "unet_baseline 4 blocks, checkpointing",

@@ -458,10 +458,10 @@ def zoo_report(runs: list[dict[str, Any]], values: dict[str, Any]) -> list[str]:
         "(plain autograd on the same modules and parameters); for unet_baseline, saving is "
         "`checkpointing=true` (torch.utils.checkpoint per block) and `off` is the plain "
         f"baseline. Depth = `encoder_depth` = `decoder_depth` (blocks per sequence), {lo} and "
-        f"{hi}. `activations` = the peak over the step of the planner's activation categories alone "
-        "(reversible states, other activations, workspace; not parameters, gradients, optimizer "
-        "state, batch): the part memory saving and depth act on, while parameters, gradients "
-        "and Adam's moments grow with depth whatever the design.",
+        f"{hi}. `activations` = the peak over the step of the planner's activation categories "
+        "alone (reversible states, other activations, workspace; not parameters, gradients, "
+        "optimizer state, batch): the part memory saving and depth act on, while parameters, "
+        "gradients and Adam's moments grow with depth whatever the design.",
         "",
     ]
     groups = list(dict.fromkeys((r["spec"]["design"], r["spec"]["setting"]) for r in runs))

@@ -1,7 +1,8 @@
 """The command-line entry points (``revseg-train``, ``revseg-predict``,
 ``revseg-check-submission``, ``revseg-evaluate``, ``revseg-plan``, ``revseg-doctor``,
-``revseg-gpu-validate`` from :mod:`revseg.bench.gpu_validate`; ``train.py`` and ``scripts/*.py`` call the same ``run``) and
-their shared behaviour: errors as one line with exit status 2, checks before Hydra starts."""
+``revseg-gpu-validate`` from :mod:`revseg.bench.gpu_validate`; ``train.py`` and ``scripts/*.py``
+call the same ``run``) and their shared behaviour: errors as one line with exit status 2, checks
+before Hydra starts."""
 
 from __future__ import annotations
 

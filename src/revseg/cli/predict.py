@@ -7,7 +7,8 @@ Usage::
 
     revseg-predict run=[outputs/a,outputs/b] ... predict.tta=true      # ensemble, mirroring
     revseg-predict run=outputs/multirun_<time> input=<root> output=<folder> predict.submission=true
-    revseg-predict run=<data=nnunet run> input=<DatasetXXX/imagesTs> output=<folder>  # {case}{ending}
+    revseg-predict run=<data=nnunet run> input=<DatasetXXX/imagesTs> output=<folder>
+        # nnU-Net names: {case}{ending}
 
 The options are the keys of ``configs/predict.yaml``. Each label map has the input's shape,
 affine and header and the input dataset's label convention. Exits with status 2 and one line on

@@ -1,4 +1,4 @@
-"""``revseg-train`` (and ``python train.py``): train a model, ``[group=option ...] [key=value ...]``.
+"""``revseg-train`` (and ``python train.py``): train a model, ``[group=option] [key=value] ...``.
 
 A thin Hydra entry over :func:`revseg.training.trainer.train`. Before Hydra starts, the
 command line is checked (group options, keys, the run directory), so that a typo is one line

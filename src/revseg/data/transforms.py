@@ -182,7 +182,7 @@ class SimpleITKReader(ImageReader):
             raise DataError(f"{name}: cannot read: {reason}") from None
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
-        """Return ``(array, meta)``: ``(C, X, Y, Z)`` for a list, ``(X, Y, Z)`` for one scalar image.
+        """Return ``(array, meta)``: ``(C, X, Y, Z)`` for a list, ``(X, Y, Z)`` for one image.
 
         Args:
             img: file name(s) from :meth:`read`, or ``sitk.Image`` object(s).

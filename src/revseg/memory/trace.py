@@ -27,13 +27,13 @@ architecture, so any model is planned the same way.
 
 The traced prediction is of tensor bytes, what the CPU tracker reports; scratch buffers inside
 kernels (CPU ``slow_conv3d`` columns, cuDNN workspaces) are not in it. A plan for a CUDA run
-(``rules="cuda"``) is taken further towards what the GPU holds (:class:`Plan`): the optimizer step is
-traced with ``foreach=True`` (torch's default for CUDA parameters, whose temporaries hold a whole
-parameter-size at once), autocast's weight cache is in the trace already (CPU autocast caches the
-same low-precision weight copies), and it *computes* the caching allocator's rounding of every
-traced allocation (:func:`cuda_block_bytes`) and, under DDP, the gradient buckets
-(:func:`ddp_bucket_bytes`); what it cannot trace is a separate, labelled *allowance*
-(:data:`CUDA_CONTEXT_BYTES`, a cuDNN workspace, the allocator's block slack).
+(``rules="cuda"``) is taken further towards what the GPU holds (:class:`Plan`): the optimizer
+step is traced with ``foreach=True`` (torch's default for CUDA parameters, whose temporaries
+hold a whole parameter-size at once), autocast's weight cache is in the trace already (CPU
+autocast caches the same low-precision weight copies), and it *computes* the caching
+allocator's rounding of every traced allocation (:func:`cuda_block_bytes`) and, under DDP, the
+gradient buckets (:func:`ddp_bucket_bytes`); what it cannot trace is a separate, labelled
+*allowance* (:data:`CUDA_CONTEXT_BYTES`, a cuDNN workspace, the allocator's block slack).
 
 This module knows nothing of configs: it takes a model, an optimizer factory and a loss.
 :mod:`revseg.memory.plan` plans a composed ``train`` config, or the objects ``train()`` built.

@@ -8,7 +8,7 @@ Definitions follow the official BraTS evaluation (``brats-evaluation`` on ``pano
   masks, in mm (voxel spacing along the array axes).
 - **HD95**, ``convention="official"``: the 95th percentile (linear interpolation) of the
   distances of both directions pooled. ``"strict"``: the larger of the two one-way 95th
-  percentiles (MONAI's ``HausdorffDistanceMetric``, revseg's earlier definition): not lower
+  percentiles (MONAI's ``HausdorffDistanceMetric``): not lower
   but for the percentile's interpolation, and not blind to a small distant false positive.
 - **edge cases of the legacy metrics**:
 
@@ -82,7 +82,7 @@ HD95_MAX = 373.0
 """HD95 (mm) of an undefined distance under the official convention: the diagonal of the SRI-24
 atlas box, the largest distance in a BraTS volume."""
 HD95_MAX_STRICT = 373.13
-"""The same under the strict convention (revseg's earlier value)."""
+"""The same under the strict convention, to two decimals: ``sqrt(240² + 240² + 155²)`` mm."""
 LESION_KEYS = ("tp", "fp", "fn", "lesion_dice", "lesion_hd95", "lesion_nsd")
 """Lesion-wise metrics per region: keys ``<key>_<region>``."""
 _MATCH_THRESHOLD = 1e-6
@@ -295,7 +295,8 @@ def case_metrics(
 
     Returns:
         ``dice_<region>``, ``hd95_<region>``, their means over WT, TC, ET (``dice_mean``,
-        ``hd95_mean``; NaN cells left out; the resection cavity is not tumour), and ``<key>_<region>`` of the lesion-wise metrics.
+        ``hd95_mean``; NaN cells left out; the resection cavity is not tumour), and
+        ``<key>_<region>`` of the lesion-wise metrics.
     """
     _check_convention(convention)
     if pred.shape != truth.shape or pred.shape[0] != len(regions):

@@ -1,4 +1,4 @@
-"""The half step of an additive coupling at its memory floor, for ``GroupNorm -> LeakyReLU -> Conv``.
+"""The half step of an additive coupling at its memory floor, for GroupNorm -> LeakyReLU -> Conv.
 
 A memory-saving coupling backward (:mod:`revseg.nn.reversible`) does, for each half
 ``total = rebuilt + fn(inp)`` of a block:

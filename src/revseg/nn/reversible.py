@@ -544,9 +544,10 @@ class Step:
       state and its gradient, which it owns, replaces their contents with the step's input state
       (reconstructed) and its gradient, and returns the gradients of :meth:`params` (``None``
       for unused ones). The gradients are the engine's own (an incoming gradient that anything
-      else holds is copied first), so any step may overwrite them. It runs with grad enabled, under :func:`recomputing`, the forward's
-      autocast state, and with the running statistics of ``module``'s batch norms frozen. Holding
-      the tensors only in the lists lets a step free each one after its last use.
+      else holds is copied first), so any step may overwrite them. It runs with grad enabled,
+      under :func:`recomputing`, the forward's autocast state, and with the running statistics
+      of ``module``'s batch norms frozen. Holding the tensors only in the lists lets a step free
+      each one after its last use.
     * :meth:`inverse` ``(state) -> state``: the input state from the output state, plain math.
 
     Attributes:
@@ -658,9 +659,10 @@ class _ChainFunction(torch.autograd.Function):
     Backward walks the steps from the end. Where a step writes states in place, the saved output
     is used as its buffer when nothing else holds it (else one copy is made); the incoming
     gradient is used as the gradient buffer when no Python object or other tensor refers to it
-    (a gradient the user passed to ``backward`` is copied and left unchanged). Reusing the saved output makes a second
-    backward through the same graph (``retain_graph=True``) raise autograd's "modified by an
-    inplace operation" error instead of computing from overwritten values.
+    (a gradient the user passed to ``backward`` is copied and left unchanged). Reusing the saved
+    output makes a second backward through the same graph (``retain_graph=True``) raise
+    autograd's "modified by an inplace operation" error instead of computing from overwritten
+    values.
     """
 
     @staticmethod
@@ -697,7 +699,8 @@ class _ChainFunction(torch.autograd.Function):
             param_grads: list[list[torch.Tensor | None]] = []  # per step, last step first
             for step in reversed(steps):
                 module = [step.module] if step.module is not None else []
-                # gradients are taken inside: the graph saved the BatchNorm buffers the exit restores
+                # gradients are taken inside: the graph saved the BatchNorm buffers the exit
+                # restores
                 with (
                     torch.enable_grad(),
                     recomputing(),

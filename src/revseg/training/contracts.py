@@ -5,9 +5,10 @@ protocols say what the trainer relies on, and :func:`check_data_module` checks a
 module once, at composition time, with one clear error instead of an ``AttributeError`` an epoch
 later. Optional capabilities are separate protocols, tested with ``isinstance``:
 
-* a data module (:class:`DataModule`) may also :class:`BuildsMetrics` (its own validation metrics,
-  e.g. DAVIS's IoU / J&F per object; else BraTS region metrics: :func:`validation_metrics`), :class:`Previews` (its own
-  TensorBoard panel) and :class:`WritesSplit` (the cases used, written to the run directory);
+* a data module (:class:`DataModule`) may also :class:`BuildsMetrics` (its own validation
+  metrics, e.g. DAVIS's IoU / J&F per object; else BraTS region metrics:
+  :func:`validation_metrics`), :class:`Previews` (its own TensorBoard panel) and
+  :class:`WritesSplit` (the cases used, written to the run directory);
 * a model may have :class:`ParameterGroups` (per-group learning-rate scales: RevUp's Fixup
   scalars), a :class:`MemoryReport` (its own analytic memory terms: Peters et al.'s Table 2) and
   :class:`AdaptiveRanks` (block ranks the rank-growth callback changes);

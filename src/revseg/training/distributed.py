@@ -66,7 +66,8 @@ def init_distributed(strategy: str, backend: str = "auto", device_type: str = "c
         raise ConfigError(f"trainer.strategy must be single or ddp, got {strategy!r}")
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise ConfigError(
-            "trainer.strategy=ddp needs torchrun: torchrun --nproc_per_node=N train.py trainer=ddp ..."
+            "trainer.strategy=ddp needs torchrun: "
+            "torchrun --nproc_per_node=N train.py trainer=ddp ..."
         )
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "gloo"
