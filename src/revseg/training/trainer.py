@@ -207,7 +207,7 @@ class Trainer:
         self.planned_peak_bytes: int | None = None
         self.precision = self.tcfg.precision
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.scale = self.scaler.get_scale()  # after the last step (fp16; read without a sync)
+        self._step: TrainStep | None = None  # built on first use, again after a re-wrap
         # micro-batches per optimizer step (gradient accumulation)
         self.accumulate = self.tcfg.accumulate_grad_batches
 
@@ -261,15 +261,12 @@ class Trainer:
         self.rss_peak_bytes = state.get("rss_peak_bytes")
         self.step_times = [float(t) for t in state["step_times"]]
         self.batch_in_epoch = int(state["batch_in_epoch"])
-        if "epoch_losses" in state:  # older checkpoints list the epoch's losses
-            losses = [float(v) for v in state["epoch_losses"]]
-            state = {**state, "epoch_loss_sum": sum(losses), "epoch_loss_count": len(losses)}
         self.epoch_loss_sum.fill_(float(state["epoch_loss_sum"]))
         self.epoch_loss_count = int(state["epoch_loss_count"])
         self.skipped_steps = int(state["skipped_steps"])
         if state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-            self.scale = self.scaler.get_scale()
+            self._step = None  # the next step reads the restored scale
         for name, cb in self.callbacks.items():
             if name in state["callbacks"]:
                 cb.load_state_dict(state["callbacks"][name])
@@ -439,8 +436,10 @@ class Trainer:
         self._account("callbacks", m)
 
     def _train_step(self) -> TrainStep:
-        """The run's :class:`~revseg.step.TrainStep` over ``self.model`` (rebuilt when the model
-        is re-wrapped, e.g. after block-rank growth)."""
+        """The run's :class:`~revseg.step.TrainStep` over ``self.model``, built once and again
+        when the model is re-wrapped (e.g. after block-rank growth)."""
+        if self._step is not None and self._step.model is self.model:
+            return self._step
         ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
         step = TrainStep(
             self.model,
@@ -455,7 +454,9 @@ class Trainer:
             guard=self._compile_errors,
             autocast=self._autocast,
         )
-        step.scale = self.scale
+        if self._step is not None:  # the scale after the last step (fp16, read without a sync)
+            step.scale = self._step.scale
+        self._step = step
         return step
 
     def training_step(
@@ -497,7 +498,6 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - start
-        self.scale = step.scale
         if result.skipped == NON_FINITE:
             value = float(result.loss)
             what = "loss" if not math.isfinite(value) else "gradient norm"
@@ -513,7 +513,7 @@ class Trainer:
                 "update and lowered its scale to %g",
                 self.epoch + 1,
                 self.global_step + 1,
-                self.scale,
+                step.scale,
             )
             self.skipped_steps += 1
             return None
