@@ -48,6 +48,7 @@ from revseg.data.checks import Problem
 from revseg.data.figures import frame_figure
 from revseg.data.synthetic_video import DAVIS_PALETTE, VOID_INDEX, make_synthetic_video
 from revseg.errors import ConfigError, DataError
+from revseg.files import write_text_atomic
 from revseg.metrics.video import (
     CONVENTIONS,
     VOID,
@@ -771,8 +772,7 @@ class DavisData:
             "source_frames": [p.name for p in self.source_frames],
             "object_ids": self.object_ids,
         }
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        return path
+        return write_text_atomic(json.dumps(record, indent=2) + "\n", path)
 
     def write_prediction(self, pred: torch.Tensor, out_dir: str | os.PathLike) -> list[Path]:
         """Write a prediction as DAVIS palette PNGs, one per source frame, named and sized like
