@@ -1,10 +1,8 @@
 """The dataset layouts on disk: everything revseg knows of each, in one entry of :data:`LAYOUTS`.
 
-A :class:`Layout` knows how to recognise a dataset root, list its cases and parse one case
-folder; its label convention (:mod:`revseg.metrics.regions`); the case ids evaluation tells a flat
-folder of label maps by; the challenge's name of a submission file; and how the synthetic
-generator (:mod:`revseg.data.synthetic`) names the files of a generated case. :func:`discover`
-tries the layouts in order when ``data.layout=auto``:
+A :class:`Layout` recognises a dataset root, lists its cases and parses one case folder, and
+holds the label convention, the case ids, the submission names and how the synthetic generator
+names a case. :func:`discover` tries the layouts in order when ``data.layout=auto``:
 
 ================  ==============================================================  ==========
 ``msd``           Medical Segmentation Decathlon Task01_BrainTumour:               1 oedema,
@@ -25,12 +23,9 @@ Images are always returned in the channel order :data:`MODALITIES` (t1, t1ce, t2
 whatever the files' order: per-modality files are listed in that order, and the 4D MSD image is
 reordered by the modality names of its ``dataset.json`` (:attr:`Discovery.channel_order`).
 
-Datasets in nnU-Net's raw format (``dataset.json`` with ``channel_names`` and ``labels``, any
-number of channels and labels) are not a layout of this registry: each describes itself, and
-:mod:`revseg.data.nnunet` reads its channels, labels and files from its ``dataset.json``.
-
-Adding a layout is one entry of :data:`LAYOUTS` (and a row of the table above), and a test that
-generates a dataset in it (``tests/data/test_new_layout.py`` shows one).
+A dataset in nnU-Net's raw format is not a layout: its ``dataset.json`` describes its channels,
+labels and files (:mod:`revseg.data.nnunet`). Adding a layout is one entry of :data:`LAYOUTS`
+(and a row above) and a test that generates a dataset in it (``tests/data/test_new_layout.py``).
 """
 
 from __future__ import annotations
@@ -43,14 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from revseg.errors import ConfigError, DataError
-from revseg.metrics.regions import (  # re-exported: the label conventions go with the layouts
-    BRATS,
-    BRATS2023,
-    BRATS2024,
-    MSD,
-    REGIONS,
-    LabelConvention,
-)
+
+# re-exported: the label conventions go with the layouts
+from revseg.metrics.regions import BRATS, BRATS2023, BRATS2024, MSD, REGIONS, LabelConvention
 
 __all__ = [
     "BRATS",
@@ -150,15 +140,14 @@ class Layout:
         find: ``find(root)``: the cases under ``root`` (missing files are recorded, not raised).
             None: the case folders of ``root``.
         four_d: images are one 4D file per case.
-        volume_order: for ``four_d``, the modality of each volume of the file as published (a
-            dataset's ``dataset.json`` may say otherwise: :func:`msd_channel_order`).
-        truth_convention: the convention evaluation reads the layout's truth in, where it allows
-            more values than ``convention`` (BraTS 2023's truth may hold 2024's resection
-            cavity). None: ``convention``.
+        volume_order: for ``four_d``, each volume's modality as published (``dataset.json``
+            may say otherwise: :func:`msd_channel_order`).
+        truth_convention: the convention evaluation reads the truth in, where it allows more
+            than ``convention`` (2023's truth may hold 2024's resection cavity). None: the same.
         submission: the challenge's file name of a case's segmentation (``{case}``: the id).
-        one_case: :func:`find_case` (``layout="auto"``) may name this layout from one case.
-            False where only the dataset root tells it from a later layout of the same files and
-            labels (BraTS 2018's grade folders, 2020's case names): one such case reads as that.
+        one_case: :func:`find_case` (``layout="auto"``) may name this layout from one case;
+            False where only the root tells it from a later layout of the same files and labels
+            (2018's grade folders, 2020's case names): one such case reads as that one.
         variants: other namings the generator writes that read as this layout, name ->
             :data:`ExampleFiles` (BraTS 2019's ``BraTS19_`` cases in ``.nii.gz``: brats2018).
         example_manifest: ``keys(files)``: the layout's own keys in the generated
