@@ -1,5 +1,6 @@
 """Generate the synthetic demo data on disk: ``scripts/make_synthetic.py`` (BraTS-like volumes in
-any layout of :data:`revseg.data.layouts.LAYOUTS`) and ``scripts/make_synthetic_video.py`` (a DAVIS-layout video).
+any layout of :data:`revseg.data.layouts.LAYOUTS`) and ``scripts/make_synthetic_video.py`` (a
+DAVIS-layout video).
 
 An existing dataset with the same settings is kept as is. Exits with status 2 and one line on
 stderr when the folder holds something else. Imports neither MONAI nor torch.
