@@ -281,6 +281,7 @@ class TrainerConfig:
     device: str
     max_epochs: int = _key(min=1)
     val_every: int = _key(min=1)
+    val_before_training: bool = _key()
     monitor: str = _key()
     monitor_mode: str = _key(choices=("max", "min"))
     resume: bool | str = _key()

@@ -214,3 +214,28 @@ def test_required_data_root_is_one_line(tmp_path):
 def test_indivisible_crop_is_one_line(tmp_path):
     proc = run_cli("data.crop_size=[30,32,32]", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(proc, "data.crop_size", "16")
+
+
+def test_val_before_training_records_the_untrained_metrics(tmp_path, tiny_data_root):
+    """``trainer.val_before_training``: the untrained network's metrics in summary.json, kept
+    across a resume, and the validation scalars at epoch 0 in TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = [*TINY, f"data.root={tiny_data_root}", f"paths.output_dir={tmp_path}"]
+    first = train(compose_train(*common, "trainer.val_before_training=true"))
+    untrained = first["initial_metrics"]
+    assert set(untrained) == set(first["final_metrics"])
+    assert 0.0 <= untrained["val/dice_mean"] <= 1.0
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/dice_mean")]
+    assert steps == [0, 1]
+    assert events.Scalars("val/dice_mean")[0].value == pytest.approx(untrained["val/dice_mean"])
+    resumed = train(
+        compose_train(
+            *common, "trainer.val_before_training=true", "trainer.resume=true",
+            "trainer.max_epochs=2",
+        )
+    )  # fmt: skip
+    assert resumed["initial_metrics"] == untrained
+    assert train(compose_train(*common, "trainer.overwrite=true"))["initial_metrics"] is None

@@ -192,6 +192,7 @@ class Trainer:
         self.trained = False  # whether fit() trained (False: the run was already finished)
         self.best: dict[str, Any] = {"name": self.tcfg.monitor, "value": None, "epoch": None}
         self.final_metrics: dict[str, float] = {}
+        self.initial_metrics: dict[str, float] | None = None  # trainer.val_before_training
         self.history: list[dict[str, Any]] = []
         self.peak_memory_bytes = 0  # of the training steps, over the run (contract 4)
         # peaks over the run of what runs outside the steps, and of CUDA's reserved memory
@@ -224,6 +225,7 @@ class Trainer:
             "should_stop": self.should_stop,
             "best": dict(self.best),
             "final_metrics": dict(self.final_metrics),
+            "initial_metrics": self.initial_metrics,
             "history": list(self.history),
             "peak_memory_bytes": self.peak_memory_bytes,
             "other_peaks": dict(self.other_peaks),
@@ -255,6 +257,7 @@ class Trainer:
         self.should_stop = bool(state.get("should_stop", False))
         self.best = dict(state["best"])
         self.final_metrics = dict(state["final_metrics"])
+        self.initial_metrics = state["initial_metrics"]
         self.history = list(state["history"])
         self.peak_memory_bytes = int(state["peak_memory_bytes"])
         self.other_peaks = {k: int(v) for k, v in (state.get("other_peaks") or {}).items()}
@@ -631,6 +634,8 @@ class Trainer:
             )
         # decided alike on every rank (train() gathers the peaks only after training)
         self.trained = self.epoch < max_epochs and not self.should_stop
+        if self.tcfg.val_before_training and self.epoch == 0 and self.initial_metrics is None:
+            self._validate_untrained()
         written = self.output_dir / "summary.json"
         if not self.trained and written.is_file():
             return json.loads(written.read_text())  # a finished run resumed: summary as it was
@@ -668,6 +673,18 @@ class Trainer:
         summary = self.write_summary()
         self._log_hparams(summary)
         return summary
+
+    def _validate_untrained(self) -> None:
+        """Validate the untrained network once (``trainer.val_before_training``): how far from
+        chance the run starts, in summary.json (``initial_metrics``) and TensorBoard (epoch 0)."""
+        metrics = broadcast_object(self.validate(), self.dist)
+        self.initial_metrics = metrics
+        name = self.tcfg.monitor
+        log.info("untrained: %s=%s", name, metrics.get(name))
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, 0)
 
     def _update_best(self, metrics: dict[str, float]) -> bool:
         name = self.tcfg.monitor
@@ -758,6 +775,7 @@ class Trainer:
             "accumulate_grad_batches": self.accumulate,
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
+            "initial_metrics": self.initial_metrics,
             "params": sum(p.numel() for p in self.module.parameters()),
             "world_size": self.dist.world_size,
             "peak_memory_bytes": peak,
@@ -850,6 +868,7 @@ RESUME_MAY_CHANGE = (
     "trainer.checkpoint_every_n_steps",
     "trainer.plan_memory",
     "trainer.val_every",
+    "trainer.val_before_training",
     "trainer.limit_val_batches",
     "data.root",
     "data.num_workers",
