@@ -371,7 +371,7 @@ class _ForwardStates:
             return self.kept[k]
         if k not in self.segment:
             start = k - k % self.stride
-            self.segment = {}  # the previous segment is no longer needed
+            self.segment = {}  # frees the previous segment before this one is computed
             state = self.kept[start]
             for j in range(start + 1, min(start + self.stride, self.n)):
                 state = self.blocks[j - 1].forward(state)
