@@ -174,8 +174,11 @@ def _checkpointed(blocks):
     return Checkpointed()
 
 
-def build_sequence(impl: str, depth: int, channels: int, norm_groups: int = 30):
+def build_sequence(impl: str, depth: int, channels: int, norm_groups: int | None = None):
     """One reversible sequence of PRevUNet blocks implemented by ``impl`` (see :data:`IMPLS`).
+
+    ``norm_groups`` None: the authors' 30 groups, or one per channel of a half narrower than 30
+    channels (the quick run's 8 channels: halves of 4).
 
     Raises:
         ValueError: an unknown implementation.
@@ -185,6 +188,8 @@ def build_sequence(impl: str, depth: int, channels: int, norm_groups: int = 30):
     from revseg.models.prev_unet import reversible_level
 
     torch.manual_seed(0)
+    if norm_groups is None:
+        norm_groups = min(30, channels // 2)
     seq = reversible_level(channels, depth, norm_groups, 0.01, memory_saving=(impl == "revseg"))
     blocks = list(seq.blocks)
     if impl in ("plain", "revseg"):
