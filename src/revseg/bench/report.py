@@ -140,7 +140,8 @@ def _header(meta: dict[str, Any]) -> list[str]:
         "input); time: median of the following steps in the same process; one fresh process per "
         "configuration",
         "- also generated: [planned memory on the CT task](nnunet_ct.md) (nnU-Net format, "
-        "`scripts/plan_nnunet_ct.py`)",
+        "`scripts/plan_nnunet_ct.py`); [the demos' time and Dice](demo.md) "
+        "(`scripts/demo_report.py`)",
     ]
     if meta.get("note"):
         lines.append(f"- note: {meta['note']}")
