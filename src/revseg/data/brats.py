@@ -317,10 +317,11 @@ class BratsData:
     """Data module for BraTS datasets in any public layout (or the generated demo dataset).
 
     Setup finds the cases (layout auto-detected or ``layout``), checks them (``check``), splits
-    them (seeded 80/20, fold ``fold`` of a seeded k-fold cross-validation, or ``split_file``) and prepares the deterministic part of the pipeline for
-    every case (``cache``): read the four modalities in the order t1, t1ce, t2, flair, label ->
-    WT/TC/ET in the dataset's convention, crop to the brain's bounding box, z-score per channel,
-    centre-crop or pad to ``crop_size``. Training then takes random ``patch_size`` patches (or the
+    them (seeded 80/20, fold ``fold`` of a seeded k-fold cross-validation, or ``split_file``) and
+    prepares the deterministic part of the pipeline for every case (``cache``): read the four
+    modalities in the order t1, t1ce, t2, flair, label -> WT/TC/ET in the dataset's convention,
+    crop to the brain's bounding box, z-score per channel, centre-crop or pad to
+    ``crop_size``. Training then takes random ``patch_size`` patches (or the
     whole crop) with the in-plane augmentation of Brügger et al. that is switched on. See
     :func:`revseg.data.transforms.build_transforms`.
 
@@ -485,7 +486,8 @@ class BratsData:
             raise DataError(
                 f"data.root: {self.root} holds a generated dataset of {manifest.get('num_cases')} "
                 f"cases of {manifest.get('shape')}, not data.num_cases={self.num_cases}, "
-                f"data.volume_shape={list(self.volume_shape)}; delete it or choose another data.root"
+                f"data.volume_shape={list(self.volume_shape)}; delete it or choose another "
+                "data.root"
             )
 
     @property
@@ -537,7 +539,8 @@ class BratsData:
         )
         if found.left_out:
             names = ", ".join(f.name for f in found.left_out)
-            text += f", {len(found.left_out)} folder(s) holding no file of the layout left out ({names})"
+            count = len(found.left_out)
+            text += f", {count} folder(s) holding no file of the layout left out ({names})"
         return text
 
     def _handle_problems(self, problems: list[Problem]) -> set[str]:
@@ -605,7 +608,8 @@ class BratsData:
         if not train or not val:
             raise DataError(
                 f"data.root: {len(train)} training and {len(val)} validation cases left in "
-                f"{self.root} after skipping {len(self.skipped)} bad case(s); need at least one each"
+                f"{self.root} after skipping {len(self.skipped)} bad case(s); need at least one "
+                "each"
             )
         return train, val
 
@@ -749,7 +753,8 @@ class BratsData:
         self._train_ds, self._val_ds = train_ds, val_ds
 
     def train_dataloader(self, seed: int | None = None, pin_memory: bool = False) -> DataLoader:
-        """Shuffled training batches ``{"image": (B, 4, *input_shape), "label": (B, 3, ...), "case"}``.
+        """Shuffled training batches ``{"image": (B, 4, *input_shape), "label": (B, 3, ...),
+        "case"}``.
 
         Args:
             seed: seeds the shuffling and the random transforms (patches, flips) for a

@@ -18,7 +18,8 @@ resamples it to ``frames`` frames of ``size`` and yields batches::
 Validation scores J and F in the convention ``metrics_convention`` (see
 :mod:`revseg.metrics.video`): ``official`` (the default) as the DAVIS 2017 toolkit does, against
 every annotation file at its own resolution, per object, on source frames ``1 .. T-2``; the
-prediction of the volume is mapped back onto the source frames first (:meth:`DavisData.annotations`).
+prediction of the volume is mapped back onto the source frames first
+(:meth:`DavisData.annotations`).
 
 Training and validation use the same video. Training batches are supervised only on the
 ``annotated_frames``: ``loss_mask`` is 1 on those frames and 0 elsewhere, and the training label

@@ -88,7 +88,8 @@ def load_run(
 
 def run_dirs(run: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The run directories of ``run``: one run, a list of runs, or a folder whose sub-folders are
-    runs (a Hydra multirun such as ``make train-folds``: every sub-folder with a checkpoint, sorted).
+    runs (a Hydra multirun such as ``make train-folds``: every sub-folder with a checkpoint,
+    sorted).
 
     Raises:
         ConfigError: an empty list.

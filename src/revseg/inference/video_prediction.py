@@ -1,7 +1,7 @@
 """Predict a whole video with a trained run and write DAVIS palette PNG masks, one per frame.
 
-The run is rebuilt from its checkpoint alone (:func:`revseg.inference.prediction.load_run`). The video
-is read through the run's own data module (:class:`~revseg.data.davis.DavisData`): the run's
+The run is rebuilt from its checkpoint alone (:func:`revseg.inference.prediction.load_run`). The
+video is read through the run's own data module (:class:`~revseg.data.davis.DavisData`): the run's
 sequence, or another sequence / dataset root, resampled and normalised exactly as in training.
 The masks are named and sized like the source frames (``00000.png`` ...), one per source frame,
 in the DAVIS palette (``binary``: index 1 for the object; ``all``: each channel its object's

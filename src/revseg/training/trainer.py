@@ -2,8 +2,8 @@
 
 Every run directory gets TensorBoard event files, ``checkpoints/last.pt`` and
 ``checkpoints/best.pt`` (written atomically), and ``summary.json`` with the measured peak memory
-(docs/architecture.md, contract 4). ``train.py`` is a thin Hydra wrapper over :func:`train`; tests call
-:func:`train` directly.
+(docs/architecture.md, contract 4). ``train.py`` is a thin Hydra wrapper over :func:`train`;
+tests call :func:`train` directly.
 """
 
 from __future__ import annotations
