@@ -155,10 +155,10 @@ def test_compile_keeps_memory_saving_and_gradients(tmp_path):
 
     trainer, net = compiled_trainer(tmp_path, "trainer.compile=aot_eager")
     eager = copy.deepcopy(net)
-    assert type(trainer.model).__name__ == "OptimizedModule"
+    assert type(trainer.wrapped).__name__ == "OptimizedModule"
     x = torch.randn(1, 4, 16, 16, 16)
     saved, grads = [], []
-    for fn, module in ((trainer.model, net), (eager, eager)):
+    for fn, module in ((trainer.wrapped, net), (eager, eager)):
         with SavedTensorsCounter(exclude=module.parameters()) as counter:
             loss = fn(x).square().mean()
         loss.backward()
@@ -182,7 +182,7 @@ def test_compile_failure_is_one_line_naming_the_model(tmp_path):
 
     trainer, _ = compiled_trainer(tmp_path, "trainer.compile=revseg_test_failing")
     with pytest.raises(TrainingError) as info, trainer._compile_errors():
-        trainer.model(torch.randn(1, 4, 8, 8, 8))
+        trainer.wrapped(torch.randn(1, 4, 8, 8, 8))
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(

@@ -238,7 +238,7 @@ def _one_process_worker(rank: int, port: int, out: str, data_root: str) -> None:
         result = {
             "enabled": info.enabled,
             "backend": info.backend,
-            "ddp": isinstance(trainer.model, DistributedDataParallel),
+            "ddp": isinstance(trainer.wrapped, DistributedDataParallel),
             "loss": float(loss),
         }
         Path(out).write_text(json.dumps(result))

@@ -31,7 +31,7 @@ class RankedModel(nn.Module):
 
 def fake_trainer(model: nn.Module) -> SimpleNamespace:
     optimizer = torch.optim.Adam(model.parameters())
-    trainer = SimpleNamespace(module=model, epoch=0, writer=None, optimizer=optimizer, synced=0)
+    trainer = SimpleNamespace(network=model, epoch=0, writer=None, optimizer=optimizer, synced=0)
 
     def sync():
         optimizer.param_groups[0]["params"] = list(model.parameters())

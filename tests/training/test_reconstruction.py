@@ -333,7 +333,7 @@ class Writer:
 def fake_trainer(model: nn.Module, x: torch.Tensor) -> SimpleNamespace:
     data = SimpleNamespace(val_dataloader=lambda: [{"image": x}])
     return SimpleNamespace(
-        module=model, writer=Writer(), device=torch.device("cpu"), precision="fp32", data=data
+        network=model, writer=Writer(), device=torch.device("cpu"), precision="fp32", data=data
     )
 
 

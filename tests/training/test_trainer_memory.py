@@ -21,7 +21,7 @@ class Allocates(Callback):
             if trainer.epoch == 0 and module.training:
                 torch.zeros(BIG).add_(1)
 
-        trainer.module.register_forward_hook(hook)
+        trainer.network.register_forward_hook(hook)
 
     def on_validation_end(self, trainer, metrics) -> None:
         torch.ones(2 * BIG).sum()

@@ -68,11 +68,11 @@ def test_fp16_steps_the_grad_scaler_skips_are_counted(tmp_path, tiny_data_root, 
 
     monkeypatch.setattr(type(trainer), "compute_loss", compute_loss)
     batch = next(iter(trainer.data.train_dataloader(seed=0)))
-    before = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+    before = {k: v.clone() for k, v in trainer.network.state_dict().items()}
     assert trainer.training_step(batch["image"], batch["label"]) is None
     assert (trainer.skipped_steps, trainer.global_step) == (1, 0)
     assert trainer.scaler.get_scale() == 2.0**15
-    for key, value in trainer.module.state_dict().items():
+    for key, value in trainer.network.state_dict().items():
         assert torch.equal(value, before[key]), f"{key} changed in a skipped step"
     overflow.append(False)
     assert trainer.training_step(batch["image"], batch["label"]) is not None

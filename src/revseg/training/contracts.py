@@ -149,7 +149,7 @@ class AdaptiveRanks(Protocol):
 class TrainerView(Protocol):
     """What a callback may read and change of the trainer."""
 
-    module: nn.Module  # the network itself (not the DDP wrapper)
+    network: nn.Module  # the network itself (not the DDP or torch.compile wrapper)
     data: DataModule
     device: torch.device
     precision: str

@@ -89,7 +89,7 @@ class BlockRankSchedule(Callback):
     # -------------------------------------------------------------- helpers
     @staticmethod
     def _model(trainer: TrainerView) -> Any:
-        model = trainer.module
+        model = trainer.network
         if not isinstance(model, AdaptiveRanks):
             raise TypeError(
                 f"callbacks.rank_growth needs a model with ranks()/set_ranks(); "

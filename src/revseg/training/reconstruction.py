@@ -545,7 +545,7 @@ class ReconstructionMonitor(Callback):
         self.idle = False
 
     def on_train_start(self, trainer: TrainerView) -> None:
-        self.idle = not reversible_parts(trainer.module)
+        self.idle = not reversible_parts(trainer.network)
         if self.idle:
             log.info("reconstruction monitor idle: no reversible parts in the model")
 
@@ -566,7 +566,7 @@ class ReconstructionMonitor(Callback):
         device = trainer.device
         autocast = autocast_context(device, getattr(trainer, "precision", "fp32"))
         report = analyze_reconstruction(
-            trainer.module, image.to(device), mode="train", alpha=False, autocast=autocast
+            trainer.network, image.to(device), mode="train", alpha=False, autocast=autocast
         )
         worst = report.worst_by_part()
         if not worst:  # the forward reached no reversible part

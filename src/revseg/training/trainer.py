@@ -160,13 +160,15 @@ class Trainer:
         self.cfg = cfg
         self.tcfg = trainer_config(cfg)  # typed: revseg.config.TrainerConfig
         self.dist = dist_info or DistInfo()
-        self.module = model  # the network itself (state dicts, parameters)
+        self.network = model  # the network itself (state dicts, parameters)
         self.device = device
         self.pin_memory = device.type == "cuda"  # page-locked batches only for a GPU that trains
         self.channels_last = self.tcfg.channels_last
         if self.channels_last:
             model.to(memory_format=CHANNELS_LAST)
-        self.model = self._wrap(model)  # what is called in training: DDP when distributed
+        # what is called in training: DDP(network) when distributed, else the network (compiled
+        # with trainer.compile)
+        self.wrapped = self._wrap(model)
         self.data = data
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -217,7 +219,7 @@ class Trainer:
         """Everything a resume restores. ``rng_ranks``: every rank's RNG states (DDP), saved so
         that each rank resumes its own random streams."""
         return {
-            "model": self.module.state_dict(),
+            "model": self.network.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "epoch": self.epoch,
@@ -244,8 +246,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["model"])
-        if {id(p) for p in self.module.parameters()} != {
+        self.network.load_state_dict(state["model"])
+        if {id(p) for p in self.network.parameters()} != {
             id(p) for g in self.optimizer.param_groups for p in g["params"]
         }:
             self.sync_optimizer_params()  # the model changed shape on load (e.g. grown ranks)
@@ -316,7 +318,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- steps
     def _static_tensors(self, *batch: torch.Tensor) -> list[torch.Tensor]:
-        tensors = list(self.model.parameters()) + list(batch)
+        tensors = list(self.wrapped.parameters()) + list(batch)
         for state in self.optimizer.state.values():
             tensors.extend(v for v in state.values() if torch.is_tensor(v))
         return tensors
@@ -359,13 +361,13 @@ class Trainer:
         """
         if len(self.optimizer.param_groups) != 1:
             raise RuntimeError("sync_optimizer_params supports one parameter group")
-        params = list(self.module.parameters())
+        params = list(self.network.parameters())
         keep = {id(p) for p in params}
         for p in [p for p in self.optimizer.state if id(p) not in keep]:
             del self.optimizer.state[p]
         self.optimizer.param_groups[0]["params"] = params
         # DDP's buckets are built for a fixed set of parameters
-        self.model = self._wrap(self.module)
+        self.wrapped = self._wrap(self.network)
 
     @contextlib.contextmanager
     def _compile_errors(self) -> Any:
@@ -439,13 +441,13 @@ class Trainer:
         self._account("callbacks", m)
 
     def _train_step(self) -> TrainStep:
-        """The run's :class:`~revseg.step.TrainStep` over ``self.model``, built once and again
+        """The run's :class:`~revseg.step.TrainStep` over ``self.wrapped``, built once and again
         when the model is re-wrapped (e.g. after block-rank growth)."""
-        if self._step is not None and self._step.model is self.model:
+        if self._step is not None and self._step.model is self.wrapped:
             return self._step
-        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        ddp = self.wrapped if isinstance(self.wrapped, DistributedDataParallel) else None
         step = TrainStep(
-            self.model,
+            self.wrapped,
             self.optimizer,
             self.compute_loss,
             device=self.device,
@@ -535,7 +537,7 @@ class Trainer:
         The data order of epoch ``e`` depends only on ``seed + e``, so skipping the first
         ``batch_in_epoch`` batches of the same loader reproduces the uninterrupted run.
         """
-        self.model.train()
+        self.wrapped.train()
         loader = self.data.train_dataloader(
             seed=int(self.cfg.seed) + self.epoch, pin_memory=self.pin_memory
         )
@@ -587,7 +589,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        self.module.eval()
+        self.network.eval()
         self.metrics.reset()
         losses = []
         limit = self.tcfg.limit_val_batches
@@ -604,7 +606,7 @@ class Trainer:
             static = self._static_tensors(image, label, *([] if mask is None else [mask]))
             with self.meter.measure(static=static) as m:
                 with self._autocast():
-                    logits = self.module(image).float()
+                    logits = self.network(image).float()
                 losses.append(float(self.compute_loss(logits, label, mask)))
                 pred = self.metrics.update(logits, label)
             self._account("val", m)
@@ -776,7 +778,7 @@ class Trainer:
             "best_metric": dict(self.best),
             "final_metrics": dict(self.final_metrics),
             "initial_metrics": self.initial_metrics,
-            "params": sum(p.numel() for p in self.module.parameters()),
+            "params": sum(p.numel() for p in self.network.parameters()),
             "world_size": self.dist.world_size,
             "peak_memory_bytes": peak,
             "peak_memory": format_bytes(peak),
@@ -805,11 +807,11 @@ class Trainer:
 
     def model_memory(self) -> dict[str, Any]:
         """The model's own memory report (e.g. Peters et al.'s Table 2 terms), if it has one."""
-        if not isinstance(self.module, MemoryReport):
+        if not isinstance(self.network, MemoryReport):
             return {}
         batch = int(self.cfg.data.get("batch_size", 1))
         shape = tuple(self.data.input_shape)
-        return {"model_memory": self.module.memory_report(shape, batch).megabytes()}
+        return {"model_memory": self.network.memory_report(shape, batch).megabytes()}
 
     def write_summary(self) -> dict[str, Any]:
         summary = self.summary()
