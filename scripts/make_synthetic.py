@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/make_synthetic.py --root data/synthetic_brats --num-cases 16 --shape 48 48 48 \
+    python scripts/make_synthetic.py --root data/synthetic_brats --num-cases 16 --shape 48 48 48 \\
         --seed 0 [--layout <name>] [--overwrite]
 
 ``--help`` lists the layouts (:func:`revseg.data.layouts.example_layouts`).

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/make_synthetic_video.py --root data/synthetic_video --sequence blobs \
+    python scripts/make_synthetic_video.py --root data/synthetic_video --sequence blobs \\
         --frames 40 --size 96 96 --objects 2 --void-width 0 --seed 0 [--overwrite]
 
 See :mod:`revseg.cli.synthetic`.

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/predict_video.py run=outputs/<run> output=<folder> \
+    python scripts/predict_video.py run=outputs/<run> output=<folder> \\
         [sequence=<seq>] [root=<DAVIS root>] [predict.checkpoint=last] [predict.threshold=0.5]
 
 The options are the keys of ``configs/predict_video.yaml``. Prints the IoU over all frames and

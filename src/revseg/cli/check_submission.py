@@ -2,7 +2,7 @@
 
 Usage::
 
-    revseg-check-submission pred=<folder> input=<dataset root> [data.layout=...] \
+    revseg-check-submission pred=<folder> input=<dataset root> [data.layout=...] \\
         [cases.split=<run>/split.json cases.which=val]
 
 Every case of the input needs its ``<case id>.nii.gz`` (the official name) with the case's shape

@@ -3,8 +3,8 @@ case, lesion-wise metrics, means, and a box plot.
 
 Usage::
 
-    revseg-evaluate pred=<folder | file> truth=<dataset root | case folder | flat folder | file> \
-        output=<folder> [evaluate.convention=official|strict] [evaluate.labels=auto|...] \
+    revseg-evaluate pred=<folder | file> truth=<dataset root | case folder | flat folder | file> \\
+        output=<folder> [evaluate.convention=official|strict] [evaluate.labels=auto|...] \\
         [evaluate.cases=all|predicted]
 
 Predictions are matched to the truth's cases by case id (the file name is or contains it); a

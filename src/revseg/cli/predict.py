@@ -2,7 +2,7 @@
 
 Usage::
 
-    revseg-predict run=outputs/<run> input=<case folder | image file | dataset root> \
+    revseg-predict run=outputs/<run> input=<case folder | image file | dataset root> \\
         output=<file.nii.gz | folder> [predict.sliding_window=true] [predict.cases=val] ...
 
     revseg-predict run=[outputs/a,outputs/b] ... predict.tta=true      # ensemble, mirroring
