@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -242,6 +243,13 @@ def _one_process_worker(rank: int, port: int, out: str, data_root: str) -> None:
             "loss": float(loss),
         }
         Path(out).write_text(json.dumps(result))
+        # a gloo work launched under the step's memory meter keeps a Python object in its
+        # thread-local state: torch's worker thread needs the GIL to free it, and freeing the
+        # DDP wrapper at exit joins that thread while holding the GIL (a hang seen once in CI).
+        # A barrier (outside the meter) and a pause that lets go of the GIL leave the threads idle
+        dist.barrier()
+        time.sleep(0.1)
+        del trainer
     finally:
         dist.destroy_process_group()
 
