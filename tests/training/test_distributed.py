@@ -66,7 +66,18 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     train_steps(model, batches(), rank)
     if rank == 0:
         torch.save({k: v.clone() for k, v in model.module.state_dict().items()}, out)
+    leave_idle()
+    del model  # while the process group lives: freeing DDP then does not join gloo's threads
     dist.destroy_process_group()
+
+
+def leave_idle() -> None:
+    """Leave gloo's threads idle before DDP is freed. A work launched in backward keeps a Python
+    object in its thread-local state, which gloo's thread needs the GIL to free; freeing DDP
+    (its reducer holds the process group) joins that thread while holding the GIL, and a rank
+    hung there in CI. A barrier and a pause that lets go of the GIL let the thread finish."""
+    dist.barrier()
+    time.sleep(0.1)
 
 
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
@@ -243,12 +254,7 @@ def _one_process_worker(rank: int, port: int, out: str, data_root: str) -> None:
             "loss": float(loss),
         }
         Path(out).write_text(json.dumps(result))
-        # a gloo work launched under the step's memory meter keeps a Python object in its
-        # thread-local state: torch's worker thread needs the GIL to free it, and freeing the
-        # DDP wrapper at exit joins that thread while holding the GIL (a hang seen once in CI).
-        # A barrier (outside the meter) and a pause that lets go of the GIL leave the threads idle
-        dist.barrier()
-        time.sleep(0.1)
+        leave_idle()
         del trainer
     finally:
         dist.destroy_process_group()

@@ -104,7 +104,7 @@ def nan_at_step(monkeypatch):
 
         def compute_loss(self, logits, label, mask):
             loss = original(self, logits, label, mask)
-            if self.model.training and self.global_step + 1 == step and not fired:
+            if self.network.training and self.global_step + 1 == step and not fired:
                 fired.append(step)
                 return loss * float("nan")
             return loss
