@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from revseg.models.prev_unet import PartiallyReversibleUNet
 from revseg.training.checkpoint import load_checkpoint
 from revseg.training.distributed import (
     DistInfo,
+    end_process_group,
     init_distributed,
     local_cuda_index,
     training_device,
@@ -66,18 +66,8 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     train_steps(model, batches(), rank)
     if rank == 0:
         torch.save({k: v.clone() for k, v in model.module.state_dict().items()}, out)
-    leave_idle()
-    del model  # while the process group lives: freeing DDP then does not join gloo's threads
-    dist.destroy_process_group()
-
-
-def leave_idle() -> None:
-    """Leave gloo's threads idle before DDP is freed. A work launched in backward keeps a Python
-    object in its thread-local state, which gloo's thread needs the GIL to free; freeing DDP
-    (its reducer holds the process group) joins that thread while holding the GIL, and a rank
-    hung there in CI. A barrier and a pause that lets go of the GIL let the thread finish."""
-    dist.barrier()
-    time.sleep(0.1)
+    del model  # freed while the group lives (a rank hung in CI freeing it after)
+    end_process_group()
 
 
 def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path):
@@ -209,11 +199,9 @@ def _decision_worker(rank: int, init_file: str, run: str, data_root: str) -> Non
         trainer.fit()
         decided = {"epoch": trainer.epoch, "stopped": trainer.should_stop, "best": trainer.best}
         Path(run, f"rank{rank}.json").write_text(json.dumps(decided))
-        # leave together: a gloo rank tearing down its connections while the other still used
-        # them left that rank waiting forever once (as revseg-doctor's DDP check does)
-        dist.barrier()
+        del trainer  # freed while the group lives, the ranks leave together: end_process_group
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_ranks_take_rank_0s_checkpoint_and_early_stopping_decisions(tmp_path, tiny_data_root):
@@ -254,10 +242,9 @@ def _one_process_worker(rank: int, port: int, out: str, data_root: str) -> None:
             "loss": float(loss),
         }
         Path(out).write_text(json.dumps(result))
-        leave_idle()
         del trainer
     finally:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def test_one_process_ddp_wraps_the_model(tmp_path, tiny_data_root):

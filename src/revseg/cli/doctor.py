@@ -186,12 +186,15 @@ def _ddp_worker(
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from revseg.training.distributed import end_process_group
+
     where = torch.device(device)
     if where.type == "cuda":
         torch.cuda.set_device(where)
     dist.init_process_group(
         backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
+    finished = False
     try:
         model = _tiny_unet(True, torch.float64, where)
         ids = [where.index] if where.type == "cuda" else None
@@ -201,11 +204,10 @@ def _ddp_worker(
         _loss(ddp(image[share]), label[share]).backward()
         if rank == 0:
             torch.save([p.grad.cpu() for p in model.parameters()], out)
-        # leave together: a gloo rank tearing its connections down while the other still holds
-        # them aborted now and then ("terminate called without an active exception")
-        dist.barrier()
+        del ddp, model  # freed while the group lives: see end_process_group
+        finished = True
     finally:
-        dist.destroy_process_group()
+        end_process_group(synchronize=finished)
 
 
 def _ddp_gradients(device: torch.device, backend: str, world_size: int) -> float:

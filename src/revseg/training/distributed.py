@@ -9,7 +9,9 @@ path can be checked on a one-GPU node. NCCL is the backend on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from revseg.errors import ConfigError
 
 __all__ = [
     "DistInfo",
+    "end_process_group",
     "init_distributed",
     "local_cuda_index",
     "training_device",
@@ -204,3 +207,25 @@ def mean_over_ranks(value: float, info: DistInfo, device: torch.device) -> float
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t.item()) / info.world_size
+
+
+def end_process_group(synchronize: bool = True) -> None:
+    """Destroy the default process group so that no rank hangs or aborts on the way out.
+
+    Drop every reference to the DistributedDataParallel wrappers first: they are freed here
+    (reference cycles collected) while the group lives. A wrapper freed after the group was
+    destroyed takes the group's last reference with it, and the group's destructor then joins
+    gloo's threads while holding the GIL: one of them may need the GIL to free a finished work's
+    thread-local Python object (a hang), and at interpreter exit a thread left running aborts the
+    process ("terminate called without an active exception").
+
+    Args:
+        synchronize: the ranks first leave together, through a barrier and a pause that lets
+            go of the GIL so that gloo's threads finish freeing their work (False after an
+            error, when another rank may never arrive).
+    """
+    if synchronize:
+        dist.barrier()
+        time.sleep(0.05)
+    gc.collect()
+    dist.destroy_process_group()

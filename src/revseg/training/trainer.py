@@ -77,6 +77,7 @@ from revseg.training.distributed import (
     DistInfo,
     all_ranks_agree,
     broadcast_object,
+    end_process_group,
     gather_objects,
     init_distributed,
     max_over_ranks,
@@ -1080,6 +1081,7 @@ def _train(
             writer.add_text("model/memory_report", text, 0)
     if info.is_main:  # every check passed: the run's record may now be (re)written
         write_run_record(output_dir, cfg)
+    finished = False
     try:
         summary = trainer.fit()
         if info.enabled and trainer.trained:  # the peak of the busiest rank
@@ -1089,11 +1091,13 @@ def _train(
                 if value >= 0:
                     trainer.other_peaks[key] = value
             summary = trainer.write_summary()
+        finished = True
     finally:
         if writer is not None:
             writer.close()
         if info.enabled:
-            torch.distributed.destroy_process_group()
+            del trainer  # its DDP wrapper freed while the group lives: see end_process_group
+            end_process_group(synchronize=finished)
     log.info(
         "done: %d epochs, best %s = %s at epoch %s, peak memory %s (%s), median step %.3f s",
         summary["epochs_completed"],
