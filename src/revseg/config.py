@@ -7,7 +7,6 @@ here keeps a second list.
 from __future__ import annotations
 
 import itertools
-import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -179,7 +178,9 @@ def check_key_overrides(
         if o not in changes and o.is_sweep_override()
     ]
     lacking: dict[str, list[tuple[str, ...]]] = {}
+    composed = 0
     for choice in itertools.islice(itertools.product(*sweeps), _MAX_COMPOSED):
+        composed += 1
         cfg = compose_config(
             name, [*fixed, *choice], False, config_dir=config_dir, search=search, check_keys=False
         )
@@ -191,7 +192,7 @@ def check_key_overrides(
         key = override.key_or_group
         if not choices:
             continue
-        if len(choices) < min(math.prod(map(len, sweeps)), _MAX_COMPOSED):
+        if len(choices) < composed:  # some swept options have the key: name one that lacks it
             raise ConfigError(
                 f"{key}: no such config key with {' '.join(choices[0])} in this sweep; sweep the "
                 "options that have it in a -m command of their own"

@@ -51,6 +51,7 @@ __all__ = [
     "ct_statistics",
     "find_cases",
     "find_images",
+    "format_values",
     "header",
     "median_shape",
     "median_spacing",
@@ -409,7 +410,8 @@ def _differs(a: Sequence[float], b: Sequence[float]) -> bool:
     return not np.allclose(a, b, rtol=0.0, atol=_TOLERANCE)
 
 
-def _fmt(values: Sequence[float]) -> str:
+def format_values(values: Sequence[float]) -> str:
+    """A shape, spacing or origin as messages and reports write it: ``0.8x0.8x5``."""
     return "x".join(f"{v:g}" for v in values)
 
 
@@ -436,10 +438,10 @@ def check_headers(cases: Sequence[NnUNetCase], spec: DatasetSpec) -> dict[str, H
         for other in files[1:]:
             h = header(other)
             for what, a, b, fmt in (
-                ("shape", h.shape, first.shape, _fmt),
-                ("spacing", h.spacing, first.spacing, _fmt),
-                ("origin", h.origin, first.origin, _fmt),
-                ("orientation", h.direction, first.direction, _fmt),
+                ("shape", h.shape, first.shape, format_values),
+                ("spacing", h.spacing, first.spacing, format_values),
+                ("origin", h.origin, first.origin, format_values),
+                ("orientation", h.direction, first.direction, format_values),
             ):
                 if (a != b) if what == "shape" else _differs(a, b):
                     raise DataError(f"{other}: {what} {fmt(a)} differs from {files[0]} {fmt(b)}")

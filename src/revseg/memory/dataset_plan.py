@@ -36,6 +36,7 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from revseg.data.nnunet import format_values
 from revseg.errors import ConfigError
 from revseg.memory.measure import format_bytes
 from revseg.memory.plan import (
@@ -105,8 +106,12 @@ def is_dataset_config(cfg: DictConfig) -> bool:
 # the dataset
 
 
-def _shape(values: Sequence[float]) -> str:
-    return "x".join(f"{v:g}" for v in values)
+def _spread(values: np.ndarray) -> str:
+    """``median A, min B, max C`` over the cases, the rows of ``values``."""
+    return (
+        f"median {format_values(np.median(values, axis=0))}, "
+        f"min {format_values(values.min(axis=0))}, max {format_values(values.max(axis=0))}"
+    )
 
 
 @dataclass(frozen=True)
@@ -186,21 +191,19 @@ class DatasetSummary:
             f"training cases, files {spec.file_ending}",
             f"  channels ({spec.in_channels}): {channels}{ct}",
             f"  labels ({spec.out_channels} output channels, {kind}, loss={self.loss}): {labels}",
-            "  shape (voxels, x y z = the network's D H W): "
-            f"median {_shape(np.median(self.shapes, axis=0))}, "
-            f"min {_shape(self.shapes.min(axis=0))}, max {_shape(self.shapes.max(axis=0))}",
-            f"  spacing (mm): median {_shape(np.median(self.spacings, axis=0))}, "
-            f"min {_shape(self.spacings.min(axis=0))}, max {_shape(self.spacings.max(axis=0))}",
+            f"  shape (voxels, x y z = the network's D H W): {_spread(self.shapes)}",
+            f"  spacing (mm): {_spread(self.spacings)}",
         ]
         if self.target_spacing is not None:
             resampled = self.resampled_shapes
             out.append(
-                f"  at data.spacing {_shape(self.target_spacing)} mm: median shape "
-                f"{_shape(np.median(resampled, axis=0))}, max {_shape(resampled.max(axis=0))}"
+                f"  at data.spacing {format_values(self.target_spacing)} mm: median shape "
+                f"{format_values(np.median(resampled, axis=0))}, "
+                f"max {format_values(resampled.max(axis=0))}"
             )
         if self.crop_size is not None:
             out.append(
-                f"  data.crop_size {_shape(self.crop_size)}: planned instead of the full FOV"
+                f"  data.crop_size {format_values(self.crop_size)}: planned instead of the full FOV"
             )
         return out
 
@@ -427,7 +430,7 @@ class DatasetPlan:
         for fit in fits:
             if fit.depth_key is None:
                 continue
-            at = _shape(fit.input or ())
+            at = format_values(fit.input or ())
             if fit.depth is None:
                 out.append(f"deepest {fit.label} at {at}: none fits (model.{fit.depth_key}=1 over)")
                 continue
@@ -452,14 +455,14 @@ class DatasetPlan:
         fits = {None: "–", True: "yes", False: "no"}[fit.fits]
         if fit.fits is False:
             patch = (
-                f"{_shape(fit.patch)} ({_total(fit.patch_plan)})"
+                f"{format_values(fit.patch)} ({_total(fit.patch_plan)})"
                 if fit.patch
                 else "none (the fixed part exceeds the budget)"
             )
         else:
             patch = "– (full FOV)" if fit.fits else "–"
         label = fit.label + (" (chosen)" if fit is self.chosen else "")
-        return [label, f"{plan.params:,}", _shape(fit.fov), *figures, ratio, fits, patch]
+        return [label, f"{plan.params:,}", format_values(fit.fov), *figures, ratio, fits, patch]
 
 
 def _total(plan: Plan | None) -> str:
@@ -619,9 +622,10 @@ def experiment_yaml(plan: DatasetPlan, command: str, config_dir: str | Path) -> 
         f"#   {command}",
         f"# {fit.label} at "
         + (
-            f"the full field of view {_shape(fit.fov)}"
+            f"the full field of view {format_values(fit.fov)}"
             if full
-            else f"patches of {_shape(fit.input)} (the full FOV {_shape(fit.fov)} does not fit)"
+            else f"patches of {format_values(fit.input)} "
+            f"(the full FOV {format_values(fit.fov)} does not fit)"
         )
         + f", {plan.precision}, planned "
         f"{'for CUDA' if plan.rules == 'cuda' else 'for the CPU'}: {_total(fit.input_plan)}"

@@ -685,9 +685,13 @@ class Trainer:
         name = self.tcfg.monitor
         log.info("untrained: %s=%s", name, metrics.get(name))
         if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, 0)
+            self._write_scalars(metrics, 0)
+
+    def _write_scalars(self, values: dict[str, Any], step: int) -> None:
+        """Every finite number of ``values`` as a TensorBoard scalar at ``step``."""
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
 
     def _update_best(self, metrics: dict[str, float]) -> bool:
         name = self.tcfg.monitor
@@ -719,9 +723,7 @@ class Trainer:
         )
         if self.writer is None:
             return
-        for key, value in logs.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.writer.add_scalar(key, value, self.epoch)
+        self._write_scalars(logs, self.epoch)
         # this epoch's peaks (summary.json holds the run's): training steps, validation,
         # callbacks, and on CUDA the allocator's reserve over all three
         for phase, tag in (
