@@ -3,9 +3,12 @@ tests/conftest.py)."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -26,6 +29,39 @@ def run_python(
         text=True,
         timeout=timeout,
     )
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module, imported in-process (its ``main(argv)``): faster than
+    a subprocess."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def untrained_run(
+    path: Path, *overrides: str, seed: int | None = None, split: dict | None = None
+) -> Path:
+    """A run directory at ``path`` holding ``checkpoints/best.pt`` of an untrained tiny model
+    (``TINY``, crops of 32³, ``overrides``; weights drawn after ``torch.manual_seed(seed)`` when
+    given) and, with ``split``, its ``split.json``: what prediction reads of a run."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from revseg.training.checkpoint import save_atomic, with_checksum
+
+    from conftest import TINY, compose_train
+
+    cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={path}", *overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = instantiate(cfg.model, _convert_="all")
+    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
+    save_atomic(with_checksum(state), path / "checkpoints" / "best.pt")
+    if split is not None:
+        (path / "split.json").write_text(json.dumps(split))
+    return path
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

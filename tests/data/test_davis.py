@@ -489,13 +489,9 @@ def test_training_on_an_unknown_sequence_exits_with_one_line(davis_root, tmp_pat
 
 
 def test_check_data_script_on_davis(davis_root, tmp_path, capsys):
-    import importlib.util
+    from helpers import load_script
 
-    from conftest import REPO
-
-    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("check_data")
     args = ["data=davis", "data.sequence=blobs"]
     assert script.main([*args, f"data.root={davis_root}"]) == 0
     out = capsys.readouterr()

@@ -1,7 +1,6 @@
 """Every public layout, the file checks with one broken case of each kind, split files, caches
 and the in-plane augmentation."""
 
-import importlib.util
 import json
 import logging
 import re
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import load_script
 from revseg.data.brats import BratsData, find_cases
 from revseg.data.checks import check_cases
 from revseg.data.layouts import (
@@ -271,9 +271,7 @@ def test_check_data_script(broken, capsys):
         assert any(line.startswith(f"{case}: {path}: ") for line in lines)
     assert "9 problem(s) in 9 case(s)" in run.stderr
     # in-process: the cases training would skip
-    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("check_data")
     quick = module.main(["data=brats", f"data.root={root}", "data.skip_bad_cases=true", "--quick"])
     assert quick == 0
     assert len(capsys.readouterr().out.splitlines()) == len(KINDS) - len(VOXEL_KINDS)
@@ -291,9 +289,7 @@ def test_a_folder_without_the_layouts_files_is_named_not_ignored(roots, tmp_path
     found = discover(root)
     assert found.left_out == (home / "BraTS_empty", home / "BraTS_notes")
     assert len(found.cases) == 4
-    spec = importlib.util.spec_from_file_location("check_data", REPO / "scripts" / "check_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("check_data")
     assert module.main(["data=brats", f"data.root={root}", "--quick"]) == 0
     assert "2 folder(s) holding no file of the layout left out (BraTS_empty, BraTS_notes)" in (
         capsys.readouterr().err

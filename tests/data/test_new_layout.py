@@ -7,16 +7,14 @@ submitted and evaluated. A real new layout's test is this file with the entry in
 and the ``registered`` fixture gone.
 """
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
+from helpers import load_script, untrained_run
 from revseg.data.brats import BratsData
 from revseg.data.layouts import (
     BRATS2023,
@@ -30,11 +28,7 @@ from revseg.data.layouts import (
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.inference.evaluation import find_inputs
 from revseg.inference.submission import check_submission
-from revseg.training.checkpoint import save_atomic, with_checksum
 
-from conftest import TINY, compose_train
-
-REPO = Path(__file__).resolve().parents[2]
 SHAPE = (22, 20, 18)
 NAMES = {"t1": "t1n", "t1ce": "t1c", "t2": "t2w", "flair": "t2f", "seg": "seg"}
 
@@ -61,13 +55,6 @@ def root(tmp_path_factory):
     return make_synthetic_brats(
         tmp_path_factory.mktemp("new") / "d", 2, SHAPE, seed=2, layout=NEW.name
     )
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _load(path) -> np.ndarray:
@@ -102,7 +89,7 @@ def test_data_module_and_check_data(root, tmp_path, capsys):
     data = BratsData(root, crop_size=(16, 16, 16), val_fraction=0.5, cache="none")
     batch = next(iter(data.val_dataloader()))
     assert data.convention == BRATS2023 and batch["label"][:, 2].sum() > 0  # ET from label 3
-    check_data = _script("check_data")
+    check_data = load_script("check_data").main
     assert check_data(["data=brats", f"data.root={root}", f"data.layout={NEW.name}"]) == 0
     assert "layout brats2025, label convention 0/1/2/3" in capsys.readouterr().err
     broken = shutil.copytree(root, tmp_path / "broken")
@@ -114,20 +101,13 @@ def test_data_module_and_check_data(root, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from hydra.utils import instantiate
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={run}")
-    model = instantiate(cfg.model, _convert_="all")
-    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(with_checksum(state), run / "checkpoints" / "best.pt")
-    return run
+    return untrained_run(tmp_path_factory.mktemp("run"))
 
 
 def test_predicted_submitted_and_evaluated(root, run_dir, tmp_path, capsys):
     out = tmp_path / "submission"
     args = [f"run={run_dir}", f"input={root}", f"output={out}", "predict.submission=true"]
-    assert _script("predict")(args) == 0
+    assert load_script("predict").main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
         "BraTS25-00000.seg.nii.gz",
         "BraTS25-00001.seg.nii.gz",
@@ -138,7 +118,7 @@ def test_predicted_submitted_and_evaluated(root, run_dir, tmp_path, capsys):
     capsys.readouterr()
     report = tmp_path / "eval"
     args = [f"pred={out}", f"truth={root}", f"output={report}", "evaluate.lesion_wise=false"]
-    assert _script("evaluate")([*args, "evaluate.plot=false"]) == 0
+    assert load_script("evaluate").main([*args, "evaluate.plot=false"]) == 0
     metrics = json.loads((report / "metrics.json").read_text())
     assert (metrics["layout"], metrics["label_convention"]) == (NEW.name, "brats2023")
     assert metrics["missing"] == [] and sorted(metrics["cases"]) == [

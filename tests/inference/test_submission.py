@@ -1,6 +1,5 @@
 """Submission folders: official names, and one error line per bad, missing or extra file."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -9,15 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
+from helpers import load_script, untrained_run
 from revseg.data.layouts import discover
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.errors import ConfigError
 from revseg.inference.submission import SubmissionError, check_submission, submission_name
-from revseg.training.checkpoint import save_atomic, with_checksum
-
-from conftest import TINY, compose_train
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (22, 20, 18)
@@ -34,21 +30,7 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("subrun")
-    cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={run}")
-    from hydra.utils import instantiate
-
-    model = instantiate(cfg.model, _convert_="all")
-    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(with_checksum(state), run / "checkpoints" / "best.pt")
-    return run
-
-
-def _main():
-    spec = importlib.util.spec_from_file_location("predict", REPO / "scripts" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return untrained_run(tmp_path_factory.mktemp("subrun"))
 
 
 @pytest.mark.parametrize(
@@ -64,7 +46,7 @@ def test_submission_has_the_official_names_and_passes(
 ):
     out = tmp_path / "submission"
     args = [f"run={run_dir}", f"input={roots[layout]}", f"output={out}", "predict.submission=true"]
-    assert _main()(args) == 0
+    assert load_script("predict").main(args) == 0
     assert f"submission {out}: 2 files checked" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == names
     found = discover(roots[layout])
@@ -140,19 +122,10 @@ def test_submission_needs_a_folder(roots, run_dir, tmp_path):
     with pytest.raises(
         ConfigError, match=r"^output=.*one.nii.gz: predict.submission=true writes a folder"
     ):
-        _main()(
+        load_script("predict").main(
             [f"run={run_dir}", f"input={roots['msd']}", f"output={tmp_path / 'one.nii.gz'}",
              "predict.submission=true"]
         )  # fmt: skip
-
-
-def _check_main():
-    spec = importlib.util.spec_from_file_location(
-        "check_submission", REPO / "scripts" / "check_submission.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_check_submission_command(roots, tmp_path, capsys):
@@ -162,7 +135,7 @@ def test_check_submission_command(roots, tmp_path, capsys):
     folder.mkdir()
     for case in found.cases:
         shutil.copy(case.label, folder / submission_name(case, found.layout))
-    main = _check_main()
+    main = load_script("check_submission").main
     assert main([f"pred={folder}", f"input={root}"]) == 0
     assert capsys.readouterr().out.strip() == (
         f"{folder}: 2 files pass (brats2021, labels 0/1/2/4)"

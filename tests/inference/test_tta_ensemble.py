@@ -1,6 +1,5 @@
 """Test-time augmentation by mirroring and ensembles of runs: exact against hand-computed means."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+from helpers import load_script, untrained_run
 from revseg.data.layouts import discover
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.data.transforms import regions_to_label
@@ -22,9 +21,8 @@ from revseg.inference.prediction import (
     mirrored,
     run_dirs,
 )
-from revseg.training.checkpoint import save_atomic, with_checksum
 
-from conftest import TINY, compose_train
+from conftest import TINY
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (28, 26, 20)
@@ -163,34 +161,22 @@ def test_runs_with_the_same_preprocessing_read_a_case_once(root, monkeypatch):
     np.testing.assert_array_equal(mean, (pa + pb + pc) / 3)
 
 
-def _make_run(path, seed, split=None, *overrides):
-    cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={path}", *overrides)
-    from hydra.utils import instantiate
-
-    torch.manual_seed(seed)
-    model = instantiate(cfg.model, _convert_="all")
-    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(with_checksum(state), path / "checkpoints" / "best.pt")
-    if split:
-        (path / "split.json").write_text(json.dumps(split))
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A multirun-like folder with two tiny untrained runs (two folds of two cases)."""
     base = tmp_path_factory.mktemp("folds")
     return [
-        _make_run(base / "fold_0", 0, {"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]}),
-        _make_run(base / "fold_1", 1, {"train": ["BraTS2021_00001"], "val": ["BraTS2021_00000"]}),
+        untrained_run(
+            base / "fold_0",
+            seed=0,
+            split={"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]},
+        ),
+        untrained_run(
+            base / "fold_1",
+            seed=1,
+            split={"train": ["BraTS2021_00001"], "val": ["BraTS2021_00000"]},
+        ),
     ]
-
-
-def _predict_main():
-    spec = importlib.util.spec_from_file_location("predict", REPO / "scripts" / "predict.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _read(path):
@@ -198,7 +184,7 @@ def _read(path):
 
 
 def test_predict_with_a_list_of_runs_and_a_folder_of_runs(root, runs, tmp_path, capsys):
-    main = _predict_main()
+    main = load_script("predict").main
     a, b = runs
     out = {name: tmp_path / name for name in ("a", "aa", "ab", "folder")}
     assert main([f"run={a}", f"input={root}", f"output={out['a']}"]) == 0
@@ -226,7 +212,7 @@ def test_predict_with_a_list_of_runs_and_a_folder_of_runs(root, runs, tmp_path, 
 
 
 def test_folds_predict_their_own_validation_cases(root, runs, tmp_path, capsys):
-    main = _predict_main()
+    main = load_script("predict").main
     a, b = runs
     oof, single = tmp_path / "oof", tmp_path / "single"
     assert main([f"run={a.parent}", f"input={root}", f"output={oof}", "predict.cases=val"]) == 0
@@ -244,14 +230,16 @@ def test_folds_predict_their_own_validation_cases(root, runs, tmp_path, capsys):
 
 
 def test_runs_of_different_tasks_are_one_clear_error(root, runs, tmp_path):
-    other = _make_run(tmp_path / "other", 0, None, "model.out_channels=1")
+    other = untrained_run(tmp_path / "other", "model.out_channels=1", seed=0)
     with pytest.raises(
         ConfigError, match=r"^run: .*other does not match .*fold_0: model.out_channels 1 != 3"
     ):
-        _predict_main()([f"run=[{runs[0]},{other}]", f"input={root}", f"output={tmp_path / 'o'}"])
+        load_script("predict").main(
+            [f"run=[{runs[0]},{other}]", f"input={root}", f"output={tmp_path / 'o'}"]
+        )
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=r"^predict.checkpoint=.*: one file for 2 runs"):
-        _predict_main()(
+        load_script("predict").main(
             [
                 f"run=[{runs[0]},{runs[1]}]",
                 f"input={root}",
@@ -277,7 +265,7 @@ def test_train_two_folds_then_predict_with_their_ensemble(tmp_path):
     vals = [json.loads((sweep / f"fold_{k}" / "split.json").read_text())["val"] for k in (0, 1)]
     assert sorted(vals[0] + vals[1]) == sorted(p.name for p in data.iterdir() if p.is_dir())
     out = tmp_path / "pred"
-    main = _predict_main()
+    main = load_script("predict").main
     assert main([f"run={sweep}", f"input={data}", f"output={out}", "predict.tta=true"]) == 0
     assert len(list(out.iterdir())) == 4
 
@@ -295,5 +283,5 @@ def test_train_two_folds_then_predict_with_their_ensemble(tmp_path):
 def test_bad_settings_are_one_line(root, runs, tmp_path, arg, match):
     args = [f"run={runs[0]}", f"input={root}", f"output={tmp_path / 'o'}", arg]
     with pytest.raises(ConfigError, match=match):
-        _predict_main()(args)
+        load_script("predict").main(args)
     assert not (tmp_path / "o").exists()

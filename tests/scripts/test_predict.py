@@ -2,28 +2,21 @@
 predict / evaluate command lines."""
 
 import csv
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from helpers import run_python
+from helpers import load_script, run_python, untrained_run
 from revseg.data.layouts import discover, find_case
 from revseg.data.synthetic import make_synthetic_brats
 from revseg.data.transforms import build_transforms
 from revseg.errors import ConfigError, DataError
 from revseg.inference.prediction import Predictor, write_label_map
-from revseg.training.checkpoint import save_atomic, with_checksum
 
-from conftest import TINY, compose_train
-
-REPO = Path(__file__).resolve().parents[2]
 SHAPE = (28, 26, 20)  # not cubic, larger than the crop in x: the crop/pad must be undone exactly
 
 
@@ -99,29 +92,12 @@ def test_written_file_has_the_input_geometry(roots, tmp_path, sliding_window):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, roots):
     """A run directory with a tiny untrained prev_unet checkpoint and its split."""
-    run = tmp_path_factory.mktemp("run")
-    cfg = compose_train(*TINY, "data.crop_size=[32,32,32]", f"paths.output_dir={run}")
-    from hydra.utils import instantiate
-
-    model = instantiate(cfg.model, _convert_="all")
-    state = {"model": model.state_dict(), "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    save_atomic(with_checksum(state), run / "checkpoints" / "best.pt")
-    (run / "split.json").write_text(
-        json.dumps({"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]})
-    )
-    return run
+    split = {"train": ["BraTS2021_00000"], "val": ["BraTS2021_00001"]}
+    return untrained_run(tmp_path_factory.mktemp("run"), split=split)
 
 
 def _cli(script, *args):
     return run_python(f"scripts/{script}", *args, timeout=180)
-
-
-def _script(name):
-    """A script's module, imported in-process (its ``main(argv)``), faster than a subprocess."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_predict_command_line_then_evaluate(roots, run_dir, tmp_path):
@@ -136,7 +112,7 @@ def test_predict_command_line_then_evaluate(roots, run_dir, tmp_path):
     written = nib.load(out / "BraTS2021_00001.nii.gz")
     assert written.shape == SHAPE and set(np.unique(np.asanyarray(written.dataobj))) <= {0, 1, 2, 4}
 
-    evaluate = _script("evaluate")
+    evaluate = load_script("evaluate")
     report = tmp_path / "report"
     assert evaluate.main([f"pred={out}", f"truth={root}", f"output={report}"]) == 0
     dice = json.loads((report / "metrics.json").read_text())["mean"]["dice_WT"]
@@ -147,7 +123,7 @@ def test_predict_single_case_sliding_window(roots, run_dir, tmp_path):
     one = tmp_path / "one.nii.gz"
     case = roots["brats2023"] / "BraTS-GLI-00000-000"
     args = [f"run={run_dir}", f"input={case}", f"output={one}", "predict.sliding_window=true"]
-    assert _script("predict").main([*args, "predict.roi_size=[16,16,16]"]) == 0
+    assert load_script("predict").main([*args, "predict.roi_size=[16,16,16]"]) == 0
     assert nib.load(one).shape == SHAPE
     assert set(np.unique(np.asanyarray(nib.load(one).dataobj))) <= {0, 1, 2, 3}  # 2023 labels
 
@@ -170,7 +146,7 @@ def test_evaluate_truth_against_itself(roots, tmp_path):
 
 
 def test_bad_input_is_one_line(run_dir, tmp_path):
-    predict = _script("predict")
+    predict = load_script("predict")
     with pytest.raises(DataError, match=f"^input: not found: {tmp_path / 'none'}$"):
         predict.main([f"run={run_dir}", f"input={tmp_path / 'none'}", f"output={tmp_path}"])
     with pytest.raises(ConfigError, match="^output is required"):
