@@ -368,7 +368,7 @@ class NnUNetData:
         """The size every case is cropped or padded to (``crop_size`` or the full FOV)."""
         if self.crop_size is not None:
             return self.crop_size
-        return full_fov_size(self._shapes(), self.divisor)
+        return full_fov_size(self.trained_shapes(), self.divisor)
 
     @property
     def target_spacing(self) -> tuple[float, float, float] | None:
@@ -379,8 +379,16 @@ class NnUNetData:
             return median_spacing(self._headers.values())
         return self.spacing  # type: ignore[return-value]
 
-    def _shapes(self) -> list[tuple[int, int, int]]:
-        """Every training case's shape on the grid it is trained on."""
+    @property
+    def headers(self) -> dict[str, Any]:
+        """Every training case's :class:`~revseg.data.nnunet.Header` (of its first image), by
+        case id: the files' geometry, read and checked once."""
+        self.cases()
+        return self._headers
+
+    def trained_shapes(self) -> list[tuple[int, int, int]]:
+        """Every training case's shape on the grid it is trained on (resampled to
+        :attr:`target_spacing` when set)."""
         self.cases()
         target = self.target_spacing
         if target is None:

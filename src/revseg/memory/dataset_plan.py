@@ -127,6 +127,8 @@ class DatasetSummary:
         shapes: ``(cases, 3)`` voxels.
         spacings: ``(cases, 3)`` mm.
         target_spacing: ``data.spacing`` resolved (``median``: the median spacing), or None.
+        resampled_shapes: ``(cases, 3)``: each case's shape on the grid it is trained on (the
+            data module's :meth:`~revseg.data.nnunet_data.NnUNetData.trained_shapes`).
         crop_size: ``data.crop_size`` when set (it replaces the full field of view).
     """
 
@@ -135,6 +137,7 @@ class DatasetSummary:
     shapes: np.ndarray
     spacings: np.ndarray
     target_spacing: tuple[float, float, float] | None
+    resampled_shapes: np.ndarray
     crop_size: tuple[int, int, int] | None = None
 
     @property
@@ -149,17 +152,6 @@ class DatasetSummary:
     def loss(self) -> str:
         """The loss option for the dataset's labels (nnU-Net's defaults)."""
         return "dice_bce" if self.region_based else "dice_ce"
-
-    @property
-    def resampled_shapes(self) -> np.ndarray:
-        """``(cases, 3)``: each case's shape on the grid it is trained on."""
-        if self.target_spacing is None:
-            return self.shapes
-        from revseg.data.nnunet import resampled_shape
-
-        return np.asarray(
-            [resampled_shape(s, p, self.target_spacing) for s, p in zip(self.shapes, self.spacings)]
-        )
 
     def full_fov(self, divisor: int) -> tuple[int, int, int]:
         """``data.crop_size``, else the largest (resampled) case padded to ``divisor``: the size
@@ -217,21 +209,17 @@ def summarize_dataset(data_cfg: DictConfig) -> DatasetSummary:
         DataError: a bad dataset (one line naming the file or key).
     """
     from revseg.config import build
-    from revseg.data.nnunet import check_headers, find_cases, median_spacing
 
     data = build(data_cfg, "data")
-    spec = data.spec
-    cases = find_cases(spec)
-    headers = check_headers(cases, spec)
-    target = getattr(data, "spacing", None)
-    if target == "median":
-        target = median_spacing(headers.values())
+    headers = data.headers
+    target = data.target_spacing
     return DatasetSummary(
-        spec=spec,
+        spec=data.spec,
         cases=tuple(headers),
         shapes=np.asarray([h.shape for h in headers.values()], dtype=np.int64),
         spacings=np.asarray([h.spacing[:3] for h in headers.values()], dtype=np.float64),
         target_spacing=None if target is None else tuple(float(v) for v in target),
+        resampled_shapes=np.asarray(data.trained_shapes(), dtype=np.int64),
         crop_size=data.crop_size,
     )
 
