@@ -174,9 +174,10 @@ class _Member:
             probabilities = mirrored(self._probabilities, inputs)[0].cpu()
         else:
             probabilities = self._probabilities(inputs)[0].cpu()
-        shape = header(case.image[0]).shape
-        if tuple(probabilities.shape[1:]) != tuple(shape):
-            probabilities = torch.as_tensor(Resize(shape, mode="trilinear")(probabilities))
+        if self.spacing is not None:  # back from the run's grid to the case's own
+            shape = header(case.image[0]).shape
+            if tuple(probabilities.shape[1:]) != tuple(shape):
+                probabilities = torch.as_tensor(Resize(shape, mode="trilinear")(probabilities))
         return probabilities.numpy()
 
 
