@@ -90,6 +90,12 @@ def _paint(base: torch.Tensor, index: torch.Tensor, void: torch.Tensor | None = 
     return out
 
 
+def _pil(image: torch.Tensor) -> Image.Image:
+    """A ``(3, H, W)`` RGB tensor in [0, 1] as an 8-bit Pillow image."""
+    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+
+
 def _text_width(draw: ImageDraw.ImageDraw, text: str, type_face) -> int:
     left, _, right, _ = draw.textbbox((0, 0), text, font=type_face)
     return int(right - left)
@@ -136,9 +142,7 @@ def figure(
     draw = ImageDraw.Draw(canvas)
     for i, (title, image) in enumerate(panels):
         left = gap + i * (pw + gap)
-        pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        tile = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
-        canvas.paste(tile.resize((pw, ph), Image.NEAREST), (left, band))
+        canvas.paste(_pil(image).resize((pw, ph), Image.NEAREST), (left, band))
         text_w = _text_width(draw, title, type_face)
         draw.text((left + (pw - text_w) / 2, 4), title, fill=_TEXT, font=type_face)
     top = band + ph + gap
@@ -242,6 +246,5 @@ def frame_figure(
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a ``(3, H, W)`` RGB image in [0, 1] as a PNG file, atomically (a reader sees the
     previous figure or the new one, never half of one)."""
-    pixels = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    png = Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+    png = _pil(image)
     return write_atomic(path, lambda f: png.save(f, format="PNG"))
